@@ -1,0 +1,1 @@
+"""Command Email Relay: an authenticated SMTP relay that enforces monthly send quotas."""

@@ -1,0 +1,252 @@
+"""Users (agents) and application credentials kept in Redis, and who a send counts against
+(STYLE §1 step 3).
+
+A user owns sender addresses; a *user credential* (login = the user's email) may send only
+from them. An *app credential* (login = the app name, e.g. ``smartplans``) may send for any
+active user, and the send counts against the user who owns the MAIL FROM address.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+
+from relay import keys
+from relay.errors import (
+    SenderNotAllowedError,
+    UnknownSenderError,
+    UserDisabledError,
+)
+from relay.store import store_errors
+
+ACTIVE = "active"
+DISABLED = "disabled"
+_APP_NAME = re.compile(r"^[a-z][a-z0-9_-]{1,63}$")
+_USER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Deliberately simple: one @, no spaces or angle brackets. RFC 5321 validity is the
+# upstream's business; this only keeps junk out of the sender index.
+_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
+
+
+class AccountError(ValueError):
+    """An admin operation on users or apps was refused (exists, not found, bad value)."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    email: str
+    plan: str
+    custom_limit: int | None
+    tz: str
+    status: str
+    senders: frozenset[str]
+    created_at: str
+
+    @property
+    def active(self) -> bool:
+        return self.status == ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    name: str
+    status: str
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserPrincipal:
+    """Authenticated with a user credential: may send only from that user's addresses."""
+
+    login: str
+    user_id: str
+
+    @property
+    def app(self) -> str:
+        return "direct"
+
+
+@dataclass(frozen=True, slots=True)
+class AppPrincipal:
+    """Authenticated with an application credential: may send for any active user."""
+
+    login: str
+
+    @property
+    def app(self) -> str:
+        return self.login
+
+
+Principal = UserPrincipal | AppPrincipal
+
+
+def normalize_address(address: str) -> str:
+    """Sender addresses are matched case-insensitively (what every provider does in practice)."""
+    return address.strip().lower()
+
+
+def check_address(address: str) -> str:
+    normalized = normalize_address(address)
+    if not _ADDRESS.match(normalized):
+        raise AccountError(f"not an email address: {address!r}")
+    return normalized
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _user_from(user_id: str, record: dict[str, str], senders: set[str]) -> User:
+    return User(
+        id=user_id,
+        email=record["email"],
+        plan=record["plan"],
+        custom_limit=int(record["limit"]) if record.get("limit") else None,
+        tz=record["tz"],
+        status=record["status"],
+        senders=frozenset(senders),
+        created_at=record.get("created_at", ""),
+    )
+
+
+class AccountStore:
+    """Reads and writes users and apps. Redis errors surface as StoreUnavailableError."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+
+    # -- users ---------------------------------------------------------------------------
+    async def add_user(self, email: str, *, plan: str, tz: str, password_hash: str | None,
+                       custom_limit: int | None = None, senders: tuple[str, ...] = (),
+                       user_id: str | None = None) -> User:
+        """Create a user owning ``email`` and ``senders``; raises AccountError if any address
+        or the id is already taken."""
+        email = check_address(email)
+        addresses = {email, *(check_address(s) for s in senders)}
+        user_id = user_id or f"u-{secrets.token_hex(5)}"
+        if not _USER_ID.match(user_id):
+            raise AccountError(f"user id must be letters, digits, - and _: {user_id!r}")
+        record = {"email": email, "plan": plan, "tz": tz, "status": ACTIVE,
+                  "created_at": _now()}
+        if custom_limit is not None:
+            record["limit"] = str(custom_limit)
+        if password_hash is not None:
+            record["password"] = password_hash
+        with store_errors():
+            if await self._redis.exists(keys.user(user_id)):
+                raise AccountError(f"user id {user_id} already exists")
+            claimed: list[str] = []
+            for address in sorted(addresses):
+                # SET NX claims each address atomically, so two admins racing cannot both
+                # own one address; a failed claim rolls back the ones this call made.
+                if await self._redis.set(keys.sender_index(address), user_id, nx=True):
+                    claimed.append(address)
+                    continue
+                if claimed:
+                    await self._redis.delete(*(keys.sender_index(a) for a in claimed))
+                raise AccountError(f"address {address} already belongs to a user")
+            async with self._redis.pipeline(transaction=False) as pipe:
+                # redis-py's stubs want a Mapping with a union key type; ours is all str.
+                pipe.hset(keys.user(user_id), mapping=record)  # type: ignore[arg-type]
+                pipe.sadd(keys.user_senders(user_id), *addresses)
+                pipe.sadd(keys.users_index(), user_id)
+                await pipe.execute()
+        return _user_from(user_id, record, addresses)
+
+    async def get_user(self, user_id: str) -> User | None:
+        """One round trip: the user record and its sender set, pipelined (same slot)."""
+        with store_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.user(user_id))
+                pipe.smembers(keys.user_senders(user_id))
+                record, senders = await pipe.execute()
+        if not record:
+            return None
+        return _user_from(user_id, record, senders)
+
+    async def find_user(self, ref: str) -> User | None:
+        """A user by id or by any address they own."""
+        if "@" in ref:
+            with store_errors():
+                user_id = await self._redis.get(keys.sender_index(normalize_address(ref)))
+            return await self.get_user(str(user_id)) if user_id else None
+        return await self.get_user(ref) if _USER_ID.match(ref) else None
+
+    async def list_users(self) -> list[User]:
+        with store_errors():
+            ids = sorted(await self._redis.smembers(keys.users_index()))
+        users = [await self.get_user(str(user_id)) for user_id in ids]
+        return [u for u in users if u is not None]
+
+    async def set_user_status(self, user_id: str, status: str) -> None:
+        with store_errors():
+            if not await self._redis.exists(keys.user(user_id)):
+                raise AccountError(f"no user {user_id}")
+            await self._redis.hset(keys.user(user_id), "status", status)
+
+    async def user_password_hash(self, email: str) -> tuple[User, str] | None:
+        """The user who logs in as ``email`` and their stored hash, if they have a credential."""
+        user = await self.find_user(email)
+        if user is None or normalize_address(email) != user.email:
+            return None
+        with store_errors():
+            stored = await self._redis.hget(keys.user(user.id), "password")
+        return (user, str(stored)) if stored else None
+
+    # -- apps ----------------------------------------------------------------------------
+    async def add_app(self, name: str, *, password_hash: str) -> App:
+        if not _APP_NAME.match(name):
+            raise AccountError(
+                f"app name must be 2-64 lower-case letters, digits, - and _: {name!r}")
+        created = _now()
+        with store_errors():
+            added = await self._redis.hsetnx(keys.app(name), "password", password_hash)
+            if not added:
+                raise AccountError(f"app {name} already exists")
+            await self._redis.hset(keys.app(name),
+                                   mapping={"status": ACTIVE, "created_at": created})
+            await self._redis.sadd(keys.apps_index(), name)
+        return App(name, ACTIVE, created)
+
+    async def app_password_hash(self, name: str) -> tuple[App, str] | None:
+        if not _APP_NAME.match(name):
+            return None
+        with store_errors():
+            record = await self._redis.hgetall(keys.app(name))
+        if not record or "password" not in record:
+            return None
+        return (App(name, str(record.get("status", ACTIVE)), str(record.get("created_at", ""))),
+                str(record["password"]))
+
+    async def list_apps(self) -> list[App]:
+        with store_errors():
+            names = sorted(await self._redis.smembers(keys.apps_index()))
+        apps = [await self.app_password_hash(str(name)) for name in names]
+        return [found[0] for found in apps if found is not None]
+
+    # -- the SMTP path -------------------------------------------------------------------
+    async def resolve_sender(self, principal: Principal, address: str) -> User:
+        """The user a send from ``address`` counts against.
+
+        Raises SenderNotAllowedError (user credential, foreign address), UnknownSenderError
+        (app credential, address nobody owns), UserDisabledError, StoreUnavailableError.
+        """
+        normalized = normalize_address(address)
+        if isinstance(principal, UserPrincipal):
+            user = await self.get_user(principal.user_id)
+            if user is None or normalized not in user.senders:
+                raise SenderNotAllowedError()
+        else:
+            with store_errors():
+                user_id = await self._redis.get(keys.sender_index(normalized))
+            user = await self.get_user(str(user_id)) if user_id else None
+            if user is None:
+                raise UnknownSenderError()
+        if not user.active:
+            raise UserDisabledError()
+        return user

@@ -1,0 +1,190 @@
+"""Wiring only: settings -> Redis -> scripts -> policies -> upstream -> listeners; graceful
+start and stop (STYLE §2). Production (``serve``) and the tests start the relay through this
+same class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+
+from relay.accounts import AccountStore
+from relay.embedded import EmbeddedRedis
+from relay.handler import RelayHandler
+from relay.period import Clock, SystemClock
+from relay.policies import Policies, load_policies
+from relay.quota import QuotaStore
+from relay.server import listen, make_factory
+from relay.settings import Settings
+from relay.store import connect_redis
+from relay.tlsconfig import ensure_dev_certificate, server_context
+from relay.upstream import CaptureUpstream, SmtpUpstream, Upstream
+
+log = structlog.get_logger()
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+@asynccontextmanager
+async def redis_for(settings: Settings, *, share: bool) -> AsyncIterator[aioredis.Redis]:
+    """The configured Redis, or the embedded development one (started and stopped here)."""
+    embedded: EmbeddedRedis | None = None
+    if settings.redis_url:
+        url = settings.redis_url
+    else:
+        embedded = EmbeddedRedis(settings.state_dir)
+        await embedded.start(share=share)
+        url = embedded.url
+        if embedded.owned:
+            log.warning("dev.embedded_redis", url=url, directory=str(embedded.directory),
+                        note="development default: set RELAY_REDIS_URL in production")
+    client = connect_redis(url, timeout=settings.redis_timeout)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def wait_for_redis(client: aioredis.Redis, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            await client.ping()
+            return
+        except (aioredis.RedisError, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise StartupError(f"Redis not reachable: {exc}") from None
+            await asyncio.sleep(0.2)
+
+
+class RelayApp:
+    """The running relay. ``async with RelayApp(...)`` starts it; leaving stops it."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis, *,
+                 clock: Clock | None = None, policies: Policies | None = None) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.clock = clock or SystemClock()
+        self.policies = policies or load_policies(settings.policies_dir)
+        self.accounts = AccountStore(redis)
+        self.quota = QuotaStore(redis)
+        self.upstream = self._make_upstream()
+        self.handler = RelayHandler(
+            accounts=self.accounts, quota=self.quota, upstream=self.upstream,
+            policies=self.policies, clock=self.clock, hostname=settings.hostname,
+            default_tz=settings.default_tz, max_recipients=settings.max_recipients)
+        self._servers: list[asyncio.Server] = []
+
+    def _make_upstream(self) -> Upstream:
+        s = self.settings
+        if s.upstream is None:
+            log.warning("dev.capture_upstream", directory=str(s.capture_dir),
+                        note="development default: mail is written to files, not delivered; "
+                             "set RELAY_UPSTREAM_URL in production")
+            return CaptureUpstream(s.capture_dir)
+        return SmtpUpstream(s.upstream, size=s.upstream_pool_size, timeout=s.upstream_timeout,
+                            local_hostname=s.hostname, tls_verify=s.upstream_tls_verify,
+                            ca_file=s.upstream_ca_file)
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.tls_cert and s.tls_key:
+            cert, key = s.tls_cert, s.tls_key
+        else:
+            cert, key = await asyncio.to_thread(ensure_dev_certificate, s.state_dir, s.hostname)
+            log.warning("dev.self_signed_certificate", cert=str(cert),
+                        note="development default: set RELAY_TLS_CERT and RELAY_TLS_KEY")
+        try:
+            tls = server_context(cert, key)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot load TLS certificate {cert}: {exc}") from None
+        if s.allow_plaintext_auth:
+            log.warning("dev.plaintext_auth", listen=str(s.listen),
+                        note="AUTH offered without TLS on a loopback listener")
+        def factory(implicit_tls: bool) -> Any:
+            return make_factory(self.handler, hostname=s.hostname,
+                                data_size_limit=s.max_message_size, idle_timeout=s.idle_timeout,
+                                tls_context=tls, allow_plaintext_auth=s.allow_plaintext_auth,
+                                implicit_tls=implicit_tls)
+        try:
+            self._servers.append(await listen(factory(False), s.listen))
+            if s.smtps_listen is not None:
+                self._servers.append(await listen(factory(True), s.smtps_listen,
+                                                  ssl_context=tls))
+        except OSError as exc:
+            await self.stop()
+            raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
+        log.info("relay.started", listen=[str(a) for a in self.addresses],
+                 upstream=self.upstream.name, policies=str(s.policies_dir),
+                 plans=sorted(self.policies.plans))
+
+    @property
+    def addresses(self) -> list[str]:
+        found = []
+        for server in self._servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                found.append(f"{host}:{port}")
+        return found
+
+    @property
+    def port(self) -> int:
+        """The bound port of the STARTTLS listener (useful with port 0)."""
+        return int(self._servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def smtps_port(self) -> int:
+        return int(self._servers[1].sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            # Closing the listener does not end open SMTP sessions; cut them so their
+            # transactions are retired (refunded) before the process exits.
+            close_clients = getattr(server, "close_clients", None)  # Python 3.13+
+            if close_clients is not None:
+                close_clients()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        self._servers.clear()
+        await asyncio.sleep(0)
+        await self.handler.drain()
+        await self.upstream.close()
+        log.info("relay.stopped")
+
+    async def __aenter__(self) -> RelayApp:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM."""
+    async with redis_for(settings, share=False) as redis:
+        await wait_for_redis(redis, 10)
+        app = RelayApp(settings, redis)
+        await app.start()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        try:
+            await stopping.wait()
+        finally:
+            log.info("relay.stopping")
+            await app.stop()

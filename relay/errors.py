@@ -1,0 +1,212 @@
+"""Every SMTP reply the relay gives, and the exception tree that carries the refusals.
+
+Services raise these; only ``handler.py`` turns them into replies (STYLE §4). No other
+module writes a reply string.
+
+    RelayError                          .code, .status, .text -> .reply
+    ├── TemporaryError                  4xx: the client keeps the mail and retries
+    │   ├── StoreUnavailableError       451 4.3.0  Redis unreachable or slow (fail closed)
+    │   ├── AuthUnavailableError        454 4.7.0  credentials could not be checked now
+    │   ├── PlanMisconfiguredError      451 4.3.5  the user's plan is not in plans.toml
+    │   ├── TooManyRecipientsError      452 4.5.3  more recipients than one message may carry
+    │   ├── UpstreamTemporaryError      4xx        the upstream said 4xx, or could not be reached
+    │   │   └── UpstreamUnavailableError 451 4.4.1 connection, TLS or login to the upstream failed
+    │   └── InternalError               451 4.3.0  a bug: logged with its traceback, never shown
+    ├── PermanentError                  5xx: the client must not retry as is
+    │   ├── AuthRequiredError           530 5.7.0  MAIL before a successful AUTH
+    │   ├── SenderNotAllowedError       553 5.7.1  MAIL FROM not owned by this login
+    │   ├── UnknownSenderError          550 5.7.1  MAIL FROM belongs to no Command Email user
+    │   ├── UserDisabledError           550 5.7.1  the sending user is disabled
+    │   └── UpstreamPermanentError      5xx        the upstream said 5xx
+    └── QuotaExceededError              code from policies/plans.toml [over_limit] (550 5.7.1)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# -- Positive and protocol replies (RFC 5321 §4.2, RFC 3463 enhanced codes) -----------------
+AUTH_SUCCESS = "235 2.7.0 Authentication successful"
+AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure, try again later"
+AUTH_ABORTED = "501 5.7.0 Authentication aborted"
+AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64 response"
+AUTH_BAD_PLAIN = "501 5.5.2 Malformed AUTH PLAIN response"
+SENDER_OK = "250 2.1.0 Sender OK"
+RECIPIENT_OK = "250 2.1.5 Recipient OK"
+RESET_OK = "250 2.0.0 Reset OK"
+
+
+def message_accepted(queue_id: str) -> str:
+    """The reply to DATA once the upstream has accepted the message."""
+    return f"250 2.0.0 Message accepted for delivery as {queue_id}"
+
+
+class RelayError(Exception):
+    """A refusal with its SMTP reply. Subclasses set the defaults; instances may refine text."""
+
+    code: int = 451
+    status: str = "4.3.0"
+    text: str = "Temporary local problem, try again later"
+
+    def __init__(self, text: str | None = None, *, code: int | None = None,
+                 status: str | None = None) -> None:
+        if text is not None:
+            self.text = text
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        super().__init__(self.reply)
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+class TemporaryError(RelayError):
+    """4xx: RFC 5321 §4.2.5, the client keeps the message and tries again later."""
+
+
+class PermanentError(RelayError):
+    """5xx: the client must not retry the same transaction unchanged."""
+
+    code = 550
+    status = "5.0.0"
+    text = "Rejected"
+
+
+class StoreUnavailableError(TemporaryError):
+    code = 451
+    status = "4.3.0"
+    text = "Quota store unavailable, try again later"
+
+
+class AuthUnavailableError(TemporaryError):
+    code = 454
+    status = "4.7.0"
+    text = "Temporary authentication failure, try again later"
+
+
+class PlanMisconfiguredError(TemporaryError):
+    code = 451
+    status = "4.3.5"
+    text = "Sending plan not configured for this user, try again later"
+
+
+class TooManyRecipientsError(TemporaryError):
+    # RFC 5321 §4.5.3.1.10: 452 tells the client to send the rest in another transaction.
+    code = 452
+    status = "4.5.3"
+    text = "Too many recipients for one message"
+
+
+class InternalError(TemporaryError):
+    code = 451
+    status = "4.3.0"
+    text = "Internal error, try again later"
+
+
+class AuthRequiredError(PermanentError):
+    # RFC 4954 §6: 530 5.7.0 when a command needs authentication first.
+    code = 530
+    status = "5.7.0"
+    text = "Authentication required"
+
+
+class SenderNotAllowedError(PermanentError):
+    code = 553
+    status = "5.7.1"
+    text = "Sender address not allowed for this login"
+
+
+class UnknownSenderError(PermanentError):
+    code = 550
+    status = "5.7.1"
+    text = "Sender address does not belong to any Command Email user"
+
+
+class UserDisabledError(PermanentError):
+    code = 550
+    status = "5.7.1"
+    text = "Command Email is disabled for this user"
+
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def _upstream_text(message: str) -> tuple[str | None, str]:
+    """Split an upstream reply text into (enhanced status, rest), cleaned for re-sending."""
+    one_line = _UNSAFE.sub(" ", message).strip()[:400]
+    match = _ENHANCED.match(one_line)
+    if match:
+        return match.group(0).strip(), one_line[match.end():]
+    return None, one_line
+
+
+class UpstreamTemporaryError(TemporaryError):
+    code = 451
+    status = "4.4.0"
+    text = "Upstream temporarily refused, try again later"
+
+    @classmethod
+    def from_reply(cls, code: int, message: str) -> UpstreamTemporaryError:
+        enhanced, rest = _upstream_text(message)
+        return cls(f"Upstream: {rest}" if rest else None, code=code,
+                   status=enhanced if enhanced and enhanced[0] == "4" else cls.status)
+
+
+class UpstreamUnavailableError(UpstreamTemporaryError):
+    code = 451
+    status = "4.4.1"
+    text = "Upstream unreachable, try again later"
+
+
+class UpstreamPermanentError(PermanentError):
+    code = 554
+    status = "5.0.0"
+    text = "Upstream refused"
+
+    @classmethod
+    def from_reply(cls, code: int, message: str) -> UpstreamPermanentError:
+        enhanced, rest = _upstream_text(message)
+        return cls(f"Upstream: {rest}" if rest else None, code=code,
+                   status=enhanced if enhanced and enhanced[0] == "5" else cls.status)
+
+
+def upstream_reply_error(code: int, message: str) -> RelayError:
+    """The error for an upstream reply code that was not success (mapped by class, 4xx/5xx)."""
+    if 400 <= code < 500:
+        return UpstreamTemporaryError.from_reply(code, message)
+    if 500 <= code < 600:
+        return UpstreamPermanentError.from_reply(code, message)
+    # A reply outside 4xx/5xx where success was expected is a protocol error upstream:
+    # keep the mail (temporary) rather than guess.
+    return UpstreamTemporaryError(f"Upstream protocol error (reply {code})")
+
+
+@dataclass(frozen=True, slots=True)
+class OverLimitReply:
+    """The over-limit reply chosen in policies/plans.toml; text is a str.format template."""
+
+    code: int
+    status: str
+    text: str
+
+
+class QuotaExceededError(RelayError):
+    """A recipient would take the user past the monthly limit."""
+
+    def __init__(self, reply: OverLimitReply, *, used: int, limit: int, resets_on: str) -> None:
+        self.used = used
+        self.limit = limit
+        super().__init__(
+            reply.text.format(used=used, limit=limit, resets_on=resets_on),
+            code=reply.code, status=reply.status,
+        )

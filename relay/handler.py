@@ -1,0 +1,191 @@
+"""aiosmtpd hooks only: SMTP verbs become calls into the services, exceptions become replies
+(STYLE §1 steps 2-7, §4).
+
+aiosmtpd finds hooks and AUTH mechanisms by name, so a misspelt one would silently do
+nothing; ``tests/test_handler.py`` checks this class exposes exactly the names below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import secrets
+from base64 import b64decode
+from typing import TYPE_CHECKING
+
+import structlog
+from aiosmtpd.smtp import MISSING, AuthResult
+
+from relay import errors
+from relay.accounts import AccountStore, Principal
+from relay.auth import Authenticator
+from relay.errors import AuthRequiredError, InternalError, RelayError, StoreUnavailableError
+from relay.message import received_header, strip_control_headers
+from relay.period import Clock, UnknownTimeZoneError, period_at, zone
+from relay.policies import Policies
+from relay.quota import QuotaStore
+from relay.transaction import Limits, State, Transaction
+from relay.upstream import Upstream
+
+if TYPE_CHECKING:
+    from relay.server import RelayEnvelope, RelaySession, RelaySMTP
+
+log = structlog.get_logger()
+
+
+class RelayHandler:
+    def __init__(self, *, accounts: AccountStore, quota: QuotaStore, upstream: Upstream,
+                 policies: Policies, clock: Clock, hostname: str, default_tz: str,
+                 max_recipients: int) -> None:
+        self.accounts = accounts
+        self.quota = quota
+        self.upstream = upstream
+        # Replaced whole on reload; a transaction keeps the Policies it started with.
+        self.policies = policies
+        self._auth = Authenticator(accounts)
+        self._clock = clock
+        self._hostname = hostname
+        self._default_tz = default_tz
+        self._limits = Limits(max_recipients=max_recipients)
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    # -- AUTH (RFC 4954) ---------------------------------------------------------------------
+    async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:  # "*" or bad base64: challenge_auth already replied
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = b64decode(args[1], validate=True)
+            except (binascii.Error, ValueError):
+                return AuthResult(success=False, handled=False, message=errors.AUTH_BAD_BASE64)
+        parts = blob.split(b"\x00")
+        # RFC 4616 §2: [authzid] NUL authcid NUL passwd. Acting as someone else (an authzid
+        # different from the login) is not offered.
+        if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+            return AuthResult(success=False, handled=False, message=errors.AUTH_BAD_PLAIN)
+        return await self._check(server, "PLAIN", parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = b64decode(args[1], validate=True)
+            except (binascii.Error, ValueError):
+                return AuthResult(success=False, handled=False, message=errors.AUTH_BAD_BASE64)
+        password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, "LOGIN", login, password)
+
+    async def _check(self, server: RelaySMTP, mechanism: str, login: bytes,
+                     password: bytes) -> AuthResult:
+        session_log = server.session_log
+        shown = login.decode("utf-8", "replace")[:100]
+        try:
+            principal = await self._auth.authenticate(login, password)
+        except StoreUnavailableError:
+            session_log.warning("auth.unavailable", mechanism=mechanism, login=shown)
+            return AuthResult(success=False, handled=False, message=errors.AUTH_TEMPORARY)
+        if principal is None:
+            session_log.warning("auth.failed", mechanism=mechanism, login=shown, smtp_code=535)
+            return AuthResult(success=False, handled=False, message=errors.AUTH_INVALID)
+        session_log.info("auth.succeeded", mechanism=mechanism, login=principal.login,
+                         app=principal.app)
+        return AuthResult(success=True, handled=False, auth_data=principal,
+                          message=errors.AUTH_SUCCESS)
+
+    # -- the transaction ---------------------------------------------------------------------
+    async def handle_MAIL(self, server: RelaySMTP, session: RelaySession,
+                          envelope: RelayEnvelope, address: str,
+                          mail_options: list[str]) -> str:
+        principal: Principal | None = session.auth_data if session.authenticated else None
+        session_log = server.session_log
+        if principal is None:
+            refusal = AuthRequiredError()
+            session_log.info("mail.refused", reason="auth_required", smtp_code=refusal.code)
+            return refusal.reply
+        mail_log = session_log.bind(login=principal.login, app=principal.app)
+        try:
+            user = await self.accounts.resolve_sender(principal, address)
+            try:
+                tz = zone(user.tz)
+            except UnknownTimeZoneError:
+                tz = zone(self._default_tz)
+            period = period_at(self._clock.now(), tz)
+            upstream_session = await self.upstream.begin(address, mail_options,
+                                                         smtputf8=envelope.smtp_utf8)
+        except RelayError as exc:
+            mail_log.info("mail.refused", reason=type(exc).__name__, smtp_code=exc.code,
+                          sender_domain=address.rpartition("@")[2].lower())
+            return exc.reply
+        envelope.txn = Transaction(
+            txn_id=secrets.token_hex(8), principal=principal, user=user, sender=address,
+            period=period, session=upstream_session, upstream_name=self.upstream.name,
+            quota=self.quota, policies=self.policies, limits=self._limits, log=mail_log)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.txn.log.info("mail.accepted")
+        return errors.SENDER_OK
+
+    async def handle_RCPT(self, server: RelaySMTP, session: RelaySession,
+                          envelope: RelayEnvelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        txn = envelope.txn
+        if txn is None:  # pragma: no cover - aiosmtpd answers 503 before calling us
+            return InternalError().reply
+        try:
+            await txn.add_recipient(address, rcpt_options)
+        except RelayError as exc:
+            return exc.reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return errors.RECIPIENT_OK
+
+    async def handle_DATA(self, server: RelaySMTP, session: RelaySession,
+                          envelope: RelayEnvelope) -> str:
+        txn = envelope.txn
+        if txn is None or envelope.original_content is None:  # pragma: no cover
+            return InternalError().reply
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        trace = received_header(
+            helo=session.host_name or "unknown", peer_ip=peer, hostname=self._hostname,
+            protocol="ESMTPSA" if server.tls_active else "ESMTPA", txn_id=txn.txn_id,
+            now=self._clock.now())
+        content = trace + strip_control_headers(envelope.original_content)
+        try:
+            await txn.deliver(content)
+        except RelayError as exc:
+            return exc.reply
+        return errors.message_accepted(txn.txn_id)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # A bug, not a refusal: log the traceback, tell the client only to retry later
+        # (aiosmtpd's default would send the exception text to the client).
+        log.error("session.exception", exc_info=error)
+        return InternalError().reply
+
+    # -- ending transactions that did not finish -----------------------------------------------
+    def retire(self, txn: Transaction, reason: str) -> None:
+        """Abort ``txn`` in its own task, so a cancelled connection task cannot interrupt the
+        refund (the shielding STYLE §1 step 7 asks for)."""
+        if txn.state is State.DONE:
+            return
+        task = asyncio.get_running_loop().create_task(txn.abort(reason))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def drain(self) -> None:
+        """Wait for every pending abort (refunds) to finish; used at shutdown and in tests."""
+        while self._retiring:
+            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+
+
+def hook_names() -> set[str]:
+    """The aiosmtpd hook and AUTH mechanism names this handler defines."""
+    return {name for name in dir(RelayHandler) if name.startswith(("handle_", "auth_"))}
+

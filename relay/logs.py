@@ -1,0 +1,42 @@
+"""``configure_logging()``: structlog JSON lines for operators (STYLE §1 step 9, §7).
+
+Called once from ``cli.py``. JSON lines on stdout in production (one object per line, ISO
+UTC time, stable field names), a readable console format on a terminal. Logs never carry
+passwords, AUTH payloads or message bodies; recipients appear only as domains and counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = True) -> None:
+    """``fmt`` is json, console or auto (console on a TTY). ``cache=False`` in tests, where
+    cached loggers would defeat ``structlog.testing.capture_logs``."""
+    console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer() if console
+        else structlog.processors.JSONRenderer())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks if not console
+            else structlog.dev.set_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=cache,
+    )
+    # aiosmtpd logs every command line (recipients, AUTH exchanges) to "mail.log" at INFO;
+    # the relay's own structured lines replace it.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -1,0 +1,19 @@
+--[[
+commit.lua: make a transaction's reservations final once the upstream accepted the message.
+
+After a commit the units can no longer be refunded (delivered mail is never refunded).
+Idempotent: a second commit of the same transaction finds no open reservations.
+
+KEYS[1]  relay:usage:{uid}:YYYY-MM   hash: used, delivered
+KEYS[2]  relay:resv:{uid}:TXN        hash: recipient number -> 1
+
+Returns {committed, used}
+  committed  units made final by this call (0 on a repeat)
+  used       the month's count after the call
+]]
+local n = redis.call('HLEN', KEYS[2])
+if n > 0 then
+  redis.call('HINCRBY', KEYS[1], 'delivered', n)
+  redis.call('DEL', KEYS[2])
+end
+return {n, tonumber(redis.call('HGET', KEYS[1], 'used') or '0')}

@@ -1,0 +1,58 @@
+"""The only changes the relay makes to a message's bytes (STYLE §1 step 6).
+
+The body and every header the sender wrote pass through unchanged, so a DKIM signature still
+verifies. The relay adds one ``Received:`` trace header at the top (RFC 5321 §4.4) and removes
+its own control headers (``X-KW-*``), which are instructions to the relay, not content.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from email.utils import format_datetime
+
+CONTROL_HEADER_PREFIX = b"x-kw-"
+
+
+def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str, txn_id: str,
+                    now: datetime) -> bytes:
+    """A ``Received:`` line. ``protocol`` is ESMTPSA/ESMTPA (RFC 3848) and so on."""
+    # The HELO name is client input: keep it to printable ASCII without spaces or parentheses
+    # so it cannot break the header's structure.
+    safe_helo = re.sub(r"[^\x21-\x7e]|[()]", "?", helo)[:255] or "unknown"
+    return (f"Received: from {safe_helo} ([{peer_ip}])\r\n"
+            f"\tby {hostname} (Command Email Relay) with {protocol} id {txn_id};\r\n"
+            f"\t{format_datetime(now)}\r\n").encode("ascii")
+
+
+def strip_control_headers(content: bytes) -> bytes:
+    """``content`` without X-KW-* header fields (folded continuation lines included).
+
+    Only the header section is looked at; a message without control headers is returned as
+    the same object, untouched.
+    """
+    header_len = _header_length(content)
+    head = content[:header_len]
+    if CONTROL_HEADER_PREFIX not in head.lower():
+        return content
+    kept: list[bytes] = []
+    dropping = False
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):
+            # A continuation line belongs to the field above it (RFC 5322 §2.2.3).
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.lower().startswith(CONTROL_HEADER_PREFIX)
+        if not dropping:
+            kept.append(line)
+    return b"".join(kept) + content[header_len:]
+
+
+def _header_length(content: bytes) -> int:
+    """Bytes up to and including the line ending of the last header line."""
+    blank = content.find(b"\r\n\r\n")
+    if blank >= 0:
+        return blank + 2
+    blank = content.find(b"\n\n")
+    return blank + 1 if blank >= 0 else len(content)

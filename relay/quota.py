@@ -1,0 +1,108 @@
+"""The monthly quota: reserve, commit, refund, read usage (STYLE §1 steps 5 and 7, §6).
+
+Each operation is one Lua script in ``relay/lua/``, registered once; redis-py re-sends the
+body after a NOSCRIPT (a restarted Redis). The script is the unit of atomicity: no
+WATCH/MULTI loops. Redis errors surface as StoreUnavailableError (fail closed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from importlib.resources import files
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from relay import keys
+from relay.store import store_errors
+
+# Usage hashes are kept ~13 months for the usage history, then expire by themselves.
+USAGE_TTL_SECONDS = 400 * 24 * 3600
+# Open reservations outlive any SMTP transaction; one left behind by a dead process stays
+# counted (high, never low) and is kept a week for an operator to reconcile.
+RESERVATION_TTL_SECONDS = 7 * 24 * 3600
+
+
+class ReserveStatus(IntEnum):
+    RESERVED = 0
+    OVER_LIMIT = 1
+    ALREADY_RESERVED = 2
+    USER_DISABLED = 3
+    USER_MISSING = 4
+    UNKNOWN_PLAN = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    status: ReserveStatus
+    used: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """The result of a commit or refund: units affected and the month's count after it."""
+
+    units: int
+    used: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    used: int
+    delivered: int
+
+    @property
+    def in_flight(self) -> int:
+        """Reserved but not yet committed: open transactions, or units a dead process left."""
+        return max(self.used - self.delivered, 0)
+
+
+def _script(name: str) -> str:
+    return files("relay").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+class QuotaStore:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._reserve: AsyncScript = redis.register_script(_script("reserve.lua"))
+        self._commit: AsyncScript = redis.register_script(_script("commit.lua"))
+        self._refund: AsyncScript = redis.register_script(_script("refund.lua"))
+
+    async def reserve(self, user_id: str, period: str, txn_id: str, rcpt_no: int,
+                      plan_limits: list[str | int]) -> Reservation:
+        """Take one unit for recipient ``rcpt_no`` of ``txn_id`` if under the limit.
+
+        Idempotent per (txn_id, rcpt_no). Raises StoreUnavailableError.
+        """
+        with store_errors():
+            status, used, limit = await self._reserve(
+                keys=[keys.user(user_id), keys.usage(user_id, period),
+                      keys.reservations(user_id, txn_id)],
+                args=[rcpt_no, USAGE_TTL_SECONDS, RESERVATION_TTL_SECONDS, *plan_limits],
+            )
+        return Reservation(ReserveStatus(int(status)), int(used), int(limit))
+
+    async def commit(self, user_id: str, period: str, txn_id: str) -> Settlement:
+        """Make every open reservation of ``txn_id`` final. Idempotent."""
+        with store_errors():
+            units, used = await self._commit(
+                keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)])
+        return Settlement(int(units), int(used))
+
+    async def refund(self, user_id: str, period: str, txn_id: str,
+                     rcpt_nos: list[int] | None = None) -> Settlement:
+        """Give back the open units of ``rcpt_nos`` (all when None). Idempotent; committed
+        units are never refunded."""
+        with store_errors():
+            units, used = await self._refund(
+                keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],
+                args=rcpt_nos or [])
+        return Settlement(int(units), int(used))
+
+    async def usage(self, user_id: str, period: str) -> Usage:
+        with store_errors():
+            used, delivered = await self._redis.hmget(
+                keys.usage(user_id, period), ["used", "delivered"])
+        return Usage(int(used or 0), int(delivered or 0))

@@ -1,0 +1,276 @@
+"""Settings: where things are and the secrets, read once into a frozen ``Settings`` (STYLE §5).
+
+Sources, later ones winning: built-in defaults, an optional TOML file (``RELAY_CONFIG`` or
+``--config``; keys are the variable names without ``RELAY_``, lower case), then ``RELAY_*``
+environment variables. Unknown keys and bad values stop start-up with the source, the key
+and the reason. What the business wants (plans, replies) lives in ``policies/`` instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from relay.period import UnknownTimeZoneError, zone
+
+
+class SettingsError(ValueError):
+    """A setting is missing, unknown or malformed; the message names source and key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """Where allowed mail goes. ``tls`` is "none", "starttls" (required) or "implicit"."""
+
+    host: str
+    port: int
+    tls: str
+    username: str | None = field(default=None)
+    password: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        scheme = {"none": "smtp", "starttls": "smtp+starttls", "implicit": "smtps"}[self.tls]
+        user = f"{self.username}:***@" if self.username else ""
+        return f"{scheme}://{user}{Endpoint(self.host, self.port)}"
+
+
+_SCHEMES = {"smtp": ("none", 25), "smtp+starttls": ("starttls", 587), "smtps": ("implicit", 465)}
+
+
+def parse_upstream_url(url: str) -> UpstreamTarget:
+    """``smtp+starttls://user:pass@host:587``, ``smtps://…`` or plain ``smtp://host:port``."""
+    parts = urlsplit(url)
+    if parts.scheme not in _SCHEMES:
+        raise SettingsError(
+            f"upstream URL scheme must be one of {', '.join(_SCHEMES)}, got {parts.scheme!r}")
+    if not parts.hostname:
+        raise SettingsError("upstream URL has no host")
+    tls, default_port = _SCHEMES[parts.scheme]
+    try:
+        port = parts.port or default_port
+    except ValueError as exc:
+        raise SettingsError(f"upstream URL has a bad port: {exc}") from exc
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    if (username is None) != (password is None):
+        raise SettingsError("upstream URL needs both a user and a password, or neither")
+    return UpstreamTarget(parts.hostname, port, tls, username, password)
+
+
+def parse_endpoint(value: str) -> Endpoint:
+    """``host:port`` or ``[v6]:port``; the host must be an IP literal (no DNS) or localhost."""
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise SettingsError(f"expected host:port, got {value!r}")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            raise SettingsError(
+                f"listen host must be an IP address or localhost (no DNS lookups), got {host!r}"
+            ) from exc
+    return Endpoint("127.0.0.1" if host == "localhost" else host, int(port_text))
+
+
+def _mask_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: Endpoint = Endpoint("127.0.0.1", 2525)
+    smtps_listen: Endpoint | None = None
+    redis_url: str | None = field(default=None, repr=False)
+    upstream: UpstreamTarget | None = None
+    state_dir: Path = Path(".relay-state")
+    policies_dir: Path = Path("policies")
+    allow_plaintext_auth: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    hostname: str = field(default_factory=socket.gethostname)
+    default_tz: str = "UTC"
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 500
+    idle_timeout: float = 300.0
+    upstream_pool_size: int = 20
+    upstream_timeout: float = 30.0
+    upstream_tls_verify: bool = True
+    upstream_ca_file: Path | None = None
+    redis_timeout: float = 2.0
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "redis_url")
+        return f"Settings(redis_url={_mask_url(self.redis_url)!r}, {shown})"
+
+    @property
+    def capture_dir(self) -> Path:
+        """Where the development default delivers mail when no upstream is configured."""
+        return self.state_dir / "capture"
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false), got {value!r}")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError(f"must be a positive integer, got {number}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError(f"must be a positive number, got {number}")
+    return number
+
+
+def _choice(*allowed: str) -> Any:
+    def parse(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+    return parse
+
+
+def _tz(value: str) -> str:
+    try:
+        zone(value)
+    except UnknownTimeZoneError as exc:
+        raise ValueError(str(exc)) from exc
+    return value
+
+
+def _hostname(value: str) -> str:
+    if not value or any(c.isspace() or ord(c) < 33 for c in value):
+        raise ValueError(f"not a valid host name: {value!r}")
+    return value
+
+
+# name -> parser from text. Every key a TOML file or the environment may set.
+_PARSERS: dict[str, Any] = {
+    "listen": parse_endpoint,
+    "smtps_listen": parse_endpoint,
+    "redis_url": str,
+    "upstream_url": parse_upstream_url,
+    "state_dir": Path,
+    "policies_dir": Path,
+    "allow_plaintext_auth": _bool,
+    "tls_cert": Path,
+    "tls_key": Path,
+    "hostname": _hostname,
+    "default_tz": _tz,
+    "max_message_size": _positive_int,
+    "max_recipients": _positive_int,
+    "idle_timeout": _positive_float,
+    "upstream_pool_size": _positive_int,
+    "upstream_timeout": _positive_float,
+    "upstream_tls_verify": _bool,
+    "upstream_ca_file": Path,
+    "redis_timeout": _positive_float,
+    "log_format": _choice("auto", "json", "console"),
+    "log_level": _choice("debug", "info", "warning", "error"),
+}
+# Settings that hold secrets: never echoed back in an error message.
+_SECRET = {"redis_url", "upstream_url"}
+
+
+def _parse(name: str, raw: object, source: str) -> object:
+    text = str(raw).lower() if isinstance(raw, bool) else str(raw)
+    try:
+        return _PARSERS[name](text)
+    except (ValueError, SettingsError) as exc:
+        detail = "invalid value" if name in _SECRET else str(exc)
+        raise SettingsError(f"{source}: {name}: {detail}") from None
+
+
+def load_settings(environ: Mapping[str, str] | None = None,
+                  config_file: Path | None = None) -> Settings:
+    """Read settings once. Raises SettingsError naming the source and key of a bad value."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+
+    path = config_file or (Path(env["RELAY_CONFIG"]) if env.get("RELAY_CONFIG") else None)
+    if path is not None:
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SettingsError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{path}: {exc}") from None
+        for key, raw in document.items():
+            if key not in _PARSERS:
+                raise SettingsError(f"{path}: {key}: unknown setting")
+            if isinstance(raw, dict | list):
+                raise SettingsError(f"{path}: {key}: expected a single value")
+            values[key] = _parse(key, raw, str(path))
+
+    for var, raw in env.items():
+        if not var.startswith("RELAY_") or var == "RELAY_CONFIG":
+            continue
+        key = var.removeprefix("RELAY_").lower()
+        if key not in _PARSERS:
+            # Test-only variables live under RELAY_TEST_; anything else is a typo.
+            if key.startswith("test_"):
+                continue
+            raise SettingsError(f"environment: {var}: unknown setting")
+        if raw == "" and key not in {"allow_plaintext_auth"}:
+            continue
+        values[key] = _parse(key, raw, "environment")
+
+    if "upstream_url" in values:
+        values["upstream"] = values.pop("upstream_url")
+    try:
+        settings = Settings(**values)  # type: ignore[arg-type]
+    except TypeError as exc:  # pragma: no cover - _PARSERS and Settings disagree
+        raise SettingsError(str(exc)) from None
+    return _checked(settings)
+
+
+def _checked(settings: Settings) -> Settings:
+    if settings.allow_plaintext_auth and not settings.listen.is_loopback:
+        raise SettingsError(
+            f"allow_plaintext_auth: refused because listen {settings.listen} is not a loopback "
+            "address; AUTH without TLS is only for development on 127.0.0.1 or ::1")
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise SettingsError("tls_cert, tls_key: set both or neither")
+    if settings.redis_url is not None:
+        scheme = urlsplit(settings.redis_url).scheme
+        if scheme not in {"redis", "rediss", "unix"}:
+            raise SettingsError(f"redis_url: scheme must be redis, rediss or unix, got {scheme!r}")
+    return settings

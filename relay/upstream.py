@@ -1,0 +1,291 @@
+"""Forwarding to the upstream provider in step with the client (STYLE §1 step 6).
+
+The relay keeps no queue: the upstream transaction is opened at MAIL FROM, each RCPT and the
+DATA are mirrored in step, and the client hears 250 only for what the upstream answered 250
+to. Connections come from a bounded pool of persistent aiosmtplib clients (STARTTLS and
+AUTH once per connection, RSET between messages, reconnect on failure, idle expiry).
+
+aiosmtplib's errors are translated here and nowhere else (``translate_error``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+import structlog
+
+from relay.errors import (
+    PermanentError,
+    RelayError,
+    UpstreamTemporaryError,
+    UpstreamUnavailableError,
+    upstream_reply_error,
+)
+from relay.settings import UpstreamTarget
+
+log = structlog.get_logger()
+
+# MAIL FROM parameters forwarded when the upstream advertises the extension (RFC 1870, 6152,
+# 6531). Anything else aiosmtpd accepted has already been validated and is not forwarded.
+_FORWARDED_MAIL_PARAMS = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "smtputf8"}
+
+
+class BadAddressError(PermanentError):
+    code = 553
+    status = "5.1.3"
+    text = "Address contains characters that cannot be forwarded"
+
+
+class SmtpUtf8UnsupportedError(PermanentError):
+    # RFC 6531 §3.4: a non-ASCII envelope cannot go to a server without SMTPUTF8.
+    code = 553
+    status = "5.6.7"
+    text = "Upstream does not accept internationalized (SMTPUTF8) addresses"
+
+
+def translate_error(exc: BaseException) -> RelayError:
+    """Map an aiosmtplib (or socket) error to the relay error the client is answered with.
+
+    A reply from the upstream keeps its class (4xx temporary, 5xx permanent); anything that
+    is not a reply (connect, disconnect, timeout, TLS) is temporary.
+    """
+    if isinstance(exc, RelayError):
+        return exc
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return upstream_reply_error(exc.code, exc.message)
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        # Only raised by sendmail(), which the relay does not use; one refusal speaks for all.
+        first = exc.recipients[0] if exc.recipients else None
+        return translate_error(first) if first else UpstreamTemporaryError()
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        return UpstreamUnavailableError("Upstream lacks a required extension, try again later")
+    if isinstance(exc, aiosmtplib.SMTPException | OSError | ssl.SSLError | TimeoutError):
+        return UpstreamUnavailableError()
+    if isinstance(exc, UnicodeEncodeError | ValueError):
+        # aiosmtplib refuses control characters in commands (CR/LF injection, 5.1.3 fix).
+        return BadAddressError()
+    raise TypeError(f"unmapped upstream error {type(exc).__name__}") from exc
+
+
+class UpstreamSession(Protocol):
+    """One upstream transaction, begun by ``Upstream.begin`` (MAIL FROM already accepted)."""
+
+    async def rcpt(self, address: str, options: list[str]) -> None:
+        """Raises RelayError when the upstream refuses or fails."""
+
+    async def data(self, content: bytes) -> str:
+        """Send the message; returns the upstream's queue id or reply text. Raises RelayError;
+        ``UpstreamOutcomeUnknownError`` when the message may have been accepted."""
+
+    async def release(self, *, reusable: bool) -> None:
+        """Hand the connection back (RSET first when reusable) or close it. Never raises."""
+
+
+class Upstream(Protocol):
+    name: str
+
+    async def begin(self, sender: str, options: list[str], *, smtputf8: bool) -> UpstreamSession:
+        """Open a transaction upstream. Raises RelayError."""
+
+    async def close(self) -> None: ...
+
+
+class UpstreamOutcomeUnknownError(UpstreamTemporaryError):
+    """The connection failed after the message was sent and before the reply: the upstream may
+    have accepted it. The client is told to retry; the units stay counted (high, never low)."""
+
+    status = "4.4.2"
+    text = "Upstream connection lost after the message was sent, try again later"
+
+
+class SmtpUpstream:
+    """A bounded pool of persistent connections to one SMTP upstream."""
+
+    def __init__(self, target: UpstreamTarget, *, size: int, timeout: float,
+                 local_hostname: str, tls_verify: bool = True, ca_file: Path | None = None,
+                 idle_seconds: float = 60.0) -> None:
+        self.name = str(target)
+        self._target = target
+        self._timeout = timeout
+        self._local_hostname = local_hostname
+        self._tls_verify = tls_verify
+        self._ca_file = str(ca_file) if ca_file else None
+        self._idle_seconds = idle_seconds
+        self._idle: deque[tuple[aiosmtplib.SMTP, float]] = deque()
+        self._slots = asyncio.Semaphore(size)
+        self._closed = False
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        t = self._target
+        client = aiosmtplib.SMTP(
+            hostname=t.host, port=t.port, username=t.username, password=t.password,
+            # An explicit name: the default would call socket.getfqdn() (a DNS lookup).
+            local_hostname=self._local_hostname, timeout=self._timeout,
+            use_tls=t.tls == "implicit", start_tls=t.tls == "starttls",
+            validate_certs=self._tls_verify, cert_bundle=self._ca_file)
+        await client.connect()
+        return client
+
+    def _take_idle(self) -> aiosmtplib.SMTP | None:
+        now = time.monotonic()
+        while self._idle:
+            client, since = self._idle.pop()  # most recently used first: the warmest
+            if client.is_connected and now - since < self._idle_seconds:
+                return client
+            client.close()
+        return None
+
+    async def begin(self, sender: str, options: list[str], *, smtputf8: bool) -> SmtpSession:
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self._timeout)
+        except TimeoutError:
+            raise UpstreamUnavailableError("Upstream busy, try again later") from None
+        try:
+            client = self._take_idle()
+            try:
+                if client is not None:
+                    try:
+                        await self._mail(client, sender, options, smtputf8)
+                        return SmtpSession(self, client)
+                    except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                        # An idle connection the upstream dropped: nothing was sent on it,
+                        # so a fresh connection is safe.
+                        client.close()
+                client = await self._connect()
+                await self._mail(client, sender, options, smtputf8)
+                return SmtpSession(self, client)
+            except BaseException as exc:
+                if client is not None:
+                    client.close()
+                if isinstance(exc, Exception):
+                    raise translate_error(exc) from exc
+                raise
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _mail(self, client: aiosmtplib.SMTP, sender: str, options: list[str],
+                    smtputf8: bool) -> None:
+        if smtputf8 and not client.supports_extension("smtputf8"):
+            raise SmtpUtf8UnsupportedError()
+        forwarded = [opt for opt in options
+                     if client.supports_extension(_FORWARDED_MAIL_PARAMS.get(
+                         opt.partition("=")[0], "-"))]
+        await client.mail(sender, options=forwarded, encoding="utf-8" if smtputf8 else "ascii")
+
+    def _give_back(self, client: aiosmtplib.SMTP | None) -> None:
+        if client is not None:
+            if self._closed:
+                client.close()
+            else:
+                self._idle.append((client, time.monotonic()))
+        self._slots.release()
+
+    async def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            client, _ = self._idle.pop()
+            try:
+                await asyncio.wait_for(client.quit(), 2)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                client.close()
+
+
+class SmtpSession:
+    def __init__(self, pool: SmtpUpstream, client: aiosmtplib.SMTP) -> None:
+        self._pool = pool
+        self._client = client
+        self._utf8 = False
+        self._released = False
+        # True while an upstream command is outstanding: a connection cut mid-command is in an
+        # unknown protocol state and is closed rather than reused.
+        self._busy = False
+
+    async def rcpt(self, address: str, options: list[str]) -> None:
+        self._busy = True
+        try:
+            await self._client.rcpt(address, options=options,
+                                    encoding="utf-8" if not address.isascii() else "ascii")
+        except Exception as exc:
+            raise translate_error(exc) from exc
+        finally:
+            self._busy = False
+
+    async def data(self, content: bytes) -> str:
+        self._busy = True
+        try:
+            response = await self._client.data(content)
+        except aiosmtplib.SMTPResponseException as exc:
+            raise translate_error(exc) from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise UpstreamOutcomeUnknownError() from exc
+        finally:
+            self._busy = False
+        return response.message
+
+    async def release(self, *, reusable: bool) -> None:
+        if self._released:
+            return
+        self._released = True
+        client: aiosmtplib.SMTP | None = self._client
+        if self._busy or not reusable:
+            self._client.close()
+            client = None
+        else:
+            try:
+                await self._client.rset()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                self._client.close()
+                client = None
+        self._pool._give_back(client)
+
+
+class CaptureUpstream:
+    """Development default: each message lands in ``directory`` as one ``.eml`` file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.name = f"capture:{directory}"
+        self._directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    async def begin(self, sender: str, options: list[str], *,
+                    smtputf8: bool) -> CaptureSession:
+        return CaptureSession(self._directory)
+
+    async def close(self) -> None:
+        return None
+
+
+class CaptureSession:
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    async def rcpt(self, address: str, options: list[str]) -> None:
+        return None
+
+    async def data(self, content: bytes) -> str:
+        name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.monotonic_ns()}.eml"
+        try:
+            await asyncio.to_thread(_write_atomically, self._directory / name, content)
+        except OSError as exc:
+            log.error("capture.write_failed", path=str(self._directory), error=str(exc))
+            raise UpstreamUnavailableError("Capture folder not writable, try again later") \
+                from exc
+        return name
+
+    async def release(self, *, reusable: bool) -> None:
+        return None
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    # Write then rename, so a reader never sees half a message.
+    partial = path.with_suffix(".part")
+    partial.write_bytes(content)
+    partial.replace(path)
+
