@@ -43,7 +43,8 @@ async def redis_for(settings: Settings, *, share: bool) -> AsyncIterator[aioredi
         url = settings.redis_url
     else:
         embedded = EmbeddedRedis(settings.state_dir)
-        await embedded.start(share=share)
+        # serve waits a little for an admin command that owns the server for a moment.
+        await embedded.start(share=share, wait_seconds=15 if share else 5)
         url = embedded.url
         if embedded.owned:
             log.warning("dev.embedded_redis", url=url, directory=str(embedded.directory),
@@ -175,14 +176,16 @@ class RelayApp:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM."""
+    # Signal handlers first: a SIGTERM during start-up (waiting for Redis, say) must still
+    # stop the embedded Redis cleanly instead of killing the process around it.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
     async with redis_for(settings, share=False) as redis:
         await wait_for_redis(redis, 10)
         app = RelayApp(settings, redis)
         await app.start()
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopping.set)
         try:
             await stopping.wait()
         finally:

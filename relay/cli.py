@@ -172,7 +172,7 @@ async def _usage(args: argparse.Namespace, settings: Settings, policies: Policie
     except UnknownTimeZoneError:
         tz = zone(settings.default_tz)
     try:
-        period = (period_named(args.period, tz) if args.period
+        period = (period_named(args.period, tz) if args.period is not None
                   else period_at(SystemClock().now(), tz))
     except ValueError as exc:
         raise CommandError(str(exc)) from None
@@ -205,7 +205,7 @@ _ADMIN: dict[str, Admin] = {"users": _users, "apps": _apps, "usage": _usage}
 async def _run_admin(command: Admin, args: argparse.Namespace, settings: Settings) -> None:
     policies = load_policies(settings.policies_dir)
     async with redis_for(settings, share=True) as redis:
-        await wait_for_redis(redis, 5)
+        await wait_for_redis(redis, 2)
         await command(args, settings, policies, AccountStore(redis), QuotaStore(redis))
 
 
@@ -225,9 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         settings = load_settings(config_file=args.config)
-        # Admin commands print their results on stdout; only warnings and errors are logged.
-        configure_logging(settings.log_format,
-                          settings.log_level if args.command == "serve" else "warning")
+        # Admin commands print their results on stdout (one JSON document with --json), so
+        # their warnings and errors are logged to stderr.
+        serving = args.command == "serve"
+        configure_logging(settings.log_format, settings.log_level if serving else "warning",
+                          stream=sys.stdout if serving else sys.stderr)
         if args.command == "serve":
             asyncio.run(serve(settings))
         elif args.command == "check-config":

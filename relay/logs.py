@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
@@ -16,10 +17,13 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
-def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = True) -> None:
+def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = True,
+                      stream: TextIO | None = None) -> None:
     """``fmt`` is json, console or auto (console on a TTY). ``cache=False`` in tests, where
-    cached loggers would defeat ``structlog.testing.capture_logs``."""
-    console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+    cached loggers would defeat ``structlog.testing.capture_logs``. ``stream`` defaults to
+    stdout; admin commands pass stderr so their stdout carries only their result."""
+    out = sys.stdout if stream is None else stream
+    console = fmt == "console" or (fmt == "auto" and out.isatty())
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if console
         else structlog.processors.JSONRenderer())
@@ -33,10 +37,11 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=cache,
     )
-    # aiosmtpd logs every command line (recipients, AUTH exchanges) to "mail.log" at INFO;
-    # the relay's own structured lines replace it.
+    # aiosmtpd logs every command line (recipients, AUTH exchanges) to "mail.log" at INFO and
+    # a deprecation notice at WARNING on every AUTH; the relay's own structured lines replace
+    # it. Its errors still reach stderr.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("mail.log").setLevel(logging.ERROR)

@@ -50,9 +50,14 @@ def strip_control_headers(content: bytes) -> bytes:
 
 
 def _header_length(content: bytes) -> int:
-    """Bytes up to and including the line ending of the last header line."""
-    blank = content.find(b"\r\n\r\n")
-    if blank >= 0:
-        return blank + 2
-    blank = content.find(b"\n\n")
-    return blank + 1 if blank >= 0 else len(content)
+    """Bytes up to and including the line ending of the last header line.
+
+    The header ends at the first empty line, CRLF or bare LF (RFC 5322 §2.1); searching for
+    one kind first would let a later blank line of that kind pull body lines into the header.
+    """
+    if content.startswith((b"\r\n", b"\n")):
+        return 0  # no header section at all
+    # "\n\r\n" and "\n\n": a line ending followed by an empty line (CRLF or LF).
+    ends = [found + 1 for found in (content.find(b"\n\r\n"), content.find(b"\n\n"))
+            if found >= 0]
+    return min(ends) if ends else len(content)

@@ -137,7 +137,8 @@ def load_policies(directory: Path) -> Policies:
                            "must be an enhanced status code whose class matches the code")
     try:
         over["text"].format(used=0, limit=0, resets_on="")
-    except (KeyError, IndexError, ValueError) as exc:
+    # {limit.x} raises AttributeError and {limit[0]} TypeError: refuse those too.
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
         raise source.error(
             "over_limit", "text",
             f"bad placeholder {exc}; use {{used}}, {{limit}}, {{resets_on}}") from None

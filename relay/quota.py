@@ -95,6 +95,9 @@ class QuotaStore:
                      rcpt_nos: list[int] | None = None) -> Settlement:
         """Give back the open units of ``rcpt_nos`` (all when None). Idempotent; committed
         units are never refunded."""
+        if rcpt_nos is not None and not rcpt_nos:
+            # An empty list refunds nothing; the script would read "no ARGV" as "all".
+            return Settlement(0, (await self.usage(user_id, period)).used)
         with store_errors():
             units, used = await self._refund(
                 keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],

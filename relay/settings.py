@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -93,13 +94,20 @@ def parse_endpoint(value: str) -> Endpoint:
     return Endpoint("127.0.0.1" if host == "localhost" else host, int(port_text))
 
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
 def _mask_url(url: str | None) -> str | None:
     if url is None:
         return None
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is not None:
+        url = url.replace(f":{parts.password}@", ":***@", 1)
+    # redis-py also takes the password as a query parameter (?password=…).
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +185,8 @@ def _tz(value: str) -> str:
 
 
 def _hostname(value: str) -> str:
-    if not value or any(c.isspace() or ord(c) < 33 for c in value):
+    # ASCII only: the name goes into the banner and the Received: header, which are ASCII.
+    if not value or any(not 32 < ord(c) < 127 for c in value):
         raise ValueError(f"not a valid host name: {value!r}")
     return value
 
@@ -270,7 +279,11 @@ def _checked(settings: Settings) -> Settings:
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise SettingsError("tls_cert, tls_key: set both or neither")
     if settings.redis_url is not None:
-        scheme = urlsplit(settings.redis_url).scheme
+        try:
+            scheme = urlsplit(settings.redis_url).scheme
+        except ValueError:
+            # urlsplit's message is harmless, but say nothing of the URL: it may hold a secret.
+            raise SettingsError("redis_url: not a valid URL") from None
         if scheme not in {"redis", "rediss", "unix"}:
             raise SettingsError(f"redis_url: scheme must be redis, rediss or unix, got {scheme!r}")
     return settings

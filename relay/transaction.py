@@ -134,14 +134,16 @@ class Transaction:
             self._finish("deferred" if not exc.permanent else "failed", exc.code, len(content))
             raise
         self.state = State.DONE
-        await self._session.release(reusable=True)
         try:
+            # Commit before handing the connection back: the units become final as soon as
+            # possible after the upstream's 250.
             settlement = await self._quota.commit(self.user.id, self.period.label, self.txn_id)
             self._last_used = settlement.used
         except RelayError:
             # Delivered mail stays counted: reserve already took the units. Only the
             # bookkeeping of "final" is missing; log it for reconciliation.
             self._log_unreconciled("commit_failed")
+        await self._session.release(reusable=True)
         self._finish("delivered", 250, len(content), upstream_reply=reply[:200])
         return reply
 

@@ -52,11 +52,17 @@ class SmtpUtf8UnsupportedError(PermanentError):
 def translate_error(exc: BaseException) -> RelayError:
     """Map an aiosmtplib (or socket) error to the relay error the client is answered with.
 
-    A reply from the upstream keeps its class (4xx temporary, 5xx permanent); anything that
-    is not a reply (connect, disconnect, timeout, TLS) is temporary.
+    A reply to the message (MAIL, RCPT, DATA) keeps its class (4xx temporary, 5xx permanent);
+    anything else (connect, greeting, EHLO, login, disconnect, timeout, TLS) is temporary.
     """
     if isinstance(exc, RelayError):
         return exc
+    if isinstance(exc, aiosmtplib.SMTPConnectResponseError | aiosmtplib.SMTPHeloError
+                  | aiosmtplib.SMTPAuthenticationError):
+        # Greeting, EHLO or login refused: the relay's own link to the upstream is broken
+        # (e.g. a wrong upstream password), not this message. Temporary, so the client keeps
+        # the mail; a 5xx here would bounce every message.
+        return UpstreamUnavailableError()
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return upstream_reply_error(exc.code, exc.message)
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
@@ -129,7 +135,20 @@ class SmtpUpstream:
             local_hostname=self._local_hostname, timeout=self._timeout,
             use_tls=t.tls == "implicit", start_tls=t.tls == "starttls",
             validate_certs=self._tls_verify, cert_bundle=self._ca_file)
-        await client.connect()
+        try:
+            await client.connect()
+            if not client.esmtp_extensions:
+                # connect() only says EHLO when it needs STARTTLS or AUTH; the extension list
+                # (SIZE, 8BITMIME, SMTPUTF8) must be known before the first MAIL FROM.
+                await client.ehlo()
+        except Exception as exc:
+            # Whatever the upstream answers while the connection is being set up (greeting,
+            # EHLO, a 5xx to STARTTLS, our own login refused) says nothing about the client's
+            # message: the client must keep it and retry, so it is always temporary.
+            client.close()
+            log.warning("upstream.connect_failed", upstream=self.name,
+                        error=type(exc).__name__, detail=str(exc)[:200])
+            raise UpstreamUnavailableError() from exc
         return client
 
     def _take_idle(self) -> aiosmtplib.SMTP | None:

@@ -140,6 +140,7 @@ class CapturingHandler:
         self.connections = 0
         self.auth_logins: list[str] = []
         self.arrived = asyncio.Event()
+        self.data_started = asyncio.Event()
 
     async def handle_MAIL(self, server: Any, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -159,6 +160,7 @@ class CapturingHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        self.data_started.set()
         if self.behaviour.data_gate is not None:
             await self.behaviour.data_gate.wait()
         if self.behaviour.data_reply:
@@ -252,11 +254,14 @@ async def make_relay(redis_client: aioredis.Redis, base_settings: Settings,
     apps: list[RelayApp] = []
 
     async def factory(upstream: CapturingUpstream | None = None,
-                      redis: aioredis.Redis | None = None, **overrides: Any) -> RelayApp:
+                      redis: aioredis.Redis | None = None,
+                      target: UpstreamTarget | None = None, **overrides: Any) -> RelayApp:
+        """``upstream``: a capturing server reached over plain SMTP; ``target``: any other
+        upstream URL; neither: the capture folder (development default)."""
         settings = replace(base_settings, **overrides)
-        if upstream is not None and "upstream" not in overrides:
-            settings = replace(settings, upstream=UpstreamTarget("127.0.0.1", upstream.port,
-                                                                 "none"))
+        if target is None and upstream is not None:
+            target = UpstreamTarget("127.0.0.1", upstream.port, "none")
+        settings = replace(settings, upstream=target)
         app = RelayApp(settings, redis or redis_client, clock=clock,
                        policies=load_policies(settings.policies_dir))
         await app.start()
@@ -284,9 +289,11 @@ _HASH = hash_password(PASSWORD)  # scrypt is slow on purpose: hash once per test
 
 async def add_user(accounts: AccountStore, email: str = "agent@kw.test", *,
                    limit: int | None = None, plan: str = "free", tz: str = "UTC",
-                   senders: tuple[str, ...] = (), password: bool = True) -> User:
+                   senders: tuple[str, ...] = (), password: bool = True,
+                   user_id: str | None = None) -> User:
     return await accounts.add_user(email, plan=plan, tz=tz, custom_limit=limit,
-                                   password_hash=_HASH if password else None, senders=senders)
+                                   password_hash=_HASH if password else None, senders=senders,
+                                   user_id=user_id)
 
 
 async def add_app(accounts: AccountStore, name: str = "smartplans") -> None:
@@ -301,6 +308,7 @@ async def smtp_client(app: RelayApp, login: str | None = "agent@kw.test",
                              local_hostname="client.test", timeout=10)
     await client.connect()
     try:
+        await client.ehlo()
         if login is not None:
             await client.login(login, password)
         yield client

@@ -1,0 +1,574 @@
+"""``command-relay`` admin commands, run as real subprocesses against the test redis-server.
+
+Each test builds the environment explicitly (no inherited ``RELAY_*`` variable) and checks
+what an operator's script relies on: exit status 0/1/2, one JSON document with ``--json``,
+``command-relay: error: …`` on stderr, and never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from relay import keys
+from relay.accounts import AccountStore
+from relay.passwords import verify_password
+from relay.period import SystemClock, period_at, zone
+from relay.policies import load_policies
+from relay.quota import QuotaStore, ReserveStatus
+
+from .conftest import PASSWORD, POLICIES, RedisServer, free_port
+
+CLI_PASSWORD = "s3cret pass phrase"
+
+
+def clean_env(**relay: str) -> dict[str, str]:
+    """os.environ without any RELAY_* variable, plus the given RELAY_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(relay)
+    return env
+
+
+@pytest.fixture
+def env(redis_server: RedisServer, tmp_path: Path) -> dict[str, str]:
+    return clean_env(RELAY_REDIS_URL=redis_server.url, RELAY_POLICIES_DIR=str(POLICIES),
+                     RELAY_STATE_DIR=str(tmp_path / "state"))
+
+
+def run_cli(args: list[str], env: dict[str, str], *, stdin: str = "",
+            cwd: Path | None = None, timeout: float = 40) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay", *args], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+async def cli(args: list[str], env: dict[str, str], *, stdin: str = "",
+              cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """run_cli in a thread, so the test's event loop stays free."""
+    return await asyncio.to_thread(run_cli, args, env, stdin=stdin, cwd=cwd)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
+    """The command succeeded and its stdout is exactly one JSON document."""
+    return json.loads(ok(result))
+
+
+def failed(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stdout
+    if code == 1:
+        assert "command-relay: error:" in result.stderr
+    return result.stderr
+
+
+async def add_user(env: dict[str, str], email: str = "agent@kw.test",
+                   *extra: str) -> dict[str, Any]:
+    view: dict[str, Any] = ok_json(await cli(["users", "add", email, "--password-stdin",
+                                              *extra], env, stdin=CLI_PASSWORD + "\n"))
+    return view
+
+
+# -- users -----------------------------------------------------------------------------------
+async def test_users_add_prints_the_new_user_as_json(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """users add with every option prints the user as JSON and stores the password hash."""
+    view = await add_user(env, "Agent@KW.test", "--plan", "plus", "--limit", "1234",
+                          "--tz", "America/Chicago", "--sender", "other@x.test")
+    assert view["email"] == "agent@kw.test"
+    assert view["plan"] == "plus"
+    assert view["custom_limit"] == 1234
+    assert view["limit"] == 1234
+    assert view["tz"] == "America/Chicago"
+    assert view["status"] == "active"
+    assert view["senders"] == ["agent@kw.test", "other@x.test"]
+    assert view["id"].startswith("u-")
+    assert "password" not in json.dumps(view)
+
+    user = await AccountStore(redis_client).find_user("other@x.test")
+    assert user is not None and user.id == view["id"]
+    stored = await redis_client.hget(keys.user(view["id"]), "password")
+    assert stored is not None
+    assert await asyncio.to_thread(verify_password, CLI_PASSWORD.encode(), str(stored))
+
+
+async def test_users_add_defaults_to_the_default_plan(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """Without --plan, --limit or --tz a user gets the [defaults] plan, its limit and UTC."""
+    policies = load_policies(POLICIES)
+    view = await add_user(env)
+    assert view["plan"] == policies.default_plan
+    assert view["custom_limit"] is None
+    assert view["limit"] == policies.plans[policies.default_plan].monthly_limit
+    assert view["tz"] == "UTC"
+
+
+async def test_users_add_accepts_an_explicit_id(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """--id names the user; show finds them under it."""
+    view = await add_user(env, "agent@kw.test", "--id", "agent-42")
+    assert view["id"] == "agent-42"
+    shown = ok_json(await cli(["users", "show", "agent-42", "--json"], env))
+    assert shown["email"] == "agent@kw.test"
+
+
+async def test_users_list_shows_users_as_table_and_json(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """users list prints a table with a header and, with --json, one JSON array."""
+    assert ok_json(await cli(["users", "list", "--json"], env)) == []
+    first = await add_user(env, "agent@kw.test", "--plan", "pro")
+    second = await add_user(env, "boss@kw.test", "--limit", "77", "--tz", "Europe/Paris")
+
+    listed = ok_json(await cli(["users", "list", "--json"], env))
+    assert sorted(u["id"] for u in listed) == sorted([first["id"], second["id"]])
+    by_email = {u["email"]: u for u in listed}
+    assert by_email["agent@kw.test"]["limit"] == 25000
+    assert by_email["boss@kw.test"]["limit"] == 77
+
+    table = ok(await cli(["users", "list"], env)).splitlines()
+    assert table[0].split() == ["ID", "EMAIL", "PLAN", "LIMIT", "TZ", "STATUS"]
+    rows = {line.split()[1]: line.split() for line in table[1:]}
+    assert rows["agent@kw.test"] == [first["id"], "agent@kw.test", "pro", "25000", "UTC",
+                                     "active"]
+    assert rows["boss@kw.test"] == [second["id"], "boss@kw.test", "free", "77",
+                                    "Europe/Paris", "active"]
+
+
+async def test_users_show_finds_a_user_by_id_and_by_email(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """users show accepts the id, the email or another owned address (any case)."""
+    view = await add_user(env, "agent@kw.test", "--sender", "other@x.test")
+    for ref in (view["id"], "agent@kw.test", "AGENT@kw.test", "other@x.test"):
+        assert ok_json(await cli(["users", "show", ref, "--json"], env)) == view
+    text = ok(await cli(["users", "show", "agent@kw.test"], env))
+    assert f"id:           {view['id']}" in text.splitlines()
+    assert "senders:      agent@kw.test, other@x.test" in text.splitlines()
+
+
+async def test_users_show_rejects_an_unknown_user(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """users show of nobody exits 1 naming the reference."""
+    for ref in ("nobody@kw.test", "u-0000000000", "bad id!"):
+        stderr = failed(await cli(["users", "show", ref, "--json"], env))
+        assert f"no user {ref!r}" in stderr
+
+
+async def test_users_disable_and_enable_change_the_status(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """users disable makes show say disabled; users enable makes it active again."""
+    view = await add_user(env)
+    assert ok(await cli(["users", "disable", "agent@kw.test"], env)).strip() == \
+        f"user {view['id']} disabled"
+    assert ok_json(await cli(["users", "show", view["id"], "--json"], env))["status"] == \
+        "disabled"
+    assert "status:       disabled" in ok(await cli(["users", "show", view["id"]], env))
+    assert (await AccountStore(redis_client).find_user("agent@kw.test")) is not None
+
+    assert ok(await cli(["users", "enable", view["id"]], env)).strip() == \
+        f"user {view['id']} enabled"
+    assert ok_json(await cli(["users", "show", "agent@kw.test", "--json"], env))["status"] == \
+        "active"
+    failed(await cli(["users", "disable", "nobody@kw.test"], env))
+
+
+@pytest.mark.parametrize(("email", "senders"), [
+    ("agent@kw.test", []),
+    ("AGENT@kw.test", []),
+    ("new@kw.test", ["other@x.test"]),
+    ("other@x.test", []),
+])
+async def test_users_add_refuses_an_address_already_taken(
+        env: dict[str, str], redis_client: aioredis.Redis, email: str,
+        senders: list[str]) -> None:
+    """An email or sender another user owns exits 1, and the refused user leaves nothing."""
+    await add_user(env, "agent@kw.test", "--sender", "other@x.test")
+    extra = [arg for s in senders for arg in ("--sender", s)]
+    stderr = failed(await cli(["users", "add", email, "--password-stdin", "--sender",
+                               "fresh@kw.test", *extra], env, stdin=CLI_PASSWORD + "\n"))
+    assert "already belongs to a user" in stderr
+    listed = ok_json(await cli(["users", "list", "--json"], env))
+    assert [u["email"] for u in listed] == ["agent@kw.test"]
+    # The address claimed before the conflict was found is released again.
+    assert await redis_client.get(keys.sender_index("fresh@kw.test")) is None
+
+
+async def test_users_add_refuses_a_taken_id(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """A second user with the same --id exits 1."""
+    await add_user(env, "agent@kw.test", "--id", "agent-1")
+    stderr = failed(await cli(["users", "add", "boss@kw.test", "--id", "agent-1"], env))
+    assert "already exists" in stderr
+
+
+@pytest.mark.parametrize(("extra", "stdin", "message"), [
+    (["--plan", "gold"], CLI_PASSWORD, "unknown plan 'gold'; plans: free, plus, pro, team"),
+    (["--tz", "Mars/Olympus_Mons"], CLI_PASSWORD, "unknown time zone 'Mars/Olympus_Mons'"),
+    (["--limit", "0"], CLI_PASSWORD, "--limit must be a positive integer"),
+    (["--limit", "-5"], CLI_PASSWORD, "--limit must be a positive integer"),
+    ([], "", "no password on standard input"),
+    ([], "\n", "no password on standard input"),
+    (["--id", "no spaces"], CLI_PASSWORD, "user id must be letters"),
+])
+async def test_users_add_rejects_bad_values(
+        env: dict[str, str], redis_client: aioredis.Redis, extra: list[str], stdin: str,
+        message: str) -> None:
+    """A bad plan, zone, limit, id or an empty password exits 1 with a clear message."""
+    stderr = failed(await cli(["users", "add", "agent@kw.test", "--password-stdin", *extra],
+                              env, stdin=stdin))
+    assert message in stderr
+    assert await redis_client.smembers(keys.users_index()) == set()
+    assert await redis_client.get(keys.sender_index("agent@kw.test")) is None
+
+
+async def test_users_add_rejects_a_malformed_address(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """An email without a single @ exits 1 naming it."""
+    stderr = failed(await cli(["users", "add", "not-an-address"], env))
+    assert "not an email address: 'not-an-address'" in stderr
+
+
+# -- apps ------------------------------------------------------------------------------------
+async def test_apps_add_and_list(env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """apps add prints the app as JSON; apps list shows it as JSON and as a table."""
+    assert ok_json(await cli(["apps", "list", "--json"], env)) == []
+    added = ok_json(await cli(["apps", "add", "smartplans", "--password-stdin"], env,
+                              stdin=CLI_PASSWORD + "\n"))
+    assert added["name"] == "smartplans"
+    assert added["status"] == "active"
+    assert "password" not in added
+    assert ok_json(await cli(["apps", "list", "--json"], env)) == [added]
+
+    table = ok(await cli(["apps", "list"], env)).splitlines()
+    assert table[0].split() == ["NAME", "STATUS", "CREATED"]
+    assert table[1].split() == ["smartplans", "active", added["created_at"]]
+
+    found = await AccountStore(redis_client).app_password_hash("smartplans")
+    assert found is not None
+    assert await asyncio.to_thread(verify_password, CLI_PASSWORD.encode(), found[1])
+    assert not await asyncio.to_thread(verify_password, PASSWORD.encode(), found[1])
+
+
+async def test_apps_add_refuses_a_duplicate_name(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """A second app with the same name exits 1 and keeps the first app's password."""
+    ok(await cli(["apps", "add", "smartplans", "--password-stdin"], env,
+                 stdin=CLI_PASSWORD + "\n"))
+    stderr = failed(await cli(["apps", "add", "smartplans", "--password-stdin"], env,
+                              stdin="another password\n"))
+    assert "app smartplans already exists" in stderr
+    found = await AccountStore(redis_client).app_password_hash("smartplans")
+    assert found is not None
+    assert await asyncio.to_thread(verify_password, CLI_PASSWORD.encode(), found[1])
+
+
+@pytest.mark.parametrize(("name", "stdin", "message"), [
+    ("SmartPlans", CLI_PASSWORD, "app name must be"),
+    ("x", CLI_PASSWORD, "app name must be"),
+    ("smartplans", "", "no password on standard input"),
+])
+async def test_apps_add_rejects_bad_values(
+        env: dict[str, str], redis_client: aioredis.Redis, name: str, stdin: str,
+        message: str) -> None:
+    """A malformed app name or an empty password exits 1 and creates nothing."""
+    stderr = failed(await cli(["apps", "add", name, "--password-stdin"], env, stdin=stdin))
+    assert message in stderr
+    assert await redis_client.smembers(keys.apps_index()) == set()
+
+
+# -- usage -----------------------------------------------------------------------------------
+async def test_usage_reports_the_current_month_as_one_json_object(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """usage --json prints one object: used, limit, remaining, percent, period, resets_at…"""
+    view = await add_user(env, "agent@kw.test", "--plan", "plus", "--tz", "America/Chicago")
+    tz = zone("America/Chicago")
+    before = period_at(SystemClock().now(), tz)
+    report = ok_json(await cli(["usage", "agent@kw.test", "--json"], env))
+    after = period_at(SystemClock().now(), tz)
+    assert isinstance(report, dict)
+    period = before if report["period"] == before.label else after
+    assert report["period"] == period.label
+    assert report["resets_at"] == period.resets_at.isoformat()
+    assert report["user_id"] == view["id"]
+    assert report["email"] == "agent@kw.test"
+    assert report["plan"] == "plus"
+    assert report["tz"] == "America/Chicago"
+    assert report["status"] == "active"
+    assert (report["used"], report["limit"], report["remaining"]) == (0, 10000, 10000)
+    assert report["percent"] == 0.0
+    assert (report["delivered"], report["in_flight"]) == (0, 0)
+
+
+async def test_usage_period_selects_a_month(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """--period YYYY-MM reports that month's committed and in-flight units, not this one's."""
+    view = await add_user(env, "agent@kw.test", "--limit", "10", "--tz", "America/Chicago")
+    quota = QuotaStore(redis_client)
+    limits = load_policies(POLICIES).plan_limits()
+    for rcpt in range(3):
+        reserved = await quota.reserve(view["id"], "2020-02", "txn-a", rcpt, limits)
+        assert reserved.status is ReserveStatus.RESERVED
+    assert (await quota.commit(view["id"], "2020-02", "txn-a")).units == 3
+    reserved = await quota.reserve(view["id"], "2020-02", "txn-b", 0, limits)
+    assert reserved.status is ReserveStatus.RESERVED
+
+    report = ok_json(await cli(["usage", view["id"], "--json", "--period", "2020-02"], env))
+    assert report["period"] == "2020-02"
+    assert (report["used"], report["delivered"], report["in_flight"]) == (4, 3, 1)
+    assert (report["limit"], report["remaining"], report["percent"]) == (10, 6, 40.0)
+    # March 1st, local midnight in Chicago (still standard time, UTC-6).
+    assert report["resets_at"] == "2020-03-01T00:00:00-06:00"
+
+    current = ok_json(await cli(["usage", "agent@kw.test", "--json"], env))
+    assert current["period"] != "2020-02"
+    assert current["used"] == 0
+
+    text = ok(await cli(["usage", "agent@kw.test", "--period", "2020-02"], env))
+    assert "used 4 of 10 (40.0%), 6 remaining" in text
+    assert "1 reserved, not yet confirmed delivered" in text
+
+
+async def test_usage_caps_remaining_at_zero(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """A month counted past a since-lowered limit shows remaining 0, not a negative number."""
+    view = await add_user(env, "agent@kw.test", "--limit", "2")
+    await redis_client.hset(keys.usage(view["id"], "2021-07"),
+                            mapping={"used": "5", "delivered": "5"})
+    report = ok_json(await cli(["usage", "agent@kw.test", "--json", "--period", "2021-07"],
+                               env))
+    assert (report["used"], report["limit"], report["remaining"]) == (5, 2, 0)
+    assert report["percent"] == 250.0
+
+
+@pytest.mark.parametrize("period", ["2026-13", "March", "2026/03", "26-03", ""])
+async def test_usage_rejects_a_malformed_period(
+        env: dict[str, str], redis_client: aioredis.Redis, period: str) -> None:
+    """A --period that is not YYYY-MM exits 1 saying what is expected."""
+    await add_user(env)
+    stderr = failed(await cli(["usage", "agent@kw.test", "--json", "--period", period], env))
+    assert "period must look like YYYY-MM" in stderr
+
+
+async def test_usage_rejects_an_unknown_user(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """usage of nobody exits 1 with no output on stdout."""
+    result = await cli(["usage", "nobody@kw.test", "--json"], env)
+    assert "no user 'nobody@kw.test'" in failed(result)
+    assert result.stdout == ""
+
+
+# -- argument errors -------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [
+    [],
+    ["frobnicate"],
+    ["users"],
+    ["apps"],
+    ["users", "add"],
+    ["apps", "add", "smartplans"],
+    ["users", "add", "agent@kw.test", "--limit", "abc"],
+    ["usage"],
+    ["users", "list", "--colour"],
+])
+def test_cli_bad_arguments_exit_2_with_usage(tmp_path: Path, argv: list[str]) -> None:
+    """Malformed command lines exit 2 with argparse's usage message, before touching Redis."""
+    # An unreachable Redis proves the arguments are refused before any connection.
+    env = clean_env(RELAY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+                    RELAY_POLICIES_DIR=str(POLICIES), RELAY_STATE_DIR=str(tmp_path / "state"))
+    result = run_cli(argv, env, cwd=tmp_path)
+    stderr = failed(result, code=2)
+    assert "usage: command-relay" in stderr
+    assert "error:" in stderr
+    assert result.stdout == ""
+
+
+def test_cli_help_exits_0(tmp_path: Path) -> None:
+    """--help lists the commands and exits 0."""
+    out = ok(run_cli(["--help"], clean_env(), cwd=tmp_path))
+    for command in ("serve", "check-config", "users", "apps", "usage"):
+        assert command in out
+
+
+# -- check-config ----------------------------------------------------------------------------
+def test_check_config_accepts_the_shipped_files(tmp_path: Path) -> None:
+    """check-config exits 0 on the shipped policies and prints every plan with its limit."""
+    env = clean_env(RELAY_POLICIES_DIR=str(POLICIES), RELAY_STATE_DIR=str(tmp_path / "state"))
+    out = ok(run_cli(["check-config"], env, cwd=tmp_path))
+    plans = load_policies(POLICIES).plans
+    assert "settings OK" in out
+    assert "redis embedded" in out
+    assert "policies OK" in out
+    for plan in plans.values():
+        assert f"{plan.name}={plan.monthly_limit}" in out
+    # Validating must not start anything or create the state folder.
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"RELAY_LISTEN": "bogus"}, "environment: listen: expected host:port, got 'bogus'"),
+    ({"RELAY_LISTEN": "example.com:25"}, "no DNS lookups"),
+    ({"RELAY_ALLOW_PLAINTEXT_AUTH": "1", "RELAY_LISTEN": "0.0.0.0:2525"},
+     "allow_plaintext_auth: refused because listen 0.0.0.0:2525 is not a loopback"),
+    ({"RELAY_LISTN": "127.0.0.1:2525"}, "environment: RELAY_LISTN: unknown setting"),
+    ({"RELAY_MAX_RECIPIENTS": "0"}, "max_recipients: must be a positive integer"),
+    ({"RELAY_REDIS_URL": "http://127.0.0.1:6379"}, "redis_url: scheme must be"),
+    ({"RELAY_UPSTREAM_URL": "smtp+starttls://user:hunter2@127.0.0.1:587x"},
+     "upstream_url: invalid value"),
+    ({"RELAY_TLS_CERT": "/nonexistent/cert.pem"}, "tls_cert, tls_key: set both or neither"),
+])
+def test_check_config_names_a_bad_setting(tmp_path: Path, settings: dict[str, str],
+                                           message: str) -> None:
+    """A malformed, unknown or unsafe setting exits 1 naming the key and the reason."""
+    env = clean_env(RELAY_POLICIES_DIR=str(POLICIES), RELAY_STATE_DIR=str(tmp_path / "state"),
+                    **settings)
+    result = run_cli(["check-config"], env, cwd=tmp_path)
+    stderr = failed(result)
+    assert message in stderr
+    assert "hunter2" not in stderr
+    assert result.stdout == ""
+
+
+def test_check_config_names_a_missing_tls_file(tmp_path: Path) -> None:
+    """RELAY_TLS_CERT naming a missing file (with RELAY_TLS_KEY set) exits 1 naming it."""
+    key = tmp_path / "key.pem"
+    key.write_text("not checked before the certificate\n")
+    cert = tmp_path / "missing-cert.pem"
+    env = clean_env(RELAY_POLICIES_DIR=str(POLICIES), RELAY_STATE_DIR=str(tmp_path / "state"),
+                    RELAY_TLS_CERT=str(cert), RELAY_TLS_KEY=str(key))
+    stderr = failed(run_cli(["check-config"], env, cwd=tmp_path))
+    assert f"file not found: {cert}" in stderr
+
+
+def _broken_policies(tmp_path: Path, old: str, new: str) -> Path:
+    directory = tmp_path / "policies"
+    shutil.copytree(POLICIES, directory)
+    plans = directory / "plans.toml"
+    text = plans.read_text(encoding="utf-8")
+    assert old in text
+    plans.write_text(text.replace(old, new, 1), encoding="utf-8")
+    return directory
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("monthly_limit = 5000\n", "monthly_limit = 5000\n[[[ not toml\n", ""),
+    ("monthly_limit = 5000\n", 'monthly_limit = "lots"\n', "plans.free.monthly_limit"),
+    ('plan = "free"', 'plan = "gold"', "defaults.plan"),
+    ("monthly_limit = 5000\n", "monthly_limit = 5000\nmonthly_limt = 6000\n", "monthly_limt"),
+])
+def test_check_config_names_the_broken_policy_file(tmp_path: Path, old: str, new: str,
+                                                    message: str) -> None:
+    """A corrupt plans.toml exits 1 with a message naming the file (and the key)."""
+    directory = _broken_policies(tmp_path, old, new)
+    env = clean_env(RELAY_POLICIES_DIR=str(directory), RELAY_STATE_DIR=str(tmp_path / "state"))
+    stderr = failed(run_cli(["check-config"], env, cwd=tmp_path))
+    assert str(directory / "plans.toml") in stderr
+    assert message in stderr
+
+
+def test_check_config_names_a_missing_policy_file(tmp_path: Path) -> None:
+    """A policies folder without plans.toml exits 1 naming the missing file."""
+    directory = tmp_path / "empty-policies"
+    directory.mkdir()
+    env = clean_env(RELAY_POLICIES_DIR=str(directory), RELAY_STATE_DIR=str(tmp_path / "state"))
+    stderr = failed(run_cli(["check-config"], env, cwd=tmp_path))
+    assert f"{directory / 'plans.toml'}: cannot read" in stderr
+
+
+async def test_admin_command_refuses_broken_policies(
+        env: dict[str, str], redis_client: aioredis.Redis, tmp_path: Path) -> None:
+    """Admin commands load the policies too, and stop on a broken file before writing."""
+    directory = _broken_policies(tmp_path, 'plan = "free"', 'plan = "gold"')
+    env = {**env, "RELAY_POLICIES_DIR": str(directory)}
+    stderr = failed(await cli(["users", "add", "agent@kw.test"], env))
+    assert str(directory / "plans.toml") in stderr
+    assert await redis_client.smembers(keys.users_index()) == set()
+
+
+# -- settings files --------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["--config", "RELAY_CONFIG"])
+async def test_cli_reads_settings_from_a_config_file(
+        redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path: Path,
+        how: str) -> None:
+    """The redis_url and policies_dir of a TOML settings file are what admin commands use."""
+    config = tmp_path / "relay.toml"
+    config.write_text(f'redis_url = "{redis_server.url}"\npolicies_dir = "{POLICIES}"\n'
+                      f'state_dir = "{tmp_path / "state"}"\n', encoding="utf-8")
+    await AccountStore(redis_client).add_user("agent@kw.test", plan="pro", tz="UTC",
+                                              password_hash=None)
+    env = clean_env()
+    argv = ["users", "list", "--json"]
+    if how == "--config":
+        argv = ["--config", str(config), *argv]
+    else:
+        env["RELAY_CONFIG"] = str(config)
+    # cwd has no policies/ folder: only the file's policies_dir can resolve the plan limit.
+    listed = ok_json(await cli(argv, env, cwd=tmp_path))
+    assert [(u["email"], u["limit"]) for u in listed] == [("agent@kw.test", 25000)]
+    # Nothing fell back to the embedded development Redis.
+    assert not (tmp_path / "state").exists()
+
+
+async def test_cli_environment_overrides_the_config_file(
+        redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path: Path) -> None:
+    """A RELAY_* variable wins over the same key in the settings file."""
+    config = tmp_path / "relay.toml"
+    config.write_text(f'redis_url = "redis://127.0.0.1:{free_port()}/0"\n'
+                      f'policies_dir = "{POLICIES}"\n', encoding="utf-8")
+    env = clean_env(RELAY_REDIS_URL=redis_server.url, RELAY_STATE_DIR=str(tmp_path / "state"))
+    assert ok_json(await cli(["--config", str(config), "apps", "list", "--json"], env,
+                             cwd=tmp_path)) == []
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('redis_urll = "redis://127.0.0.1:1/0"\n', "redis_urll: unknown setting"),
+    ("listen = [1, 2]\n", "listen: expected a single value"),
+    ("listen = \n", ""),
+])
+def test_cli_rejects_a_bad_config_file(tmp_path: Path, content: str, message: str) -> None:
+    """An unknown key, a table value or bad TOML in the settings file exits 1 naming it."""
+    config = tmp_path / "relay.toml"
+    config.write_text(content, encoding="utf-8")
+    stderr = failed(run_cli(["--config", str(config), "check-config"],
+                            clean_env(RELAY_POLICIES_DIR=str(POLICIES)), cwd=tmp_path))
+    assert str(config) in stderr
+    assert message in stderr
+
+
+def test_cli_rejects_a_missing_config_file(tmp_path: Path) -> None:
+    """RELAY_CONFIG naming a missing file exits 1 naming it."""
+    config = tmp_path / "nowhere.toml"
+    stderr = failed(run_cli(["check-config"], clean_env(RELAY_CONFIG=str(config)),
+                            cwd=tmp_path))
+    assert f"{config}: cannot read" in stderr
+
+
+# -- Redis unreachable -----------------------------------------------------------------------
+@pytest.mark.parametrize(("argv", "stdin"), [
+    (["users", "list", "--json"], ""),
+    (["apps", "add", "smartplans", "--password-stdin"], CLI_PASSWORD + "\n"),
+])
+def test_cli_reports_unreachable_redis(tmp_path: Path, argv: list[str], stdin: str) -> None:
+    """With nothing listening at RELAY_REDIS_URL a command exits 1 saying Redis, promptly."""
+    env = clean_env(RELAY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+                    RELAY_POLICIES_DIR=str(POLICIES), RELAY_STATE_DIR=str(tmp_path / "state"))
+    started = time.monotonic()
+    result = run_cli(argv, env, stdin=stdin, cwd=tmp_path)
+    elapsed = time.monotonic() - started
+    stderr = failed(result)
+    assert "Redis" in stderr
+    assert result.stdout == ""
+    # wait_for_redis retries for 5 s; the command must not hang beyond that.
+    assert elapsed < 15, elapsed
