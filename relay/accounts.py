@@ -37,6 +37,13 @@ class AccountError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class PendingChange:
+    plan: str
+    custom_limit: int | None
+    effective_from: str  # YYYY-MM
+
+
+@dataclass(frozen=True, slots=True)
 class User:
     id: str
     email: str
@@ -46,6 +53,8 @@ class User:
     status: str
     senders: frozenset[str]
     created_at: str
+    # A downgrade or cancellation waiting for the next monthly reset (see subscriptions.py).
+    pending: PendingChange | None = None
 
     @property
     def active(self) -> bool:
@@ -111,6 +120,11 @@ def _user_from(user_id: str, record: dict[str, str], senders: set[str]) -> User:
         status=record["status"],
         senders=frozenset(senders),
         created_at=record.get("created_at", ""),
+        pending=PendingChange(
+            plan=record["pending_plan"],
+            custom_limit=int(record["pending_limit"]) if record.get("pending_limit") else None,
+            effective_from=record["pending_from"],
+        ) if record.get("pending_from") else None,
     )
 
 

@@ -13,12 +13,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import redis.asyncio as aioredis
 import structlog
 
 from relay.accounts import AccountStore
+from relay.admin import Admin
+from relay.adminapi import AdminServer
+from relay.channels import Channel, EmailChannel, WebhookChannel
 from relay.embedded import EmbeddedRedis
+from relay.events import EventLog
 from relay.handler import RelayHandler
+from relay.notify import Notifier
 from relay.period import Clock, SystemClock
 from relay.policies import Policies, load_policies
 from relay.quota import QuotaStore
@@ -70,6 +76,19 @@ async def wait_for_redis(client: aioredis.Redis, seconds: float) -> None:
             await asyncio.sleep(0.2)
 
 
+def make_upstream(settings: Settings) -> Upstream:
+    """The configured upstream pool, or the capture folder (development default)."""
+    s = settings
+    if s.upstream is None:
+        log.warning("dev.capture_upstream", directory=str(s.capture_dir),
+                    note="development default: mail is written to files, not delivered; "
+                         "set RELAY_UPSTREAM_URL in production")
+        return CaptureUpstream(s.capture_dir)
+    return SmtpUpstream(s.upstream, size=s.upstream_pool_size, timeout=s.upstream_timeout,
+                        local_hostname=s.hostname, tls_verify=s.upstream_tls_verify,
+                        ca_file=s.upstream_ca_file)
+
+
 class RelayApp:
     """The running relay. ``async with RelayApp(...)`` starts it; leaving stops it."""
 
@@ -81,23 +100,18 @@ class RelayApp:
         self.policies = policies or load_policies(settings.policies_dir)
         self.accounts = AccountStore(redis)
         self.quota = QuotaStore(redis)
-        self.upstream = self._make_upstream()
+        self.events = EventLog(redis)
+        self.upstream = make_upstream(settings)
         self.handler = RelayHandler(
-            accounts=self.accounts, quota=self.quota, upstream=self.upstream,
+            accounts=self.accounts, quota=self.quota, events=self.events, upstream=self.upstream,
             policies=self.policies, clock=self.clock, hostname=settings.hostname,
             default_tz=settings.default_tz, max_recipients=settings.max_recipients)
         self._servers: list[asyncio.Server] = []
-
-    def _make_upstream(self) -> Upstream:
-        s = self.settings
-        if s.upstream is None:
-            log.warning("dev.capture_upstream", directory=str(s.capture_dir),
-                        note="development default: mail is written to files, not delivered; "
-                             "set RELAY_UPSTREAM_URL in production")
-            return CaptureUpstream(s.capture_dir)
-        return SmtpUpstream(s.upstream, size=s.upstream_pool_size, timeout=s.upstream_timeout,
-                            local_hostname=s.hostname, tls_verify=s.upstream_tls_verify,
-                            ca_file=s.upstream_ca_file)
+        self.admin_server: AdminServer | None = None
+        if settings.admin_token:
+            self.admin_server = AdminServer(
+                Admin(redis, self.policies, self.clock, settings.default_tz),
+                settings.admin_token, settings.admin_listen)
 
     async def start(self) -> None:
         s = self.settings
@@ -127,6 +141,15 @@ class RelayApp:
         except OSError as exc:
             await self.stop()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
+        if self.admin_server is not None:
+            try:
+                await self.admin_server.start()
+            except OSError as exc:
+                await self.stop()
+                raise StartupError(f"cannot listen for the admin API: {exc.strerror or exc}") \
+                    from None
+        else:
+            log.info("admin_api.disabled", note="set RELAY_ADMIN_TOKEN to enable it")
         log.info("relay.started", listen=[str(a) for a in self.addresses],
                  upstream=self.upstream.name, policies=str(s.policies_dir),
                  plans=sorted(self.policies.plans))
@@ -150,6 +173,8 @@ class RelayApp:
         return int(self._servers[1].sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        if self.admin_server is not None:
+            await self.admin_server.stop()
         for server in self._servers:
             server.close()
         for server in self._servers:
@@ -191,3 +216,33 @@ async def serve(settings: Settings) -> None:
         finally:
             log.info("relay.stopping")
             await app.stop()
+
+
+async def run_notifier(settings: Settings) -> None:
+    """``command-relay notifier``: deliver events until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    policies = load_policies(settings.policies_dir)
+    policy = policies.notifications
+    async with redis_for(settings, share=True) as redis, aiohttp.ClientSession() as http:
+        await wait_for_redis(redis, 10)
+        upstream = make_upstream(settings)
+        channels: dict[str, Channel] = {}
+        if policy.in_app.enabled:
+            if settings.notify_webhook_url and settings.notify_webhook_secret:
+                channels["in_app"] = WebhookChannel(
+                    settings.notify_webhook_url, settings.notify_webhook_secret,
+                    timeout=policy.in_app_timeout, session=http)
+            else:
+                log.warning("notify.in_app_unconfigured",
+                            note="set RELAY_NOTIFY_WEBHOOK_URL and RELAY_NOTIFY_WEBHOOK_SECRET; "
+                                 "in-app notifications are skipped meanwhile")
+        if policy.email.enabled:
+            channels["email"] = EmailChannel(upstream, sender=policy.email_from,
+                                             hostname=settings.hostname)
+        try:
+            await Notifier(redis, channels, policy).run(stop)
+        finally:
+            await upstream.close()

@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-from relay.accounts import ACTIVE, DISABLED, AccountError, AccountStore, User
-from relay.app import StartupError, redis_for, serve, wait_for_redis
+from relay.accounts import AccountError
+from relay.admin import Admin, AdminError
+from relay.app import StartupError, redis_for, run_notifier, serve, wait_for_redis
 from relay.embedded import EmbeddedRedisError
 from relay.errors import StoreUnavailableError
+from relay.events import Event, format_event
 from relay.logs import configure_logging
 from relay.passwords import hash_password
-from relay.period import SystemClock, UnknownTimeZoneError, period_at, period_named, zone
-from relay.policies import Policies, PolicyError, load_policies
-from relay.quota import QuotaStore
+from relay.period import SystemClock
+from relay.policies import PolicyError, load_policies
 from relay.settings import Settings, SettingsError, load_settings
+from relay.usage import format_report
 
 PROG = "command-relay"
 
@@ -73,10 +75,41 @@ def _build_parser() -> argparse.ArgumentParser:
     app_list = apps.add_parser("list", help="list app credentials")
     app_list.add_argument("--json", action="store_true")
 
-    usage = sub.add_parser("usage", help="a user's sends this month")
-    usage.add_argument("user", help="user id or email")
+    usage = sub.add_parser("usage", help="a user's sends this month (or --all users)")
+    usage.add_argument("user", nargs="?", help="user id or email")
+    usage.add_argument("--all", action="store_true",
+                       help="every user's current month, highest percentage first")
     usage.add_argument("--json", action="store_true")
     usage.add_argument("--period", help="month as YYYY-MM (default: the current one)")
+
+    plan = sub.add_parser("plan", help="change a user's plan").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    plan_set = plan.add_parser("set", help="upgrade (now) or downgrade (next month)")
+    plan_set.add_argument("user", help="user id or email")
+    plan_set.add_argument("plan", help="plan name from policies/plans.toml")
+    plan_set.add_argument("--limit", type=int, help="custom monthly limit replacing the plan's")
+    plan_cancel = plan.add_parser("cancel", help="back to the default plan at the next reset")
+    plan_cancel.add_argument("user", help="user id or email")
+    for p in (plan_set, plan_cancel):
+        p.add_argument("--by", help="who is making the change (audit trail; default cli:$USER)")
+        p.add_argument("--json", action="store_true")
+    plan_history = plan.add_parser("history", help="the user's plan-change audit trail")
+    plan_history.add_argument("user", help="user id or email")
+    plan_history.add_argument("--json", action="store_true")
+
+    sub.add_parser("notifier", help="deliver events (in-app webhook and email notices)")
+    events = sub.add_parser("events", help="the event stream").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    tail = events.add_parser("tail", help="the latest events")
+    tail.add_argument("-n", "--count", type=int, default=20, help="how many (default 20)")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    tail.add_argument("--kind", action="append", help="only this kind (repeatable)")
+    tail.add_argument("--json", action="store_true", help="JSON lines")
+    dead = events.add_parser("dead", help="events a channel gave up on")
+    dead.add_argument("--json", action="store_true")
+    retry = events.add_parser("retry", help="re-queue dead letters for the notifier")
+    retry.add_argument("ids", nargs="*", help="dead-letter ids from `events dead`")
+    retry.add_argument("--all", action="store_true")
     return parser
 
 
@@ -87,126 +120,163 @@ def _read_password() -> str:
     return password
 
 
-def _user_view(user: User, policies: Policies) -> dict[str, Any]:
-    view = asdict(user)
-    view["senders"] = sorted(user.senders)
-    view["limit"] = _limit_of(user, policies)
-    return view
+def _show(value: object) -> str:
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
 
 
-def _limit_of(user: User, policies: Policies) -> int | None:
-    if user.custom_limit is not None:
-        return user.custom_limit
-    plan = policies.plans.get(user.plan)
-    return plan.monthly_limit if plan else None
+def _operator() -> str:
+    """Who an audit entry names for a change made with the CLI."""
+    return f"cli:{getpass.getuser()}"
 
 
-async def _find(accounts: AccountStore, ref: str) -> User:
-    user = await accounts.find_user(ref)
-    if user is None:
-        raise CommandError(f"no user {ref!r}")
-    return user
-
-
-async def _users(args: argparse.Namespace, settings: Settings, policies: Policies,
-                 accounts: AccountStore, quota: QuotaStore) -> None:
+async def _users(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:
     if args.action == "add":
-        plan = args.plan or policies.default_plan
-        if plan not in policies.plans:
-            raise CommandError(f"unknown plan {plan!r}; plans: {', '.join(policies.plans)}")
-        if args.limit is not None and args.limit <= 0:
-            raise CommandError("--limit must be a positive integer")
-        tz = args.tz or settings.default_tz
-        try:
-            zone(tz)
-        except UnknownTimeZoneError as exc:
-            raise CommandError(str(exc)) from None
-        password_hash = hash_password(_read_password()) if args.password_stdin else None
-        user = await accounts.add_user(args.email, plan=plan, tz=tz, custom_limit=args.limit,
-                                       password_hash=password_hash,
-                                       senders=tuple(args.sender), user_id=args.user_id)
-        print(json.dumps(_user_view(user, policies)))
+        user = await admin.add_user(
+            args.email, plan=args.plan, tz=args.tz, custom_limit=args.limit,
+            password=_read_password() if args.password_stdin else None,
+            senders=tuple(args.sender), user_id=args.user_id)
+        print(json.dumps(admin.view(user)))
     elif args.action == "list":
-        users = await accounts.list_users()
+        users = [admin.view(u) for u in await admin.accounts.list_users()]
         if args.json:
-            print(json.dumps([_user_view(u, policies) for u in users]))
-        else:
-            print(f"{'ID':<14} {'EMAIL':<32} {'PLAN':<8} {'LIMIT':>7} {'TZ':<20} STATUS")
-            for u in users:
-                limit = _limit_of(u, policies)
-                print(f"{u.id:<14} {u.email:<32} {u.plan:<8} {limit or '?':>7} {u.tz:<20} "
-                      f"{u.status}")
+            print(json.dumps(users))
+            return
+        print(f"{'ID':<14} {'EMAIL':<32} {'PLAN':<8} {'LIMIT':>7} {'TZ':<20} STATUS")
+        for u in users:
+            print(f"{u['id']:<14} {u['email']:<32} {u['plan']:<8} {u['limit'] or '?':>7} "
+                  f"{u['tz']:<20} {u['status']}")
     elif args.action == "show":
-        view = _user_view(await _find(accounts, args.user), policies)
+        view = admin.view(await admin.find(args.user))
         if args.json:
             print(json.dumps(view))
-        else:
-            for key, value in view.items():
-                print(f"{key + ':':<14}{', '.join(value) if isinstance(value, list) else value}")
+            return
+        for key, value in view.items():
+            print(f"{key + ':':<14}{_show(value)}")
     elif args.action in ("disable", "enable"):
-        user = await _find(accounts, args.user)
-        await accounts.set_user_status(user.id, DISABLED if args.action == "disable" else ACTIVE)
+        user = await admin.set_status(args.user, active=args.action == "enable")
         print(f"user {user.id} {args.action}d")
 
 
-async def _apps(args: argparse.Namespace, settings: Settings, policies: Policies,
-                accounts: AccountStore, quota: QuotaStore) -> None:
+async def _apps(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:
     if args.action == "add":
-        app = await accounts.add_app(args.name, password_hash=hash_password(_read_password()))
+        app = await admin.accounts.add_app(args.name,
+                                           password_hash=hash_password(_read_password()))
         print(json.dumps(asdict(app)))
-    else:
-        apps = await accounts.list_apps()
-        if args.json:
-            print(json.dumps([asdict(a) for a in apps]))
-        else:
-            print(f"{'NAME':<20} {'STATUS':<9} CREATED")
-            for a in apps:
-                print(f"{a.name:<20} {a.status:<9} {a.created_at}")
-
-
-async def _usage(args: argparse.Namespace, settings: Settings, policies: Policies,
-                 accounts: AccountStore, quota: QuotaStore) -> None:
-    user = await _find(accounts, args.user)
-    try:
-        tz = zone(user.tz)
-    except UnknownTimeZoneError:
-        tz = zone(settings.default_tz)
-    try:
-        period = (period_named(args.period, tz) if args.period is not None
-                  else period_at(SystemClock().now(), tz))
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
-    usage = await quota.usage(user.id, period.label)
-    limit = _limit_of(user, policies)
-    report = {
-        "user_id": user.id, "email": user.email, "plan": user.plan, "status": user.status,
-        "period": period.label, "tz": user.tz, "limit": limit, "used": usage.used,
-        "remaining": max(limit - usage.used, 0) if limit is not None else None,
-        "percent": round(100 * usage.used / limit, 1) if limit else None,
-        "delivered": usage.delivered, "in_flight": usage.in_flight,
-        "resets_at": period.resets_at.isoformat(),
-    }
-    if args.json:
-        print(json.dumps(report))
         return
-    print(f"{user.email} ({user.id}), plan {user.plan}, {period.label} ({user.tz})")
-    print(f"  used {usage.used:,} of {limit if limit is None else f'{limit:,}'} "
-          f"({report['percent']}%), {report['remaining']} remaining")
-    print(f"  resets {period.resets_at.isoformat()}")
-    if usage.in_flight:
-        print(f"  {usage.in_flight} reserved, not yet confirmed delivered")
+    apps = await admin.accounts.list_apps()
+    if args.json:
+        print(json.dumps([asdict(a) for a in apps]))
+        return
+    print(f"{'NAME':<20} {'STATUS':<9} CREATED")
+    for a in apps:
+        print(f"{a.name:<20} {a.status:<9} {a.created_at}")
 
 
-Admin = Callable[[argparse.Namespace, Settings, Policies, AccountStore, QuotaStore],
-                 Awaitable[None]]
-_ADMIN: dict[str, Admin] = {"users": _users, "apps": _apps, "usage": _usage}
+async def _usage(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:
+    if args.all:
+        if args.user or args.period is not None:
+            raise CommandError("--all takes no USER or --period")
+        reports = await admin.usage_all()
+        if args.json:
+            print(json.dumps(reports))
+            return
+        print(f"{'EMAIL':<32} {'PLAN':<8} {'USED':>8} {'LIMIT':>8} {'%':>6} {'PERIOD':<8} "
+              "PENDING")
+        for r in reports:
+            pending = r["pending_change"]
+            limit = f"{r['limit']:,}" if r["limit"] is not None else "?"
+            print(f"{r['email']:<32} {r['plan']:<8} {r['used']:>8,} {limit:>8} "
+                  f"{r['percent'] if r['percent'] is not None else '?':>6} {r['period']:<8} "
+                  + (f"{pending['plan']} from {pending['effective_from']}" if pending else ""))
+        return
+    assert args.user  # main() refuses a usage without USER or --all
+    report = await admin.usage(args.user, args.period)
+    print(json.dumps(report) if args.json else format_report(report))
 
 
-async def _run_admin(command: Admin, args: argparse.Namespace, settings: Settings) -> None:
+async def _plan(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:
+    if args.action == "history":
+        entries = await admin.plan_history(args.user)
+        if args.json:
+            print(json.dumps(entries))
+            return
+        for e in entries:
+            print(f"{e['at']}  {e['by']:<20} {e['outcome']:<9} {e['old_plan']} "
+                  f"({e['old_limit']}) -> {e['new_plan']} ({e['new_limit']}) "
+                  f"from {e['effective_from']}")
+        return
+    by = args.by or _operator()
+    if args.action == "set":
+        result = await admin.change_plan(args.user, args.plan, custom_limit=args.limit, by=by)
+    else:
+        result = await admin.cancel_plan(args.user, by=by)
+    if args.json:
+        print(json.dumps(result))
+        return
+    when = ("at the reset to " if result["outcome"] == "downgrade" else "now, in ") \
+        + result["effective_from"]
+    print(f"{result['email']}: {result['outcome']} {result['old_plan']} ({result['old_limit']})"
+          f" -> {result['new_plan']} ({result['new_limit']}), {when}")
+
+
+async def _events(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:
+    def show(stream_id: str, event: Event) -> None:
+        if args.json:
+            print(json.dumps({"stream_id": stream_id, **json.loads(event.to_json())}),
+                  flush=True)
+        else:
+            print(format_event(event), flush=True)
+
+    if args.action == "tail":
+        kinds = frozenset(args.kind) if args.kind else None
+        last = "0-0"
+        for stream_id, event in await admin.events.recent(args.count, kinds):
+            show(stream_id, event)
+            last = stream_id
+        if not args.follow:
+            return
+        last = last if last != "0-0" else "$"
+        while True:
+            for stream_id, event in await admin.events.wait_after(last, block_ms=5000):
+                last = stream_id
+                if kinds is None or event.kind in kinds:
+                    show(stream_id, event)
+    elif args.action == "dead":
+        letters = await admin.events.dead()
+        if args.json:
+            print(json.dumps([{"stream_id": d.stream_id, "channel": d.channel,
+                               "error": d.error, "attempts": d.attempts,
+                               "event": json.loads(d.event.to_json())} for d in letters]))
+            return
+        for d in letters:
+            print(f"{d.stream_id}  {d.channel:<7} attempts={d.attempts} error={d.error!r}  "
+                  f"{format_event(d.event)}")
+    elif args.action == "retry":
+        if not args.all and not args.ids:
+            raise CommandError("name dead-letter ids (see `events dead`), or use --all")
+        count = await admin.events.retry(None if args.all else list(args.ids))
+        if args.ids and count < len(set(args.ids)):
+            raise CommandError(f"re-queued {count} of {len(set(args.ids))}: some ids are not "
+                               "in the dead-letter stream (see `events dead`)")
+        print(f"re-queued {count} event(s)")
+
+
+AdminCommand = Callable[[argparse.Namespace, Settings, Admin], Awaitable[None]]
+_ADMIN: dict[str, AdminCommand] = {"users": _users, "apps": _apps, "usage": _usage,
+                                   "plan": _plan, "events": _events}
+
+
+async def _run_admin(command: AdminCommand, args: argparse.Namespace,
+                     settings: Settings) -> None:
     policies = load_policies(settings.policies_dir)
     async with redis_for(settings, share=True) as redis:
         await wait_for_redis(redis, 2)
-        await command(args, settings, policies, AccountStore(redis), QuotaStore(redis))
+        await command(args, settings, Admin(redis, policies, SystemClock(),
+                                            settings.default_tz))
 
 
 def _check_config(settings: Settings) -> None:
@@ -218,25 +288,33 @@ def _check_config(settings: Settings) -> None:
           f"redis {'embedded' if not settings.redis_url else 'configured'}, "
           f"upstream {settings.upstream or 'capture folder (development)'}")
     print(f"policies OK: {settings.policies_dir}: plans "
-          + ", ".join(f"{p.name}={p.monthly_limit}" for p in policies.plans.values()))
+          + ", ".join(f"{p.name}={p.monthly_limit}" for p in policies.plans.values())
+          + "; notify at " + ", ".join(f"{t}%" for t in policies.notifications.thresholds))
+    print(f"admin API: {settings.admin_listen if settings.admin_token else 'off'}; "
+          f"in-app webhook: {'on' if settings.notify_webhook_url else 'off'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "usage" and not args.user and not args.all:
+        parser.error("usage: name a USER, or use --all")
     try:
         settings = load_settings(config_file=args.config)
         # Admin commands print their results on stdout (one JSON document with --json), so
         # their warnings and errors are logged to stderr.
-        serving = args.command == "serve"
+        serving = args.command in ("serve", "notifier")
         configure_logging(settings.log_format, settings.log_level if serving else "warning",
                           stream=sys.stdout if serving else sys.stderr)
         if args.command == "serve":
             asyncio.run(serve(settings))
+        elif args.command == "notifier":
+            asyncio.run(run_notifier(settings))
         elif args.command == "check-config":
             _check_config(settings)
         else:
             asyncio.run(_run_admin(_ADMIN[args.command], args, settings))
-    except (SettingsError, PolicyError, AccountError, CommandError, StartupError,
+    except (SettingsError, PolicyError, AccountError, AdminError, CommandError, StartupError,
             EmbeddedRedisError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

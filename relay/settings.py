@@ -8,6 +8,8 @@ and the reason. What the business wants (plans, replies) lives in ``policies/`` 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -133,6 +135,15 @@ class Settings:
     redis_timeout: float = 2.0
     log_format: str = "auto"
     log_level: str = "info"
+    notify_webhook_url: str | None = None
+    notify_webhook_secret: str | None = field(default=None, repr=False)
+    admin_listen: Endpoint = Endpoint("127.0.0.1", 8025)
+    admin_token: str | None = field(default=None, repr=False)
+    timeline_webhook_url: str | None = None
+    timeline_webhook_secret: str | None = field(default=None, repr=False)
+    credentials_key: str | None = field(default=None, repr=False)
+    # RELAY_ROUTE_<NAME>_URL: the upstream of each route with upstream = "setting".
+    route_urls: Mapping[str, UpstreamTarget] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -191,6 +202,32 @@ def _hostname(value: str) -> str:
     return value
 
 
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value
+
+
+def _secret(value: str) -> str:
+    # Short secrets are guessable: a signing key or bearer token needs real entropy.
+    if len(value) < 16:
+        raise ValueError("must be at least 16 characters")
+    return value
+
+
+def _fernet_key(value: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(value.encode())
+    except (ValueError, binascii.Error):
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError("must be a Fernet key: 32 bytes, url-safe base64 "
+                         "(python -c 'from cryptography.fernet import Fernet; "
+                         "print(Fernet.generate_key().decode())')")
+    return value
+
+
 # name -> parser from text. Every key a TOML file or the environment may set.
 _PARSERS: dict[str, Any] = {
     "listen": parse_endpoint,
@@ -214,9 +251,19 @@ _PARSERS: dict[str, Any] = {
     "redis_timeout": _positive_float,
     "log_format": _choice("auto", "json", "console"),
     "log_level": _choice("debug", "info", "warning", "error"),
+    "notify_webhook_url": _http_url,
+    "notify_webhook_secret": _secret,
+    "admin_listen": parse_endpoint,
+    "admin_token": _secret,
+    "timeline_webhook_url": _http_url,
+    "timeline_webhook_secret": _secret,
+    "credentials_key": _fernet_key,
 }
 # Settings that hold secrets: never echoed back in an error message.
-_SECRET = {"redis_url", "upstream_url"}
+_SECRET = {"redis_url", "upstream_url", "notify_webhook_secret", "admin_token",
+           "timeline_webhook_secret", "credentials_key"}
+# route_<name>_url: one per route whose upstream is a setting (names as in routing.toml).
+_ROUTE_URL = re.compile(r"^route_([a-z][a-z0-9_-]*)_url$")
 
 
 def _parse(name: str, raw: object, source: str) -> object:
@@ -233,6 +280,7 @@ def load_settings(environ: Mapping[str, str] | None = None,
     """Read settings once. Raises SettingsError naming the source and key of a bad value."""
     env = os.environ if environ is None else environ
     values: dict[str, object] = {}
+    routes: dict[str, object] = {}
 
     path = config_file or (Path(env["RELAY_CONFIG"]) if env.get("RELAY_CONFIG") else None)
     if path is not None:
@@ -243,6 +291,10 @@ def load_settings(environ: Mapping[str, str] | None = None,
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"{path}: {exc}") from None
         for key, raw in document.items():
+            route = _ROUTE_URL.match(key)
+            if route:
+                routes[route.group(1)] = _parse("upstream_url", raw, str(path))
+                continue
             if key not in _PARSERS:
                 raise SettingsError(f"{path}: {key}: unknown setting")
             if isinstance(raw, dict | list):
@@ -253,6 +305,11 @@ def load_settings(environ: Mapping[str, str] | None = None,
         if not var.startswith("RELAY_") or var == "RELAY_CONFIG":
             continue
         key = var.removeprefix("RELAY_").lower()
+        route = _ROUTE_URL.match(key)
+        if route:
+            if raw:
+                routes[route.group(1)] = _parse("upstream_url", raw, f"environment: {var}")
+            continue
         if key not in _PARSERS:
             # Test-only variables live under RELAY_TEST_; anything else is a typo.
             if key.startswith("test_"):
@@ -264,6 +321,7 @@ def load_settings(environ: Mapping[str, str] | None = None,
 
     if "upstream_url" in values:
         values["upstream"] = values.pop("upstream_url")
+    values["route_urls"] = routes
     try:
         settings = Settings(**values)  # type: ignore[arg-type]
     except TypeError as exc:  # pragma: no cover - _PARSERS and Settings disagree
@@ -278,6 +336,10 @@ def _checked(settings: Settings) -> Settings:
             "address; AUTH without TLS is only for development on 127.0.0.1 or ::1")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise SettingsError("tls_cert, tls_key: set both or neither")
+    if (settings.notify_webhook_url is None) != (settings.notify_webhook_secret is None):
+        raise SettingsError("notify_webhook_url, notify_webhook_secret: set both or neither")
+    if (settings.timeline_webhook_url is None) != (settings.timeline_webhook_secret is None):
+        raise SettingsError("timeline_webhook_url, timeline_webhook_secret: set both or neither")
     if settings.redis_url is not None:
         try:
             scheme = urlsplit(settings.redis_url).scheme

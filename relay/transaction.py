@@ -16,6 +16,7 @@ from enum import Enum
 
 import structlog
 
+from relay import events
 from relay.accounts import Principal, User
 from relay.errors import (
     PlanMisconfiguredError,
@@ -47,8 +48,8 @@ class Transaction:
 
     def __init__(self, *, txn_id: str, principal: Principal, user: User, sender: str,
                  period: Period, session: UpstreamSession, upstream_name: str,
-                 quota: QuotaStore, policies: Policies, limits: Limits,
-                 log: structlog.typing.FilteringBoundLogger) -> None:
+                 quota: QuotaStore, events: events.EventLog, policies: Policies,
+                 limits: Limits, log: structlog.typing.FilteringBoundLogger) -> None:
         self.txn_id = txn_id
         self.principal = principal
         self.user = user
@@ -60,6 +61,7 @@ class Transaction:
         self._session = session
         self._upstream_name = upstream_name
         self._quota = quota
+        self._events = events
         self._policies = policies
         self._limits = limits
         self._next_rcpt = 0
@@ -93,12 +95,19 @@ class Transaction:
             raise TooManyRecipientsError()
         self._next_rcpt += 1
         rcpt_no = self._next_rcpt
-        result = await self._quota.reserve(self.user.id, self.period.label, self.txn_id,
-                                           rcpt_no, self._policies.plan_limits())
+        result = await self._quota.reserve(
+            self.user.id, self.period.label, self.txn_id, rcpt_no,
+            self._policies.plan_limits(), self._policies.notifications.threshold_argument)
         self._last_used, self._last_limit = result.used, result.limit
+        if result.crossed:
+            await self._publish(events.REACHED if result.crossed == 100 else events.THRESHOLD,
+                                percent=result.crossed)
         if result.status is ReserveStatus.OVER_LIMIT:
-            raise QuotaExceededError(self._policies.over_limit, used=result.used,
-                                     limit=result.limit, resets_on=self.period.resets_on)
+            refusal = QuotaExceededError(self._policies.over_limit, used=result.used,
+                                         limit=result.limit, resets_on=self.period.resets_on)
+            await self._publish(events.REJECTED, recipient=address, smtp_code=refusal.code,
+                                reply=refusal.reply)
+            raise refusal
         if result.status is ReserveStatus.USER_DISABLED:
             raise UserDisabledError()
         if result.status is ReserveStatus.USER_MISSING:
@@ -114,6 +123,15 @@ class Transaction:
             self._last_used = settlement.used
             raise
         self.accepted.append(address)
+
+    async def _publish(self, kind: str, **data: object) -> None:
+        """Append one event about this transaction's user (never fails the SMTP reply)."""
+        await self._events.publish_quietly(events.new_event(
+            kind, self.user.id, email=self.user.email, app=self.principal.app,
+            sender=self.sender, txn_id=self.txn_id, period=self.period.label,
+            used=self._last_used, limit=self._last_limit,
+            resets_at=self.period.resets_at.isoformat(), resets_on=self.period.resets_on,
+            **data), self.log)
 
     async def deliver(self, content: bytes) -> str:
         """Send the message upstream; commit on 250, refund on a refusal. Returns the

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import redis.asyncio as aioredis
 
 from relay import keys
 from relay.accounts import AccountStore
+from relay.events import Event, EventLog, format_event, new_event
 from relay.passwords import verify_password
 from relay.period import SystemClock, period_at, zone
 from relay.policies import load_policies
@@ -218,8 +220,8 @@ async def test_users_add_refuses_a_taken_id(
 @pytest.mark.parametrize(("extra", "stdin", "message"), [
     (["--plan", "gold"], CLI_PASSWORD, "unknown plan 'gold'; plans: free, plus, pro, team"),
     (["--tz", "Mars/Olympus_Mons"], CLI_PASSWORD, "unknown time zone 'Mars/Olympus_Mons'"),
-    (["--limit", "0"], CLI_PASSWORD, "--limit must be a positive integer"),
-    (["--limit", "-5"], CLI_PASSWORD, "--limit must be a positive integer"),
+    (["--limit", "0"], CLI_PASSWORD, "limit must be a positive integer"),
+    (["--limit", "-5"], CLI_PASSWORD, "limit must be a positive integer"),
     ([], "", "no password on standard input"),
     ([], "\n", "no password on standard input"),
     (["--id", "no spaces"], CLI_PASSWORD, "user id must be letters"),
@@ -572,3 +574,296 @@ def test_cli_reports_unreachable_redis(tmp_path: Path, argv: list[str], stdin: s
     assert result.stdout == ""
     # wait_for_redis retries for 5 s; the command must not hang beyond that.
     assert elapsed < 15, elapsed
+
+
+# -- plan ------------------------------------------------------------------------------------
+def _months() -> tuple[set[str], set[str]]:
+    """The current UTC month and the next, as seen now and a few minutes from now (so a test
+    run across a month boundary still has the label the CLI used)."""
+    now = SystemClock().now()
+    periods = [period_at(now + timedelta(minutes=m), zone("UTC")) for m in (0, 5)]
+    return {p.label for p in periods}, {p.following.label for p in periods}
+
+
+async def test_plan_set_upgrades_now(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """plan set USER plus --by billing --json prints the upgrade, applied to this month, and
+    records it in the audit trail and as a plan.changed event."""
+    view = await add_user(env)
+    current, _ = _months()
+    result = ok_json(await cli(["plan", "set", "agent@kw.test", "plus", "--by", "billing",
+                                "--json"], env))
+    assert result["effective_from"] in current
+    assert result == {"user_id": view["id"], "email": "agent@kw.test", "outcome": "upgrade",
+                      "effective_from": result["effective_from"], "old_plan": "free",
+                      "old_limit": 5000, "new_plan": "plus", "new_limit": 10_000,
+                      "by": "billing"}
+    shown = ok_json(await cli(["users", "show", view["id"], "--json"], env))
+    assert (shown["plan"], shown["limit"], shown["pending"]) == ("plus", 10_000, None)
+    assert await redis_client.xlen(keys.audit(view["id"])) == 1
+    published = [e for _, e in await EventLog(redis_client).recent(10)]
+    assert [(e.kind, e.user_id, e.data["outcome"], e.data["by"]) for e in published] == [
+        ("plan.changed", view["id"], "upgrade", "billing")]
+
+
+async def test_plan_set_prints_a_readable_line_and_names_the_operator(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """Without --json, plan set prints one line; without --by the audit names cli:<user>."""
+    view = await add_user(env, "agent@kw.test", "--plan", "plus")
+    current, _ = _months()
+    line = ok(await cli(["plan", "set", "agent@kw.test", "pro"], env)).strip()
+    assert any(line == f"agent@kw.test: upgrade plus (10000) -> pro (25000), now, in {month}"
+               for month in current), line
+    [entry] = await redis_client.xrange(keys.audit(view["id"]))
+    assert entry[1]["by"].startswith("cli:")
+    assert len(entry[1]["by"]) > len("cli:")
+
+
+async def test_plan_set_downgrade_waits_for_the_next_month(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """plan set USER free from plus is a downgrade from next month; usage keeps plus and
+    shows the pending change."""
+    await add_user(env, "agent@kw.test", "--plan", "plus")
+    _, following = _months()
+    result = ok_json(await cli(["plan", "set", "agent@kw.test", "free", "--json"], env))
+    assert (result["outcome"], result["old_limit"], result["new_plan"],
+            result["new_limit"]) == ("downgrade", 10_000, "free", 5000)
+    assert result["effective_from"] in following
+    report = ok_json(await cli(["usage", "agent@kw.test", "--json"], env))
+    assert (report["plan"], report["limit"]) == ("plus", 10_000)
+    assert report["pending_change"] == {"plan": "free", "custom_limit": None,
+                                        "effective_from": result["effective_from"]}
+    text = ok(await cli(["usage", "agent@kw.test"], env))
+    assert f"  pending: plan free from {result['effective_from']}" in text.splitlines()
+
+    line = ok(await cli(["plan", "set", "agent@kw.test", "plus", "--limit", "9000"],
+                        env)).strip()
+    assert line == ("agent@kw.test: downgrade plus (10000) -> plus (9000), at the reset to "
+                    f"{result['effective_from']}")
+
+
+async def test_plan_cancel_is_a_downgrade_to_the_default_plan(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """plan cancel moves a paid user to the default plan at the next reset."""
+    view = await add_user(env, "agent@kw.test", "--plan", "pro")
+    _, following = _months()
+    result = ok_json(await cli(["plan", "cancel", view["id"], "--by", "billing", "--json"],
+                               env))
+    assert (result["outcome"], result["old_plan"], result["new_plan"], result["by"]) == (
+        "downgrade", "pro", load_policies(POLICIES).default_plan, "billing")
+    assert result["effective_from"] in following
+    shown = ok_json(await cli(["users", "show", view["id"], "--json"], env))
+    assert shown["limit"] == 25_000
+    assert shown["pending"] == {"plan": "free", "custom_limit": None,
+                                "effective_from": result["effective_from"]}
+
+
+async def test_plan_history_lists_the_audit_trail(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """plan history --json lists every change oldest first (unchanged included); the text
+    form prints one line per entry."""
+    view = await add_user(env)
+    current, following = _months()
+    assert ok_json(await cli(["plan", "history", view["id"], "--json"], env)) == []
+    for argv in (["set", "agent@kw.test", "plus"], ["set", "agent@kw.test", "plus"],
+                 ["cancel", "agent@kw.test"]):
+        ok(await cli(["plan", *argv, "--by", "ops"], env))
+    entries = ok_json(await cli(["plan", "history", "agent@kw.test", "--json"], env))
+    assert [(e["outcome"], e["old_plan"], e["old_limit"], e["new_plan"], e["new_limit"],
+             e["by"]) for e in entries] == [
+        ("upgrade", "free", 5000, "plus", 10_000, "ops"),
+        ("unchanged", "plus", 10_000, "plus", 10_000, "ops"),
+        ("downgrade", "plus", 10_000, "free", 5000, "ops")]
+    assert entries[0]["effective_from"] in current
+    assert entries[2]["effective_from"] in following
+    assert all(set(e) == {"id", "at", "by", "outcome", "old_plan", "old_limit", "new_plan",
+                          "new_limit", "effective_from"} for e in entries)
+    assert [e["id"] for e in entries] == sorted(
+        (e["id"] for e in entries), key=lambda i: tuple(map(int, i.split("-"))))
+    lines = ok(await cli(["plan", "history", "agent@kw.test"], env)).splitlines()
+    assert len(lines) == 3
+    assert lines[2].startswith(entries[2]["at"])
+    assert lines[2].split()[1:] == ["ops", "downgrade", "plus", "(10000)", "->", "free",
+                                    "(5000)", "from", entries[2]["effective_from"]]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["plan", "set", "agent@kw.test", "gold"], "unknown plan 'gold'; plans: free, plus, pro"),
+    (["plan", "set", "agent@kw.test", "plus", "--limit", "0"],
+     "the custom limit must be a positive integer"),
+    (["plan", "set", "nobody@kw.test", "plus"], "no user 'nobody@kw.test'"),
+    (["plan", "cancel", "nobody@kw.test"], "no user 'nobody@kw.test'"),
+    (["plan", "history", "nobody@kw.test"], "no user 'nobody@kw.test'"),
+])
+async def test_plan_refuses_an_unknown_plan_or_user(
+        env: dict[str, str], redis_client: aioredis.Redis, argv: list[str],
+        message: str) -> None:
+    """An unknown plan or user exits 1 with a clear message, prints nothing and records
+    nothing."""
+    view = await add_user(env)
+    result = await cli([*argv, "--json"], env)
+    assert message in failed(result)
+    assert result.stdout == ""
+    assert await redis_client.xlen(keys.audit(view["id"])) == 0
+    assert await redis_client.exists(keys.events()) == 0
+
+
+# -- usage --all -----------------------------------------------------------------------------
+async def test_usage_all_lists_every_user_by_percent(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """usage --all --json is one array, highest percentage first; the table shows the same
+    order with the pending change."""
+    current, following = _months()
+    seeded = {"a@kw.test": 4000, "b@kw.test": 500, "c@kw.test": 10}
+    for email, extra in (("a@kw.test", []), ("b@kw.test", ["--plan", "plus"]),
+                         ("c@kw.test", ["--limit", "10"])):
+        view = await add_user(env, email, *extra)
+        for label in current:
+            await redis_client.hset(keys.usage(view["id"], label),
+                                    mapping={"used": seeded[email], "delivered": seeded[email]})
+    result = ok_json(await cli(["plan", "set", "b@kw.test", "free", "--json"], env))
+
+    reports = ok_json(await cli(["usage", "--all", "--json"], env))
+    assert [(r["email"], r["used"], r["limit"], r["percent"]) for r in reports] == [
+        ("c@kw.test", 10, 10, 100.0), ("a@kw.test", 4000, 5000, 80.0),
+        ("b@kw.test", 500, 10_000, 5.0)]
+    assert reports[2]["pending_change"]["effective_from"] in following
+
+    table = ok(await cli(["usage", "--all"], env)).splitlines()
+    assert table[0].split() == ["EMAIL", "PLAN", "USED", "LIMIT", "%", "PERIOD", "PENDING"]
+    rows = [line.split() for line in table[1:]]
+    assert [row[:5] for row in rows] == [["c@kw.test", "free", "10", "10", "100.0"],
+                                         ["a@kw.test", "free", "4,000", "5,000", "80.0"],
+                                         ["b@kw.test", "plus", "500", "10,000", "5.0"]]
+    assert all(row[5] in current for row in rows)
+    assert rows[2][6:] == ["free", "from", result["effective_from"]]
+    assert rows[0][6:] == []
+
+
+async def test_usage_without_user_or_all_is_a_usage_error(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """usage with neither USER nor --all exits 2 saying what to name."""
+    result = await cli(["usage", "--json"], env)
+    assert "name a USER, or use --all" in failed(result, code=2)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("argv", [["usage", "--all", "agent@kw.test"],
+                                  ["usage", "--all", "--period", "2026-01"]])
+async def test_usage_all_refuses_a_user_or_period(
+        env: dict[str, str], redis_client: aioredis.Redis, argv: list[str]) -> None:
+    """usage --all with a USER or --period exits 1."""
+    await add_user(env)
+    result = await cli(argv, env)
+    assert "--all takes no USER or --period" in failed(result)
+    assert result.stdout == ""
+
+
+# -- events ----------------------------------------------------------------------------------
+async def _publish(redis_client: aioredis.Redis, count: int) -> list[tuple[str, Event]]:
+    log = EventLog(redis_client)
+    published = []
+    for i in range(count):
+        event = (new_event("quota.threshold", "u-1", email="agent@kw.test", percent=80,
+                           used=4000 + i, limit=5000) if i % 2 else
+                 new_event("plan.changed", "u-2", email="boss@kw.test", outcome="upgrade",
+                           old_plan="free", new_plan="plus", effective_from="2026-11",
+                           by=f"op{i}"))
+        published.append((await log.publish(event), event))
+    return published
+
+
+async def test_events_tail_json_prints_the_latest_events_as_json_lines(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """events tail --json -n 5 prints the newest five events, oldest first, one JSON object
+    per line with the stream id."""
+    published = await _publish(redis_client, 7)
+    lines = ok(await cli(["events", "tail", "--json", "-n", "5"], env)).splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"stream_id": stream_id, **json.loads(event.to_json())}
+        for stream_id, event in published[2:]]
+
+
+async def test_events_tail_prints_readable_lines_and_filters_by_kind(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """events tail prints format_event lines; --kind keeps only that kind."""
+    published = await _publish(redis_client, 4)
+    out = ok(await cli(["events", "tail"], env)).splitlines()
+    assert out == [format_event(event) for _, event in published]
+    assert "upgrade free -> plus from 2026-11 by op0" in out[0]
+    assert "80% (4001/5000)" in out[1]
+    only = ok(await cli(["events", "tail", "--kind", "plan.changed"], env)).splitlines()
+    assert only == [format_event(e) for _, e in published if e.kind == "plan.changed"]
+    assert ok(await cli(["events", "tail", "--kind", "quota.reached"], env)) == ""
+
+
+async def _bury(redis_client: aioredis.Redis) -> list[Event]:
+    log = EventLog(redis_client)
+    buried = [new_event("quota.reached", "u-1", email="agent@kw.test", used=5000, limit=5000),
+              new_event("plan.changed", "u-2", email="boss@kw.test", outcome="downgrade")]
+    for event, channel in zip(buried, ("in_app", "email"), strict=True):
+        # What the notifier leaves behind for a channel it gave up on.
+        await redis_client.hset(keys.attempts(event.id), channel, 6)
+        await redis_client.sadd(keys.notified(event.id), channel)
+        await log.bury(event, channel, "HTTP 503 from the CRM", 6)
+    return buried
+
+
+async def test_events_dead_lists_dead_letters(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """events dead --json lists each dead letter with its channel, error, attempts and event;
+    the text form prints one line each."""
+    assert ok_json(await cli(["events", "dead", "--json"], env)) == []
+    buried = await _bury(redis_client)
+    letters = ok_json(await cli(["events", "dead", "--json"], env))
+    assert [(d["channel"], d["error"], d["attempts"], d["event"]) for d in letters] == [
+        ("in_app", "HTTP 503 from the CRM", 6, json.loads(buried[0].to_json())),
+        ("email", "HTTP 503 from the CRM", 6, json.loads(buried[1].to_json()))]
+    lines = ok(await cli(["events", "dead"], env)).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{letters[0]['stream_id']}  in_app  attempts=6")
+    assert format_event(buried[1]) in lines[1]
+
+
+async def test_events_retry_one_id_requeues_only_that_letter(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """events retry ID moves that dead letter back to relay:events, with the same event id
+    and only=<channel>, and forgets the channel's attempts; the other stays dead."""
+    buried = await _bury(redis_client)
+    letters = ok_json(await cli(["events", "dead", "--json"], env))
+    out = ok(await cli(["events", "retry", letters[1]["stream_id"]], env))
+    assert out.strip() == "re-queued 1 event(s)"
+    remaining = ok_json(await cli(["events", "dead", "--json"], env))
+    assert [d["stream_id"] for d in remaining] == [letters[0]["stream_id"]]
+    entries = await redis_client.xrange(keys.events())
+    assert [fields for _, fields in entries] == [{"event": buried[1].to_json(),
+                                                  "only": "email"}]
+    assert await redis_client.hget(keys.attempts(buried[1].id), "email") is None
+    assert not await redis_client.sismember(keys.notified(buried[1].id), "email")
+    assert await redis_client.hget(keys.attempts(buried[0].id), "in_app") == "6"
+
+
+async def test_events_retry_all_requeues_every_letter(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """events retry --all empties the dead-letter stream into relay:events, in order."""
+    buried = await _bury(redis_client)
+    assert ok(await cli(["events", "retry", "--all"], env)).strip() == "re-queued 2 event(s)"
+    assert await redis_client.xlen(keys.dead_letters()) == 0
+    entries = await redis_client.xrange(keys.events())
+    assert [(Event.from_json(f["event"]).id, f["only"]) for _, f in entries] == [
+        (buried[0].id, "in_app"), (buried[1].id, "email")]
+    tailed = [json.loads(line) for line in
+              ok(await cli(["events", "tail", "--json"], env)).splitlines()]
+    assert [e["id"] for e in tailed] == [buried[0].id, buried[1].id]
+    assert ok(await cli(["events", "retry", "--all"], env)).strip() == "re-queued 0 event(s)"
+
+
+async def test_events_retry_without_ids_or_all_fails(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """events retry with neither ids nor --all exits 1 and re-queues nothing."""
+    await _bury(redis_client)
+    result = await cli(["events", "retry"], env)
+    assert "name dead-letter ids (see `events dead`), or use --all" in failed(result)
+    assert result.stdout == ""
+    assert await redis_client.xlen(keys.dead_letters()) == 2
+    assert await redis_client.exists(keys.events()) == 0

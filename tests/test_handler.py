@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 
 from relay.accounts import AccountStore
+from relay.events import EventLog
 from relay.handler import RelayHandler, hook_names
 from relay.period import SystemClock
 from relay.policies import load_policies
@@ -34,6 +35,7 @@ SIGNATURES = {
 
 def make_handler(redis_client: aioredis.Redis, tmp_path: Path) -> RelayHandler:
     return RelayHandler(accounts=AccountStore(redis_client), quota=QuotaStore(redis_client),
+                        events=EventLog(redis_client),
                         upstream=CaptureUpstream(tmp_path / "capture"),
                         policies=load_policies(POLICIES), clock=SystemClock(),
                         hostname="relay.test", default_tz="UTC", max_recipients=10)

@@ -3,11 +3,13 @@ line and key."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-from relay.policies import PLANS_FILE, Plan, PolicyError, load_policies
+from relay.policies import NOTIFICATIONS_FILE, PLANS_FILE, Plan, PolicyError, load_policies
+from tests.conftest import POLICIES
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"
 
@@ -33,6 +35,7 @@ text = "Limit reached ({used} of {limit}); resets on {resets_on}"
 
 def write_plans(tmp_path: Path, text: str) -> Path:
     (tmp_path / PLANS_FILE).write_text(text, encoding="utf-8")
+    shutil.copy(POLICIES / NOTIFICATIONS_FILE, tmp_path / NOTIFICATIONS_FILE)
     return tmp_path / PLANS_FILE
 
 

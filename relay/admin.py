@@ -1,0 +1,142 @@
+"""Admin operations shared by the CLI and the admin HTTP API, so both behave the same.
+
+Every method raises ``AdminError`` for a refused request (unknown user, bad plan, bad
+period…), with a message fit to show an operator, and StoreUnavailableError when Redis is
+unreachable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+
+from relay import events
+from relay.accounts import ACTIVE, DISABLED, AccountError, AccountStore, User
+from relay.events import EventLog
+from relay.passwords import hash_password
+from relay.period import Clock, UnknownTimeZoneError, zone
+from relay.policies import Policies
+from relay.quota import QuotaStore
+from relay.subscriptions import PlanChangeError, SubscriptionStore, terms_in_force
+from relay.usage import usage_report, user_period
+
+log = structlog.get_logger()
+
+
+class AdminError(ValueError):
+    """A refused admin request; ``not_found`` distinguishes 404 from 400 in the API."""
+
+    def __init__(self, message: str, *, not_found: bool = False) -> None:
+        super().__init__(message)
+        self.not_found = not_found
+
+
+def user_view(user: User, policies: Policies, period: str) -> dict[str, Any]:
+    view = asdict(user)
+    view["senders"] = sorted(user.senders)
+    view["limit"] = terms_in_force(user, period, policies).limit
+    return view
+
+
+class Admin:
+    def __init__(self, redis: aioredis.Redis, policies: Policies, clock: Clock,
+                 default_tz: str) -> None:
+        self.accounts = AccountStore(redis)
+        self.quota = QuotaStore(redis)
+        self.subscriptions = SubscriptionStore(redis)
+        self.events = EventLog(redis)
+        self.policies = policies
+        self.clock = clock
+        self.default_tz = default_tz
+
+    async def find(self, ref: str) -> User:
+        user = await self.accounts.find_user(ref)
+        if user is None:
+            raise AdminError(f"no user {ref!r}", not_found=True)
+        return user
+
+    def _period_label(self, user: User) -> str:
+        return user_period(user, self.clock.now(), self.default_tz).label
+
+    def view(self, user: User) -> dict[str, Any]:
+        return user_view(user, self.policies, self._period_label(user))
+
+    async def add_user(self, email: str, *, plan: str | None = None, tz: str | None = None,
+                       custom_limit: int | None = None, password: str | None = None,
+                       senders: tuple[str, ...] = (), user_id: str | None = None) -> User:
+        plan = plan or self.policies.default_plan
+        if plan not in self.policies.plans:
+            raise AdminError(f"unknown plan {plan!r}; plans: {', '.join(self.policies.plans)}")
+        if custom_limit is not None and custom_limit <= 0:
+            raise AdminError("the custom limit must be a positive integer")
+        tz = tz or self.default_tz
+        try:
+            zone(tz)
+        except UnknownTimeZoneError as exc:
+            raise AdminError(str(exc)) from None
+        if password is not None and not password:
+            raise AdminError("the password is empty")
+        try:
+            return await self.accounts.add_user(
+                email, plan=plan, tz=tz, custom_limit=custom_limit, senders=senders,
+                password_hash=hash_password(password) if password is not None else None,
+                user_id=user_id)
+        except AccountError as exc:
+            raise AdminError(str(exc)) from None
+
+    async def set_status(self, ref: str, *, active: bool) -> User:
+        user = await self.find(ref)
+        await self.accounts.set_user_status(user.id, ACTIVE if active else DISABLED)
+        return await self.find(user.id)
+
+    async def usage(self, ref: str, period: str | None = None) -> dict[str, Any]:
+        user = await self.find(ref)
+        try:
+            month = user_period(user, self.clock.now(), self.default_tz, period)
+        except ValueError as exc:
+            raise AdminError(str(exc)) from None
+        return await usage_report(user, month, quota=self.quota, policies=self.policies)
+
+    async def usage_all(self) -> list[dict[str, Any]]:
+        """Every user's current month, highest percentage first."""
+        reports = []
+        for user in await self.accounts.list_users():
+            month = user_period(user, self.clock.now(), self.default_tz)
+            reports.append(await usage_report(user, month, quota=self.quota,
+                                              policies=self.policies, history=0))
+        return sorted(reports, key=lambda r: (-(r["percent"] or 0), r["email"]))
+
+    async def change_plan(self, ref: str, plan: str, *, custom_limit: int | None = None,
+                          by: str) -> dict[str, Any]:
+        """Apply or schedule a plan change, record it, and publish ``plan.changed``."""
+        user = await self.find(ref)
+        month = user_period(user, self.clock.now(), self.default_tz)
+        try:
+            change = await self.subscriptions.change_plan(
+                user, plan, custom_limit=custom_limit, by=by, now=self.clock.now(),
+                period=month, policies=self.policies)
+        except PlanChangeError as exc:
+            raise AdminError(str(exc)) from None
+        result = {"user_id": user.id, "email": user.email, "outcome": change.outcome,
+                  "effective_from": change.effective_from, "old_plan": change.old_plan,
+                  "old_limit": change.old_limit, "new_plan": change.new_plan,
+                  "new_limit": change.new_limit, "by": by}
+        if change.outcome != "unchanged":
+            # The change is made and audited; a failed publish must not report it as failed
+            # (a retry would find nothing to change and publish nothing). Logged with the
+            # whole event instead, for replay.
+            await self.events.publish_quietly(events.new_event(
+                events.PLAN_CHANGED, user.id, **{k: v for k, v in result.items()
+                                                 if k != "user_id"}), log)
+        return result
+
+    async def cancel_plan(self, ref: str, *, by: str) -> dict[str, Any]:
+        """Cancellation = back to the default (free) plan at the next reset."""
+        return await self.change_plan(ref, self.policies.default_plan, by=by)
+
+    async def plan_history(self, ref: str) -> list[dict[str, Any]]:
+        user = await self.find(ref)
+        return [asdict(entry) for entry in await self.subscriptions.history(user.id)]

@@ -1,0 +1,134 @@
+"""The running routes: one upstream pool per route, per-user pools for routes that log in with
+the user's own credentials (Mailchimp), and failover (STYLE §1 step 6).
+
+Failover is used only when a route's upstream cannot be reached at all (connect, TLS or
+login failure while opening the transaction, before any recipient was accepted), never
+after a partial send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import replace
+
+import structlog
+
+from relay.accounts import User
+from relay.credentials import CredentialStore
+from relay.errors import PermanentError, UpstreamUnavailableError
+from relay.routing import Route, Routing
+from relay.settings import UpstreamTarget
+from relay.upstream import SmtpUpstream, Upstream, UpstreamSession
+
+log = structlog.get_logger()
+
+# Per-user pools are small and few: a user's campaign rarely needs more than two connections,
+# and the least recently used pools are closed beyond this many.
+USER_POOL_SIZE = 2
+MAX_USER_POOLS = 200
+
+
+class MissingRouteCredentialsError(PermanentError):
+    # 5.7.x, naming the fix: never silently sent through another (counted) route instead.
+    code = 550
+    status = "5.7.1"
+    text = "No credentials for this route"
+
+    @classmethod
+    def for_route(cls, route: str) -> MissingRouteCredentialsError:
+        return cls(f"No {route} credentials saved for this user; add them with "
+                   f"`command-relay route credentials USER {route}` or choose another route")
+
+
+class RouteNotConfiguredError(UpstreamUnavailableError):
+    status = "4.3.5"
+    text = "This route's upstream is not configured, try again later"
+
+
+class RouteUpstreams:
+    def __init__(self, routing: Routing, *, default: Upstream,
+                 targets: Mapping[str, UpstreamTarget], credentials: CredentialStore,
+                 pool_size: int, timeout: float, hostname: str, tls_verify: bool) -> None:
+        self._routing = routing
+        self._default = default
+        self._credentials = credentials
+        self._timeout = timeout
+        self._hostname = hostname
+        self._tls_verify = tls_verify
+        self._targets = dict(targets)
+        self._shared: dict[str, Upstream] = {}
+        self._per_user: OrderedDict[tuple[str, str, str], SmtpUpstream] = OrderedDict()
+        for route in routing.routes.values():
+            if route.upstream == "default":
+                self._shared[route.name] = default
+            elif route.credentials == "upstream" and route.name in targets:
+                self._shared[route.name] = SmtpUpstream(
+                    targets[route.name], size=pool_size, timeout=timeout,
+                    local_hostname=hostname, tls_verify=tls_verify)
+
+    def missing_settings(self) -> list[str]:
+        """Routes whose upstream is a setting that is not set (checked at start-up)."""
+        return [r.name for r in self._routing.routes.values()
+                if r.upstream == "setting" and r.name not in self._targets]
+
+    def name_of(self, route: Route) -> str:
+        if route.name in self._shared:
+            return self._shared[route.name].name
+        target = self._targets.get(route.name)
+        return str(target) if target else f"{route.name}:unconfigured"
+
+    async def _upstream_for(self, route: Route, user: User) -> Upstream:
+        if route.credentials == "upstream":
+            upstream = self._shared.get(route.name)
+            if upstream is None:
+                raise RouteNotConfiguredError()
+            return upstream
+        target = self._targets.get(route.name)
+        if target is None:
+            raise RouteNotConfiguredError()
+        creds = await self._credentials.load(user.id, route.name)
+        if creds is None:
+            raise MissingRouteCredentialsError.for_route(route.name)
+        # Keyed by a digest of the secret, so changed credentials get a fresh pool.
+        key = (route.name, creds.username, hashlib.sha256(creds.secret.encode()).hexdigest())
+        pool = self._per_user.get(key)
+        if pool is None:
+            pool = SmtpUpstream(replace(target, username=creds.username or user.email,
+                                        password=creds.secret),
+                                size=USER_POOL_SIZE, timeout=self._timeout,
+                                local_hostname=self._hostname, tls_verify=self._tls_verify)
+            self._per_user[key] = pool
+            while len(self._per_user) > MAX_USER_POOLS:
+                _, oldest = self._per_user.popitem(last=False)
+                await oldest.close()
+        self._per_user.move_to_end(key)
+        return pool
+
+    async def begin(self, route: Route, user: User, sender: str, options: list[str], *,
+                    smtputf8: bool) -> tuple[Route, UpstreamSession, str]:
+        """Open a transaction on ``route`` (or its failover when unreachable).
+
+        Returns the route actually used, the session and the upstream's name. Raises
+        RelayError.
+        """
+        try:
+            upstream = await self._upstream_for(route, user)
+            return route, await upstream.begin(sender, options, smtputf8=smtputf8), \
+                upstream.name
+        except UpstreamUnavailableError:
+            if route.failover is None:
+                raise
+            fallback = self._routing.routes[route.failover]
+            log.warning("route.failover", route=route.name, failover=fallback.name)
+            upstream = await self._upstream_for(fallback, user)
+            return fallback, await upstream.begin(sender, options, smtputf8=smtputf8), \
+                upstream.name
+
+    async def close(self) -> None:
+        for upstream in {id(u): u for u in self._shared.values()}.values():
+            await upstream.close()
+        for pool in self._per_user.values():
+            await pool.close()
+        self._per_user.clear()
