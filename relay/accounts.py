@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
@@ -23,6 +24,7 @@ from relay.errors import (
 )
 from relay.store import store_errors
 
+PREFERENCE_PREFIX = "route:"
 ACTIVE = "active"
 DISABLED = "disabled"
 _APP_NAME = re.compile(r"^[a-z][a-z0-9_-]{1,63}$")
@@ -55,6 +57,8 @@ class User:
     created_at: str
     # A downgrade or cancellation waiting for the next monthly reset (see subscriptions.py).
     pending: PendingChange | None = None
+    # Saved route per app (`command-relay route set USER campaigns mailchimp`).
+    preferences: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -125,6 +129,8 @@ def _user_from(user_id: str, record: dict[str, str], senders: set[str]) -> User:
             custom_limit=int(record["pending_limit"]) if record.get("pending_limit") else None,
             effective_from=record["pending_from"],
         ) if record.get("pending_from") else None,
+        preferences={name.removeprefix(PREFERENCE_PREFIX): value
+                     for name, value in record.items() if name.startswith(PREFERENCE_PREFIX)},
     )
 
 
@@ -202,6 +208,16 @@ class AccountStore:
             if not await self._redis.exists(keys.user(user_id)):
                 raise AccountError(f"no user {user_id}")
             await self._redis.hset(keys.user(user_id), "status", status)
+
+    async def set_preference(self, user_id: str, app: str, route: str | None) -> None:
+        """Save (or clear, with None) the user's route for ``app``."""
+        with store_errors():
+            if not await self._redis.exists(keys.user(user_id)):
+                raise AccountError(f"no user {user_id}")
+            if route is None:
+                await self._redis.hdel(keys.user(user_id), PREFERENCE_PREFIX + app)
+            else:
+                await self._redis.hset(keys.user(user_id), PREFERENCE_PREFIX + app, route)
 
     async def user_password_hash(self, email: str) -> tuple[User, str] | None:
         """The user who logs in as ``email`` and their stored hash, if they have a credential."""

@@ -15,11 +15,13 @@ import structlog
 
 from relay import events
 from relay.accounts import ACTIVE, DISABLED, AccountError, AccountStore, User
+from relay.credentials import CredentialStore, RouteCredentials
 from relay.events import EventLog
 from relay.passwords import hash_password
 from relay.period import Clock, UnknownTimeZoneError, zone
 from relay.policies import Policies
 from relay.quota import QuotaStore
+from relay.routing import Route, choose_route
 from relay.subscriptions import PlanChangeError, SubscriptionStore, terms_in_force
 from relay.usage import usage_report, user_period
 
@@ -43,7 +45,8 @@ def user_view(user: User, policies: Policies, period: str) -> dict[str, Any]:
 
 class Admin:
     def __init__(self, redis: aioredis.Redis, policies: Policies, clock: Clock,
-                 default_tz: str) -> None:
+                 default_tz: str, credentials: CredentialStore | None = None) -> None:
+        self.credentials = credentials
         self.accounts = AccountStore(redis)
         self.quota = QuotaStore(redis)
         self.subscriptions = SubscriptionStore(redis)
@@ -140,3 +143,65 @@ class Admin:
     async def plan_history(self, ref: str) -> list[dict[str, Any]]:
         user = await self.find(ref)
         return [asdict(entry) for entry in await self.subscriptions.history(user.id)]
+
+    # -- routing ---------------------------------------------------------------------------
+    def _route(self, name: str) -> Route:
+        route = self.policies.routing.routes.get(name)
+        if route is None:
+            raise AdminError(f"unknown route {name!r}; routes: "
+                             + ", ".join(self.policies.routing.routes))
+        return route
+
+    async def set_route(self, ref: str, app: str, route: str | None) -> dict[str, Any]:
+        """Save the user's route for ``app`` (None clears it), used by rules with
+        ``preference``."""
+        user = await self.find(ref)
+        if route is not None:
+            self._route(route)
+        await self.accounts.set_preference(user.id, app, route)
+        return {"user_id": user.id, "app": app, "route": route}
+
+    async def save_credentials(self, ref: str, route: str, username: str,
+                               secret: str) -> dict[str, Any]:
+        user = await self.find(ref)
+        if self._route(route).credentials != "user":
+            raise AdminError(f"route {route} uses the upstream's credentials, not the user's")
+        if not secret:
+            raise AdminError("the secret is empty")
+        assert self.credentials is not None
+        await self.credentials.save(user.id, route, RouteCredentials(username, secret))
+        return {"user_id": user.id, "route": route, "username": username}
+
+    async def delete_credentials(self, ref: str, route: str) -> bool:
+        user = await self.find(ref)
+        self._route(route)
+        assert self.credentials is not None
+        return await self.credentials.delete(user.id, route)
+
+    async def explain(self, *, app: str, ref: str | None, header: str,
+                      preference: str | None) -> dict[str, Any]:
+        """Which rule picks which route for (app, user's saved preference, X-KW-Route)."""
+        routing = self.policies.routing
+        user = await self.find(ref) if ref else None
+        if preference is None and user is not None:
+            preference = user.preferences.get(app)
+        decision = choose_route(routing, app=app, preference=preference, header=header)
+        policy = routing.app(app)
+        result: dict[str, Any] = {
+            "app": app, "known_app": app in routing.apps, "preference": preference,
+            "header": header if policy.route_header else "",
+            "header_ignored": bool(header) and not policy.route_header,
+            "rule": decision.rule, "refused": decision.refusal,
+            "route": decision.route.name if decision.route else None,
+            "counted": decision.route.counted if decision.route else None,
+            "decided_at": "data" if policy.decided_at_data else "rcpt",
+            "timeline": policy.timeline,
+            "stripped_headers": list(routing.stripped_prefixes(decision.route))
+            if decision.route else [],
+            "failover": decision.route.failover if decision.route else None,
+        }
+        if user is not None and decision.route is not None \
+                and decision.route.credentials == "user" and self.credentials is not None:
+            result["user_has_credentials"] = \
+                await self.credentials.load(user.id, decision.route.name) is not None
+        return result

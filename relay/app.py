@@ -21,6 +21,7 @@ from relay.accounts import AccountStore
 from relay.admin import Admin
 from relay.adminapi import AdminServer
 from relay.channels import Channel, EmailChannel, WebhookChannel
+from relay.credentials import CredentialStore, load_key
 from relay.embedded import EmbeddedRedis
 from relay.events import EventLog
 from relay.handler import RelayHandler
@@ -28,10 +29,12 @@ from relay.notify import Notifier
 from relay.period import Clock, SystemClock
 from relay.policies import Policies, load_policies
 from relay.quota import QuotaStore
+from relay.routes import RouteUpstreams
 from relay.server import listen, make_factory
 from relay.settings import Settings
 from relay.store import connect_redis
 from relay.tlsconfig import ensure_dev_certificate, server_context
+from relay.transaction import Services
 from relay.upstream import CaptureUpstream, SmtpUpstream, Upstream
 
 log = structlog.get_logger()
@@ -89,6 +92,21 @@ def make_upstream(settings: Settings) -> Upstream:
                         ca_file=s.upstream_ca_file)
 
 
+def make_routes(settings: Settings, policies: Policies, default: Upstream,
+                credentials: CredentialStore) -> RouteUpstreams:
+    """The routes of routing.toml over their upstreams; a route whose upstream setting is
+    missing is logged at start-up and answers 451 4.3.5 until it is configured."""
+    routes = RouteUpstreams(policies.routing, default=default, targets=settings.route_urls,
+                            credentials=credentials, pool_size=settings.upstream_pool_size,
+                            timeout=settings.upstream_timeout, hostname=settings.hostname,
+                            tls_verify=settings.upstream_tls_verify,
+                            ca_file=settings.upstream_ca_file)
+    for name in routes.missing_settings():
+        log.warning("route.unconfigured", route=name,
+                    note=f"set RELAY_ROUTE_{name.upper()}_URL; sends routed there get a 451")
+    return routes
+
+
 class RelayApp:
     """The running relay. ``async with RelayApp(...)`` starts it; leaving stops it."""
 
@@ -102,10 +120,14 @@ class RelayApp:
         self.quota = QuotaStore(redis)
         self.events = EventLog(redis)
         self.upstream = make_upstream(settings)
+        self.credentials = CredentialStore(redis, lambda: load_key(settings.credentials_key,
+                                                                   settings.state_dir))
+        self.routes = make_routes(settings, self.policies, self.upstream, self.credentials)
         self.handler = RelayHandler(
-            accounts=self.accounts, quota=self.quota, events=self.events, upstream=self.upstream,
-            policies=self.policies, clock=self.clock, hostname=settings.hostname,
-            default_tz=settings.default_tz, max_recipients=settings.max_recipients)
+            accounts=self.accounts,
+            services=Services(quota=self.quota, events=self.events, routes=self.routes,
+                              policies=self.policies, max_recipients=settings.max_recipients),
+            clock=self.clock, hostname=settings.hostname, default_tz=settings.default_tz)
         self._servers: list[asyncio.Server] = []
         self.admin_server: AdminServer | None = None
         if settings.admin_token:
@@ -188,7 +210,7 @@ class RelayApp:
         self._servers.clear()
         await asyncio.sleep(0)
         await self.handler.drain()
-        await self.upstream.close()
+        await self.routes.close()
         log.info("relay.stopped")
 
     async def __aenter__(self) -> RelayApp:
@@ -239,6 +261,16 @@ async def run_notifier(settings: Settings) -> None:
                 log.warning("notify.in_app_unconfigured",
                             note="set RELAY_NOTIFY_WEBHOOK_URL and RELAY_NOTIFY_WEBHOOK_SECRET; "
                                  "in-app notifications are skipped meanwhile")
+        if policy.timeline.enabled:
+            if settings.timeline_webhook_url and settings.timeline_webhook_secret:
+                channels["timeline"] = WebhookChannel(
+                    settings.timeline_webhook_url, settings.timeline_webhook_secret,
+                    timeout=policy.timeline_timeout, session=http, name="timeline")
+            else:
+                log.warning("notify.timeline_unconfigured",
+                            note="set RELAY_TIMELINE_WEBHOOK_URL and "
+                                 "RELAY_TIMELINE_WEBHOOK_SECRET; Contact Timeline entries are "
+                                 "skipped meanwhile")
         if policy.email.enabled:
             channels["email"] = EmailChannel(upstream, sender=policy.email_from,
                                              hostname=settings.hostname)

@@ -49,10 +49,9 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
 class WebhookChannel:
     """POSTs each event as JSON, signed, with the event id as the idempotency key."""
 
-    name = "in_app"
-
     def __init__(self, url: str, secret: str, *, timeout: float,
-                 session: aiohttp.ClientSession) -> None:
+                 session: aiohttp.ClientSession, name: str = "in_app") -> None:
+        self.name = name
         self._url = url
         self._secret = secret.encode()
         self._timeout = aiohttp.ClientTimeout(total=timeout)

@@ -20,6 +20,7 @@ from pathlib import Path
 from relay.accounts import AccountError
 from relay.admin import Admin, AdminError
 from relay.app import StartupError, redis_for, run_notifier, serve, wait_for_redis
+from relay.credentials import CredentialStore, load_key
 from relay.embedded import EmbeddedRedisError
 from relay.errors import StoreUnavailableError
 from relay.events import Event, format_event
@@ -96,6 +97,27 @@ def _build_parser() -> argparse.ArgumentParser:
     plan_history = plan.add_parser("history", help="the user's plan-change audit trail")
     plan_history.add_argument("user", help="user id or email")
     plan_history.add_argument("--json", action="store_true")
+
+    route = sub.add_parser("route", help="routing: Command Email or MailChimp").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    route_set = route.add_parser("set", help="save a user's route for an app (preference)")
+    route_set.add_argument("user", help="user id or email")
+    route_set.add_argument("app", help="app name, e.g. campaigns")
+    route_set.add_argument("route", nargs="?", help="route name (omit with --clear)")
+    route_set.add_argument("--clear", action="store_true", help="forget the saved route")
+    creds = route.add_parser("credentials", help="a user's own credentials for a route")
+    creds.add_argument("user", help="user id or email")
+    creds.add_argument("route", help="route name, e.g. mailchimp")
+    creds.add_argument("--username", default="", help="SMTP user name for the route")
+    creds.add_argument("--secret-stdin", action="store_true",
+                       help="read the secret (e.g. the Mailchimp API key) from standard input")
+    creds.add_argument("--delete", action="store_true", help="remove the saved credentials")
+    explain = route.add_parser("explain", help="which rule picks which route")
+    explain.add_argument("--app", required=True, help="app name (smartplans, campaigns…)")
+    explain.add_argument("--user", help="user id or email (their saved preference is used)")
+    explain.add_argument("--header", default="", help="the X-KW-Route value, if any")
+    explain.add_argument("--preference", help="a saved preference to assume")
+    explain.add_argument("--json", action="store_true")
 
     sub.add_parser("notifier", help="deliver events (in-app webhook and email notices)")
     events = sub.add_parser("events", help="the event stream").add_subparsers(
@@ -265,9 +287,42 @@ async def _events(args: argparse.Namespace, settings: Settings, admin: Admin) ->
         print(f"re-queued {count} event(s)")
 
 
+async def _route(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:
+    if args.action == "set":
+        if args.clear == (args.route is not None):
+            raise CommandError("give a ROUTE, or --clear")
+        result = await admin.set_route(args.user, args.app, None if args.clear else args.route)
+        print(json.dumps(result))
+    elif args.action == "credentials":
+        if args.delete:
+            removed = await admin.delete_credentials(args.user, args.route)
+            print(f"credentials {'removed' if removed else 'not found'}")
+            return
+        if not args.secret_stdin:
+            raise CommandError("pass the secret on standard input with --secret-stdin")
+        print(json.dumps(await admin.save_credentials(args.user, args.route, args.username,
+                                                      _read_password())))
+    else:
+        result = await admin.explain(app=args.app, ref=args.user, header=args.header,
+                                     preference=args.preference)
+        if args.json:
+            print(json.dumps(result))
+            return
+        outcome = (f"refused: {result['refused']}" if result["refused"] else
+                   f"route {result['route']} ({'counted' if result['counted'] else 'not counted'})")
+        print(f"app {result['app']}, preference {result['preference']}, "
+              f"header {result['header'] or '(none)'}"
+              + (" (ignored: the app may not choose)" if result["header_ignored"] else ""))
+        print(f"  rule {result['rule']}: {outcome}; decided at {result['decided_at'].upper()}")
+        if result["stripped_headers"]:
+            print("  strips " + ", ".join(h + "*" for h in result["stripped_headers"]))
+        if "user_has_credentials" in result:
+            print(f"  user has credentials: {'yes' if result['user_has_credentials'] else 'no'}")
+
+
 AdminCommand = Callable[[argparse.Namespace, Settings, Admin], Awaitable[None]]
 _ADMIN: dict[str, AdminCommand] = {"users": _users, "apps": _apps, "usage": _usage,
-                                   "plan": _plan, "events": _events}
+                                   "plan": _plan, "events": _events, "route": _route}
 
 
 async def _run_admin(command: AdminCommand, args: argparse.Namespace,
@@ -275,8 +330,10 @@ async def _run_admin(command: AdminCommand, args: argparse.Namespace,
     policies = load_policies(settings.policies_dir)
     async with redis_for(settings, share=True) as redis:
         await wait_for_redis(redis, 2)
+        credentials = CredentialStore(redis, lambda: load_key(settings.credentials_key,
+                                                              settings.state_dir))
         await command(args, settings, Admin(redis, policies, SystemClock(),
-                                            settings.default_tz))
+                                            settings.default_tz, credentials))
 
 
 def _check_config(settings: Settings) -> None:

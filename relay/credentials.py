@@ -8,6 +8,7 @@ re-entering the credentials under a new key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,9 +52,19 @@ def load_key(configured: str | None, state_dir: Path) -> bytes:
 
 
 class CredentialStore:
-    def __init__(self, redis: aioredis.Redis, key: bytes) -> None:
+    """``key`` is the Fernet key, or a function giving it, called on first use (so that a
+    command that never touches credentials never creates a development key file)."""
+
+    def __init__(self, redis: aioredis.Redis, key: bytes | Callable[[], bytes]) -> None:
         self._redis = redis
-        self._fernet = Fernet(key)
+        self._key = key
+        self._cipher: Fernet | None = None
+
+    @property
+    def _fernet(self) -> Fernet:
+        if self._cipher is None:
+            self._cipher = Fernet(self._key() if callable(self._key) else self._key)
+        return self._cipher
 
     async def save(self, user_id: str, route: str, credentials: RouteCredentials) -> None:
         sealed = self._fernet.encrypt(credentials.secret.encode()).decode()

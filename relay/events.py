@@ -9,7 +9,8 @@ idempotency key the CRM dedupes on; kept when a dead letter is re-queued), ``kin
 (ISO 8601 UTC) and ``user_id``.
 
 Kinds: ``quota.threshold`` (80/85/90/95 %), ``quota.reached`` (100 %), ``quota.rejected``
-(an over-limit recipient refused), ``plan.changed``.
+(an over-limit recipient refused), ``plan.changed``, ``timeline.email_failed`` (a SmartPlan
+email refused for the quota or permanently upstream, for the Contact Timeline).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ THRESHOLD = "quota.threshold"
 REACHED = "quota.reached"
 REJECTED = "quota.rejected"
 PLAN_CHANGED = "plan.changed"
+TIMELINE_EMAIL_FAILED = "timeline.email_failed"
 
 # The stream is a delivery buffer, not an archive: trimmed (approximately, which is cheap)
 # to this many entries. The audit trail of plan changes lives in its own untrimmed streams.
@@ -69,6 +71,10 @@ def format_event(event: Event) -> str:
                           f"app={d.get('app')}",
         PLAN_CHANGED: lambda: f"{d.get('outcome')} {d.get('old_plan')} -> {d.get('new_plan')} "
                               f"from {d.get('effective_from')} by {d.get('by')}",
+        TIMELINE_EMAIL_FAILED: lambda: f"{d.get('reason')} {d.get('recipient')} "
+                                       f"contact={d.get('contact_id')} "
+                                       f"smartplan={d.get('smartplan_id')}"
+                                       f"/{d.get('smartplan_step')} code={d.get('smtp_code')}",
     }.get(event.kind, lambda: json.dumps(dict(d)))()
     return f"{event.at}  {event.kind:<16} {event.user_id:<14} {d.get('email', '')}  {detail}"
 

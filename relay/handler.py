@@ -20,13 +20,10 @@ from relay import errors
 from relay.accounts import AccountStore, Principal
 from relay.auth import Authenticator
 from relay.errors import AuthRequiredError, InternalError, RelayError, StoreUnavailableError
-from relay.events import EventLog
-from relay.message import received_header, strip_control_headers
+from relay.message import received_header
 from relay.period import Clock, UnknownTimeZoneError, period_at, zone
-from relay.policies import Policies
-from relay.quota import QuotaStore
-from relay.transaction import Limits, State, Transaction
-from relay.upstream import Upstream
+from relay.routing import choose_route
+from relay.transaction import Opened, RouteRefusedError, Services, State, Transaction
 
 if TYPE_CHECKING:
     from relay.server import RelayEnvelope, RelaySession, RelaySMTP
@@ -35,20 +32,16 @@ log = structlog.get_logger()
 
 
 class RelayHandler:
-    def __init__(self, *, accounts: AccountStore, quota: QuotaStore, events: EventLog,
-                 upstream: Upstream, policies: Policies, clock: Clock, hostname: str,
-                 default_tz: str, max_recipients: int) -> None:
+    def __init__(self, *, accounts: AccountStore, services: Services, clock: Clock,
+                 hostname: str, default_tz: str) -> None:
         self.accounts = accounts
-        self.quota = quota
-        self.events = events
-        self.upstream = upstream
-        # Replaced whole on reload; a transaction keeps the Policies it started with.
-        self.policies = policies
+        # Replaced whole on reload; a transaction keeps the services (and so the Policies)
+        # it started with.
+        self.services = services
         self._auth = Authenticator(accounts)
         self._clock = clock
         self._hostname = hostname
         self._default_tz = default_tz
-        self._limits = Limits(max_recipients=max_recipients)
         self._retiring: set[asyncio.Task[None]] = set()
 
     # -- AUTH (RFC 4954) ---------------------------------------------------------------------
@@ -112,6 +105,8 @@ class RelayHandler:
             session_log.info("mail.refused", reason="auth_required", smtp_code=refusal.code)
             return refusal.reply
         mail_log = session_log.bind(login=principal.login, app=principal.app)
+        services = self.services
+        opened: Opened | None = None
         try:
             user = await self.accounts.resolve_sender(principal, address)
             try:
@@ -119,17 +114,24 @@ class RelayHandler:
             except UnknownTimeZoneError:
                 tz = zone(self._default_tz)
             period = period_at(self._clock.now(), tz)
-            upstream_session = await self.upstream.begin(address, mail_options,
-                                                         smtputf8=envelope.smtp_utf8)
+            routing = services.policies.routing
+            if not routing.app(principal.app).decided_at_data:
+                # The route is known now: open the upstream and mirror each RCPT in step.
+                decision = choose_route(routing, app=principal.app,
+                                        preference=user.preferences.get(principal.app),
+                                        header="")
+                if decision.route is None:
+                    raise RouteRefusedError(decision.refusal)
+                opened = Opened(*await services.routes.begin(
+                    decision.route, user, address, mail_options, smtputf8=envelope.smtp_utf8))
         except RelayError as exc:
             mail_log.info("mail.refused", reason=type(exc).__name__, smtp_code=exc.code,
                           sender_domain=address.rpartition("@")[2].lower())
             return exc.reply
         envelope.txn = Transaction(
             txn_id=secrets.token_hex(8), principal=principal, user=user, sender=address,
-            period=period, session=upstream_session, upstream_name=self.upstream.name,
-            quota=self.quota, events=self.events, policies=self.policies, limits=self._limits,
-            log=mail_log)
+            mail_options=list(mail_options), smtputf8=envelope.smtp_utf8, period=period,
+            opened=opened, services=services, log=mail_log)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.txn.log.info("mail.accepted")
@@ -159,9 +161,8 @@ class RelayHandler:
             helo=session.host_name or "unknown", peer_ip=peer, hostname=self._hostname,
             protocol="ESMTPSA" if server.tls_active else "ESMTPA", txn_id=txn.txn_id,
             now=self._clock.now())
-        content = trace + strip_control_headers(envelope.original_content)
         try:
-            await txn.deliver(content)
+            await txn.deliver(envelope.original_content, trace)
         except RelayError as exc:
             return exc.reply
         return errors.message_accepted(txn.txn_id)

@@ -70,7 +70,8 @@ class Notifier:
         self.log = log.bind(consumer=self.consumer)
 
     def channels_for(self, kind: str) -> list[str]:
-        kinds = {"in_app": self._policy.in_app.kinds, "email": self._policy.email.kinds}
+        kinds = {"in_app": self._policy.in_app.kinds, "timeline": self._policy.timeline.kinds,
+                 "email": self._policy.email.kinds}
         return [name for name in self._channels if kind in kinds.get(name, frozenset())]
 
     async def ensure_group(self) -> None:

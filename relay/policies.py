@@ -8,24 +8,22 @@ the key; nothing is silently ignored. A reload builds a whole new ``Policies``.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 from relay.errors import OverLimitReply
+from relay.routing import ROUTING_FILE, Routing, load_routing
+from relay.tomlsource import PolicyError as PolicyError  # re-exported: callers catch it here
+from relay.tomlsource import TomlSource
 
 PLANS_FILE = "plans.toml"
 NOTIFICATIONS_FILE = "notifications.toml"
-EVENT_KINDS = ("quota.threshold", "quota.reached", "quota.rejected", "plan.changed")
+EVENT_KINDS = ("quota.threshold", "quota.reached", "quota.rejected", "plan.changed",
+               "timeline.email_failed")
 _PLAN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
-
-
-class PolicyError(ValueError):
-    """A policy file is unreadable or invalid; the message names file, line and key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +45,8 @@ class Notifications:
     notify_limit_reached: bool
     in_app: Channel
     in_app_timeout: float
+    timeline: Channel
+    timeline_timeout: float
     email: Channel
     email_from: str
     max_attempts: int
@@ -68,74 +68,16 @@ class Policies:
     default_plan: str
     over_limit: OverLimitReply
     notifications: Notifications
+    routing: Routing
 
     def plan_limits(self) -> list[str | int]:
         """Flat ``[name, limit, name, limit, …]`` as the quota script takes it."""
         return [item for plan in self.plans.values() for item in (plan.name, plan.monthly_limit)]
 
 
-class _Source:
-    """One parsed file, with enough of its text to point at the line of a key."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise PolicyError(f"{path}: cannot read: {exc.strerror}") from None
-        try:
-            self.data = tomllib.loads(self.text)
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(f"{path}: {exc}") from None
-
-    def line_of(self, table: str, key: str | None = None) -> int | None:
-        """Best-effort line number of ``[table]`` or of ``key`` inside it (1-based)."""
-        lines = self.text.splitlines()
-        header = re.compile(rf"^\s*\[\s*{re.escape(table)}\s*\]")
-        start = next((i for i, line in enumerate(lines) if header.match(line)), None)
-        if start is None:
-            return None
-        if key is None:
-            return start + 1
-        key_re = re.compile(rf"^\s*{re.escape(key)}\s*=")
-        for i in range(start + 1, len(lines)):
-            if lines[i].lstrip().startswith("["):
-                break
-            if key_re.match(lines[i]):
-                return i + 1
-        return start + 1
-
-    def error(self, table: str, key: str | None, reason: str) -> PolicyError:
-        line = self.line_of(table, key)
-        where = f"{self.path}:{line}" if line else str(self.path)
-        name = f"{table}.{key}" if key else table
-        return PolicyError(f"{where}: {name}: {reason}")
-
-    def table(self, data: Mapping[str, Any], table: str,
-              keys: Mapping[str, type]) -> dict[str, Any]:
-        """Check ``data`` has exactly ``keys`` with the given types; returns it as a dict."""
-        for key in data:
-            if key not in keys:
-                raise self.error(table, key, "unknown key")
-        out: dict[str, Any] = {}
-        for key, kind in keys.items():
-            if key not in data:
-                raise self.error(table, None, f"missing key {key!r}")
-            value = data[key]
-            # TOML writes 10 for 10.0; a whole number is a fine float.
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            # bool is an int in Python; a limit of `true` is still a type error.
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise self.error(table, key,
-                                 f"expected {kind.__name__}, got {type(value).__name__}")
-            out[key] = value
-        return out
-
-
 def load_policies(directory: Path) -> Policies:
     """Load and validate every policy file in ``directory``; raises PolicyError."""
-    source = _Source(directory / PLANS_FILE)
+    source = TomlSource(directory / PLANS_FILE)
     data = source.data
     for section in data:
         if section not in {"defaults", "plans", "over_limit"}:
@@ -183,13 +125,14 @@ def load_policies(directory: Path) -> Policies:
         default_plan=defaults["plan"],
         over_limit=OverLimitReply(over["code"], over["status"], over["text"]),
         notifications=_load_notifications(directory / NOTIFICATIONS_FILE),
+        routing=load_routing(TomlSource(directory / ROUTING_FILE)),
     )
 
 
 def _load_notifications(path: Path) -> Notifications:
-    source = _Source(path)
+    source = TomlSource(path)
     data = source.data
-    sections = ("thresholds", "in_app", "email", "delivery")
+    sections = ("thresholds", "in_app", "timeline", "email", "delivery")
     for section in data:
         if section not in sections:
             raise source.error(section, None, "unknown section")
@@ -204,7 +147,8 @@ def _load_notifications(path: Path) -> Notifications:
         raise source.error("thresholds", "percent",
                            "must be ascending whole percentages between 1 and 99")
     channels = {}
-    for name, extra in (("in_app", {"timeout_seconds": float}), ("email", {"from": str})):
+    for name, extra in (("in_app", {"timeout_seconds": float}),
+                        ("timeline", {"timeout_seconds": float}), ("email", {"from": str})):
         fields = source.table(data[name], name, {"enabled": bool, "kinds": list, **extra})
         unknown = [k for k in fields["kinds"] if k not in EVENT_KINDS]
         if unknown:
@@ -212,8 +156,9 @@ def _load_notifications(path: Path) -> Notifications:
                 name, "kinds",
                 f"unknown event kind {unknown[0]!r}; kinds: {', '.join(EVENT_KINDS)}")
         channels[name] = (Channel(fields["enabled"], frozenset(fields["kinds"])), fields)
-    if channels["in_app"][1]["timeout_seconds"] <= 0:
-        raise source.error("in_app", "timeout_seconds", "must be greater than 0")
+    for name in ("in_app", "timeline"):
+        if channels[name][1]["timeout_seconds"] <= 0:
+            raise source.error(name, "timeout_seconds", "must be greater than 0")
     if "@" not in channels["email"][1]["from"]:
         raise source.error("email", "from", "must contain an email address")
     delivery = source.table(data["delivery"], "delivery", {
@@ -227,6 +172,8 @@ def _load_notifications(path: Path) -> Notifications:
         notify_limit_reached=thresholds["notify_limit_reached"],
         in_app=channels["in_app"][0],
         in_app_timeout=channels["in_app"][1]["timeout_seconds"],
+        timeline=channels["timeline"][0],
+        timeline_timeout=channels["timeline"][1]["timeout_seconds"],
         email=channels["email"][0],
         email_from=channels["email"][1]["from"],
         max_attempts=delivery["max_attempts"],

@@ -57,6 +57,8 @@ class Usage:
     delivered: int
     # Notification thresholds already crossed this month: limit -> percents.
     notified: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # Recipients delivered per route this month (counted and uncounted routes alike).
+    routes: dict[str, int] = field(default_factory=dict)
 
     @property
     def in_flight(self) -> int:
@@ -71,28 +73,42 @@ class QuotaStore:
         self._commit: AsyncScript = redis.register_script(lua_source("commit.lua"))
         self._refund: AsyncScript = redis.register_script(lua_source("refund.lua"))
 
-    async def reserve(self, user_id: str, period: str, txn_id: str, rcpt_no: int,
+    async def reserve(self, user_id: str, period: str, txn_id: str, rcpt_no: int | list[int],
                       plan_limits: list[str | int], thresholds: str = "") -> Reservation:
-        """Take one unit for recipient ``rcpt_no`` of ``txn_id`` if under the limit, and mark
-        any of ``thresholds`` (space-separated percents) it crosses.
+        """Take one unit for recipient ``rcpt_no`` of ``txn_id`` (or one for each of a list,
+        all or nothing) if under the limit, and mark any of ``thresholds`` (space-separated
+        percents) crossed.
 
         Idempotent per (txn_id, rcpt_no). Raises StoreUnavailableError.
         """
+        numbers = " ".join(str(n) for n in (rcpt_no if isinstance(rcpt_no, list)
+                                            else [rcpt_no]))
         with store_errors():
             status, used, limit, crossed = await self._reserve(
                 keys=[keys.user(user_id), keys.usage(user_id, period),
                       keys.reservations(user_id, txn_id)],
-                args=[rcpt_no, USAGE_TTL_SECONDS, RESERVATION_TTL_SECONDS, period, thresholds,
+                args=[numbers, USAGE_TTL_SECONDS, RESERVATION_TTL_SECONDS, period, thresholds,
                       *plan_limits],
             )
         return Reservation(ReserveStatus(int(status)), int(used), int(limit), int(crossed))
 
-    async def commit(self, user_id: str, period: str, txn_id: str) -> Settlement:
-        """Make every open reservation of ``txn_id`` final. Idempotent."""
+    async def commit(self, user_id: str, period: str, txn_id: str,
+                     route: str = "command") -> Settlement:
+        """Make every open reservation of ``txn_id`` final, counted under ``route``.
+        Idempotent."""
         with store_errors():
             units, used = await self._commit(
-                keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)])
+                keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],
+                args=[route])
         return Settlement(int(units), int(used))
+
+    async def tally(self, user_id: str, period: str, route: str, units: int) -> None:
+        """Count ``units`` sent through an uncounted route (shown in usage, never limited)."""
+        with store_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(keys.usage(user_id, period), f"route:{route}", units)
+                pipe.expire(keys.usage(user_id, period), USAGE_TTL_SECONDS)
+                await pipe.execute()
 
     async def refund(self, user_id: str, period: str, txn_id: str,
                      rcpt_nos: list[int] | None = None) -> Settlement:
@@ -125,10 +141,12 @@ class QuotaStore:
 
 def _usage_from(record: dict[str, str]) -> Usage:
     notified: dict[int, list[int]] = {}
+    routes = {name.removeprefix("route:"): int(value) for name, value in record.items()
+              if name.startswith("route:")}
     for name in record:
         # n:<limit>:<percent>, written by reserve.lua when a threshold is crossed.
         if name.startswith("n:"):
             _, limit, percent = name.split(":")
             notified.setdefault(int(limit), []).append(int(percent))
     return Usage(int(record.get("used", 0)), int(record.get("delivered", 0)),
-                 {limit: tuple(sorted(p)) for limit, p in notified.items()})
+                 {limit: tuple(sorted(p)) for limit, p in notified.items()}, routes)

@@ -12,6 +12,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 
 import structlog
 
@@ -50,13 +51,15 @@ class RouteNotConfiguredError(UpstreamUnavailableError):
 class RouteUpstreams:
     def __init__(self, routing: Routing, *, default: Upstream,
                  targets: Mapping[str, UpstreamTarget], credentials: CredentialStore,
-                 pool_size: int, timeout: float, hostname: str, tls_verify: bool) -> None:
+                 pool_size: int, timeout: float, hostname: str, tls_verify: bool,
+                 ca_file: Path | None = None) -> None:
         self._routing = routing
         self._default = default
         self._credentials = credentials
         self._timeout = timeout
         self._hostname = hostname
         self._tls_verify = tls_verify
+        self._ca_file = ca_file
         self._targets = dict(targets)
         self._shared: dict[str, Upstream] = {}
         self._per_user: OrderedDict[tuple[str, str, str], SmtpUpstream] = OrderedDict()
@@ -66,7 +69,7 @@ class RouteUpstreams:
             elif route.credentials == "upstream" and route.name in targets:
                 self._shared[route.name] = SmtpUpstream(
                     targets[route.name], size=pool_size, timeout=timeout,
-                    local_hostname=hostname, tls_verify=tls_verify)
+                    local_hostname=hostname, tls_verify=tls_verify, ca_file=ca_file)
 
     def missing_settings(self) -> list[str]:
         """Routes whose upstream is a setting that is not set (checked at start-up)."""
@@ -98,7 +101,8 @@ class RouteUpstreams:
             pool = SmtpUpstream(replace(target, username=creds.username or user.email,
                                         password=creds.secret),
                                 size=USER_POOL_SIZE, timeout=self._timeout,
-                                local_hostname=self._hostname, tls_verify=self._tls_verify)
+                                local_hostname=self._hostname, tls_verify=self._tls_verify,
+                                ca_file=self._ca_file)
             self._per_user[key] = pool
             while len(self._per_user) > MAX_USER_POOLS:
                 _, oldest = self._per_user.popitem(last=False)

@@ -1,11 +1,22 @@
-"""One message from MAIL FROM to its outcome: reserve, forward, commit or refund
-(STYLE §1 steps 5-7).
+"""One message from MAIL FROM to its outcome: route, reserve, forward, commit or refund
+(STYLE §1 steps 4-7).
+
+Two ways to decide, chosen per app in ``routing.toml``:
+
+* **at RCPT** (the default): the route is chosen at MAIL FROM, the upstream transaction is
+  opened then, and each recipient is reserved (on a counted route) and mirrored upstream in
+  step, so each gets its own reply;
+* **at the end of DATA** (apps with ``timeline`` or ``route_header``): the recipients are
+  collected, and only with the headers in hand (X-KW-Route, the SmartPlan and contact ids)
+  is the route chosen, the quota reserved for every recipient at once, and the upstream
+  asked. The message is sent whole or refused whole, and a refused SmartPlan email is
+  written to the Contact Timeline.
 
 A reservation counts against the limit from the moment it is made. The upstream's 250 after
-DATA makes the transaction's units final (commit); a refusal, RSET, disconnect or timeout
-gives them back (refund). If the connection dies after the message was sent and before the
-upstream answered, the units stay counted: the count may be high by what was in flight,
-never low. Every outcome ends in one canonical ``delivery.finished`` log line.
+DATA makes the units final (commit); a refusal, RSET, disconnect or timeout gives them back
+(refund). If the connection dies after the message was sent and before the upstream
+answered, the units stay counted: high by what was in flight, never low. Every outcome ends
+in one canonical ``delivery.finished`` log line.
 """
 
 from __future__ import annotations
@@ -18,7 +29,10 @@ import structlog
 
 from relay import events
 from relay.accounts import Principal, User
+from relay.controls import Controls, read_controls
 from relay.errors import (
+    OverLimitReply,
+    PermanentError,
     PlanMisconfiguredError,
     QuotaExceededError,
     RelayError,
@@ -26,9 +40,12 @@ from relay.errors import (
     UnknownSenderError,
     UserDisabledError,
 )
+from relay.message import CONTROL_HEADER_PREFIX, strip_headers
 from relay.period import Period
 from relay.policies import Policies
-from relay.quota import QuotaStore, ReserveStatus
+from relay.quota import QuotaStore, Reservation, ReserveStatus
+from relay.routes import RouteUpstreams
+from relay.routing import Route, choose_route
 from relay.upstream import UpstreamOutcomeUnknownError, UpstreamSession
 
 
@@ -38,18 +55,40 @@ class State(Enum):
     DONE = "done"          # committed, refunded or left counted; nothing more to do
 
 
+class RouteRefusedError(PermanentError):
+    code = 550
+    status = "5.7.1"
+    text = "Refused by routing policy"
+
+
 @dataclass(frozen=True, slots=True)
-class Limits:
+class Services:
+    """What a transaction works with; one per relay, shared by every transaction."""
+
+    quota: QuotaStore
+    events: events.EventLog
+    routes: RouteUpstreams
+    policies: Policies
     max_recipients: int
 
 
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """An upstream transaction opened on a route (at MAIL FROM or at the end of DATA)."""
+
+    route: Route
+    session: UpstreamSession
+    upstream: str
+
+
 class Transaction:
-    """Per-message state, created at MAIL FROM once the sender is resolved."""
+    """Per-message state, created at MAIL FROM once the sender is resolved. ``opened`` is
+    given when deciding at RCPT, None when deciding at the end of DATA."""
 
     def __init__(self, *, txn_id: str, principal: Principal, user: User, sender: str,
-                 period: Period, session: UpstreamSession, upstream_name: str,
-                 quota: QuotaStore, events: events.EventLog, policies: Policies,
-                 limits: Limits, log: structlog.typing.FilteringBoundLogger) -> None:
+                 mail_options: list[str], smtputf8: bool, period: Period,
+                 opened: Opened | None, services: Services,
+                 log: structlog.typing.FilteringBoundLogger) -> None:
         self.txn_id = txn_id
         self.principal = principal
         self.user = user
@@ -58,56 +97,90 @@ class Transaction:
         self.accepted: list[str] = []
         self.refused = 0
         self.state = State.OPEN
-        self._session = session
-        self._upstream_name = upstream_name
-        self._quota = quota
-        self._events = events
-        self._policies = policies
-        self._limits = limits
+        self.deferred = opened is None
+        self._opened = opened
+        self._mail_options = mail_options
+        self._smtputf8 = smtputf8
+        self._services = services
+        self._policies = services.policies
+        self._app = services.policies.routing.app(principal.app)
+        self._controls = Controls()
         self._next_rcpt = 0
         self._started = time.monotonic()
         self._last_used = 0
         self._last_limit = 0
         self.log = log.bind(txn_id=txn_id, user_id=user.id, plan=user.plan,
                             sender_domain=sender.rpartition("@")[2].lower(),
-                            period=period.label)
+                            period=period.label,
+                            route=opened.route.name if opened else None)
 
+    @property
+    def route(self) -> Route | None:
+        return self._opened.route if self._opened else None
+
+    # -- recipients ---------------------------------------------------------------------------
     async def add_recipient(self, address: str, options: list[str]) -> None:
-        """Reserve one unit, then mirror RCPT upstream; refund if the upstream refuses.
+        """Accept one recipient, or raise the refusal (RelayError).
 
-        Raises QuotaExceededError, TooManyRecipientsError, UserDisabledError,
-        PlanMisconfiguredError, StoreUnavailableError or the upstream's refusal.
+        At RCPT: reserve one unit on a counted route, then mirror RCPT upstream (refunding
+        if the upstream refuses). At the end of DATA: only collected.
         """
         rcpt_domain = address.rpartition("@")[2].lower()
         try:
-            await self._add_recipient(address, options)
+            if len(self.accepted) >= self._services.max_recipients:
+                raise TooManyRecipientsError()
+            if not self.deferred:
+                await self._add_in_step(address, options)
         except RelayError as exc:
             self.refused += 1
             self.log.info("rcpt.refused", rcpt_domain=rcpt_domain, smtp_code=exc.code,
                           reason=type(exc).__name__, used=self._last_used,
                           limit=self._last_limit)
             raise
+        self.accepted.append(address)
         self.log.info("rcpt.accepted", rcpt_domain=rcpt_domain, used=self._last_used,
-                      limit=self._last_limit)
+                      limit=self._last_limit, deferred=self.deferred)
 
-    async def _add_recipient(self, address: str, options: list[str]) -> None:
-        if len(self.accepted) >= self._limits.max_recipients:
-            raise TooManyRecipientsError()
+    async def _add_in_step(self, address: str, options: list[str]) -> None:
+        assert self._opened is not None
         self._next_rcpt += 1
         rcpt_no = self._next_rcpt
-        result = await self._quota.reserve(
-            self.user.id, self.period.label, self.txn_id, rcpt_no,
+        if self._opened.route.counted:
+            try:
+                await self._reserve(rcpt_no)
+            except QuotaExceededError as refusal:
+                await self._publish(events.REJECTED, recipient=address,
+                                    smtp_code=refusal.code, reply=refusal.reply)
+                raise
+        try:
+            await self._opened.session.rcpt(address, options)
+        except RelayError:
+            if self._opened.route.counted:
+                settlement = await self._services.quota.refund(
+                    self.user.id, self.period.label, self.txn_id, [rcpt_no])
+                self._last_used = settlement.used
+            raise
+
+    async def _reserve(self, rcpt_nos: int | list[int]) -> None:
+        """Reserve units (all or nothing); raises the over-limit or account refusal."""
+        result = await self._services.quota.reserve(
+            self.user.id, self.period.label, self.txn_id, rcpt_nos,
             self._policies.plan_limits(), self._policies.notifications.threshold_argument)
         self._last_used, self._last_limit = result.used, result.limit
         if result.crossed:
             await self._publish(events.REACHED if result.crossed == 100 else events.THRESHOLD,
                                 percent=result.crossed)
+        self._raise_for(result)
+
+    def _raise_for(self, result: Reservation) -> None:
         if result.status is ReserveStatus.OVER_LIMIT:
-            refusal = QuotaExceededError(self._policies.over_limit, used=result.used,
-                                         limit=result.limit, resets_on=self.period.resets_on)
-            await self._publish(events.REJECTED, recipient=address, smtp_code=refusal.code,
-                                reply=refusal.reply)
-            raise refusal
+            reply = self._policies.over_limit
+            if self._app.timeline and reply.code < 500:
+                # A timeline app must not retry a refused email: it moves on to the next
+                # step, so the refusal is permanent whatever the policy's code says.
+                reply = OverLimitReply(550, "5.7.1", reply.text)
+            raise QuotaExceededError(reply, used=result.used, limit=result.limit,
+                                     resets_on=self.period.resets_on)
         if result.status is ReserveStatus.USER_DISABLED:
             raise UserDisabledError()
         if result.status is ReserveStatus.USER_MISSING:
@@ -115,78 +188,154 @@ class Transaction:
         if result.status is ReserveStatus.UNKNOWN_PLAN:
             self.log.error("quota.unknown_plan", plan=self.user.plan)
             raise PlanMisconfiguredError()
+
+    # -- the message ----------------------------------------------------------------------------
+    async def deliver(self, content: bytes, trace: bytes) -> str:
+        """Send ``trace`` + ``content`` (control and other routes' headers removed) upstream;
+        commit on 250, refund on a refusal. Returns the upstream's reply. Raises the refusal
+        (RelayError); at the end of DATA, for the whole message."""
+        if self.deferred:
+            self._controls = read_controls(content)
+            if self._controls.problems:
+                self.log.warning("controls.ignored", problems=list(self._controls.problems))
+            try:
+                await self._open_at_data()
+            except RelayError as exc:
+                self.state = State.DONE
+                await self._refuse_whole(exc)
+                self._finish("failed" if exc.permanent else "deferred", exc.code, len(content))
+                raise
+        assert self._opened is not None
+        prefixes = (CONTROL_HEADER_PREFIX, *(p.encode() for p in
+                    self._policies.routing.stripped_prefixes(self._opened.route)))
+        return await self._send(trace + strip_headers(content, prefixes))
+
+    async def _open_at_data(self) -> None:
+        """Choose the route with the headers in hand, open it, reserve every recipient at
+        once (counted routes), and mirror the recipients upstream (all must be accepted)."""
+        decision = choose_route(self._policies.routing, app=self.principal.app,
+                                preference=self.user.preferences.get(self.principal.app),
+                                header=self._controls.route)
+        self.log = self.log.bind(rule=decision.rule)
+        if decision.route is None:
+            raise RouteRefusedError(decision.refusal)
+        route, session, upstream = await self._services.routes.begin(
+            decision.route, self.user, self.sender, self._mail_options, smtputf8=self._smtputf8)
+        self._opened = Opened(route, session, upstream)
+        self.log = self.log.bind(route=route.name)
+        numbers = list(range(1, len(self.accepted) + 1))
+        self._next_rcpt = len(numbers)
+        if route.counted:
+            try:
+                await self._reserve(numbers)
+            except RelayError:
+                await session.release(reusable=True)
+                raise
         try:
-            await self._session.rcpt(address, options)
+            for address in self.accepted:
+                await session.rcpt(address, [])
         except RelayError:
-            settlement = await self._quota.refund(self.user.id, self.period.label,
-                                                  self.txn_id, [rcpt_no])
-            self._last_used = settlement.used
+            await session.release(reusable=True)
+            await self._refund_all()
             raise
-        self.accepted.append(address)
 
-    async def _publish(self, kind: str, **data: object) -> None:
-        """Append one event about this transaction's user (never fails the SMTP reply)."""
-        await self._events.publish_quietly(events.new_event(
-            kind, self.user.id, email=self.user.email, app=self.principal.app,
-            sender=self.sender, txn_id=self.txn_id, period=self.period.label,
-            used=self._last_used, limit=self._last_limit,
-            resets_at=self.period.resets_at.isoformat(), resets_on=self.period.resets_on,
-            **data), self.log)
+    async def _refuse_whole(self, refusal: RelayError) -> None:
+        """Events for a message refused whole at the end of DATA."""
+        if isinstance(refusal, QuotaExceededError):
+            for address in self.accepted:
+                await self._publish(events.REJECTED, recipient=address, smtp_code=refusal.code,
+                                    reply=refusal.reply, **self._controls.ids())
+        if self._app.timeline and (isinstance(refusal, QuotaExceededError)
+                                   or refusal.permanent):
+            reason = "quota" if isinstance(refusal, QuotaExceededError) else "refused"
+            for address in self.accepted:
+                await self._publish(events.TIMELINE_EMAIL_FAILED, recipient=address,
+                                    reason=reason, smtp_code=refusal.code,
+                                    reply=refusal.reply, **self._controls.ids())
 
-    async def deliver(self, content: bytes) -> str:
-        """Send the message upstream; commit on 250, refund on a refusal. Returns the
-        upstream's queue reply. Raises the upstream's refusal (RelayError)."""
+    async def _send(self, content: bytes) -> str:
+        assert self._opened is not None
+        session = self._opened.session
         self.state = State.SENDING
         try:
-            reply = await self._session.data(content)
+            reply = await session.data(content)
         except UpstreamOutcomeUnknownError as exc:
             self.state = State.DONE
-            await self._session.release(reusable=False)
+            await session.release(reusable=False)
             self._log_unreconciled("upstream_no_reply")
             self._finish("deferred", exc.code, len(content))
             raise
         except RelayError as exc:
             self.state = State.DONE
-            await self._session.release(reusable=True)
+            await session.release(reusable=True)
             await self._refund_all()
+            if self.deferred:
+                await self._refuse_whole(exc)
             self._finish("deferred" if not exc.permanent else "failed", exc.code, len(content))
             raise
         self.state = State.DONE
-        try:
-            # Commit before handing the connection back: the units become final as soon as
-            # possible after the upstream's 250.
-            settlement = await self._quota.commit(self.user.id, self.period.label, self.txn_id)
-            self._last_used = settlement.used
-        except RelayError:
-            # Delivered mail stays counted: reserve already took the units. Only the
-            # bookkeeping of "final" is missing; log it for reconciliation.
-            self._log_unreconciled("commit_failed")
-        await self._session.release(reusable=True)
+        await self._settle()
+        await session.release(reusable=True)
         self._finish("delivered", 250, len(content), upstream_reply=reply[:200])
         return reply
+
+    async def _settle(self) -> None:
+        """After the upstream's 250: commit a counted route's units (they become final and are
+        tallied per route); tally an uncounted route's recipients."""
+        assert self._opened is not None
+        route = self._opened.route
+        try:
+            if route.counted:
+                # Commit before handing the connection back: the units become final as soon
+                # as possible after the upstream's 250.
+                settlement = await self._services.quota.commit(
+                    self.user.id, self.period.label, self.txn_id, route.name)
+                self._last_used = settlement.used
+            else:
+                await self._services.quota.tally(self.user.id, self.period.label, route.name,
+                                                 len(self.accepted))
+        except RelayError:
+            # Delivered mail stays counted: reserve already took the units. Only the
+            # bookkeeping is missing; log it for reconciliation.
+            self._log_unreconciled("commit_failed")
 
     async def abort(self, reason: str) -> None:
         """End an unfinished transaction (RSET, new EHLO, disconnect, timeout). Never raises;
         idempotent."""
         if self.state is State.DONE:
             return
+        session = self._opened.session if self._opened else None
         if self.state is State.SENDING:
             # Cut off while the upstream was answering DATA: it may have accepted the
             # message, so the units stay counted.
             self.state = State.DONE
-            await self._session.release(reusable=False)
+            if session is not None:
+                await session.release(reusable=False)
             self._log_unreconciled(reason)
             self._finish("deferred", None, None, reason=reason)
             return
         self.state = State.DONE
-        await self._session.release(reusable=True)
-        if self.accepted or self._next_rcpt:
+        if session is not None:
+            await session.release(reusable=True)
+        if self._next_rcpt:
             await self._refund_all()
         self._finish("abandoned" if self.accepted else "rejected", None, None, reason=reason)
 
+    # -- bookkeeping --------------------------------------------------------------------------
+    async def _publish(self, kind: str, **data: object) -> None:
+        """Append one event about this transaction's user (never fails the SMTP reply)."""
+        await self._services.events.publish_quietly(events.new_event(
+            kind, self.user.id, email=self.user.email, app=self.principal.app,
+            sender=self.sender, txn_id=self.txn_id, period=self.period.label,
+            route=self.route.name if self.route else None,
+            used=self._last_used, limit=self._last_limit,
+            resets_at=self.period.resets_at.isoformat(), resets_on=self.period.resets_on,
+            **data), self.log)
+
     async def _refund_all(self) -> None:
         try:
-            settlement = await self._quota.refund(self.user.id, self.period.label, self.txn_id)
+            settlement = await self._services.quota.refund(self.user.id, self.period.label,
+                                                           self.txn_id)
         except RelayError:
             self._log_unreconciled("refund_failed")
             return
@@ -204,5 +353,7 @@ class Transaction:
         self.log.info(
             "delivery.finished", outcome=outcome, smtp_code=smtp_code, size=size,
             rcpt_accepted=len(self.accepted), rcpt_refused=self.refused,
-            used=self._last_used, limit=self._last_limit, upstream=self._upstream_name,
-            duration_ms=round((time.monotonic() - self._started) * 1000, 1), **extra)
+            used=self._last_used, limit=self._last_limit,
+            upstream=self._opened.upstream if self._opened else None,
+            duration_ms=round((time.monotonic() - self._started) * 1000, 1),
+            **self._controls.ids(), **extra)

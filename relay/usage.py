@@ -52,13 +52,15 @@ async def usage_report(user: User, period: Period, *, quota: QuotaStore,
         "plan": terms.plan, "custom_limit": terms.custom_limit, "limit": limit,
         "period": period.label, "tz": user.tz,
         "used": usage.used, "delivered": usage.delivered, "in_flight": usage.in_flight,
+        # Recipients delivered per route this month; uncounted routes (MailChimp) included.
+        "routes": dict(usage.routes),
         "remaining": max(limit - usage.used, 0) if limit is not None else None,
         "percent": round(100 * usage.used / limit, 1) if limit else None,
         "resets_at": period.resets_at.isoformat(),
         "thresholds_notified": list(usage.notified.get(limit, ())) if limit else [],
         "pending_change": pending,
         "history": [{"period": label, "used": months[label].used,
-                     "delivered": months[label].delivered}
+                     "delivered": months[label].delivered, "routes": dict(months[label].routes)}
                     for label in _previous(period, history)],
     }
 
@@ -75,6 +77,9 @@ def format_report(report: dict[str, Any]) -> str:
            if limit is not None else "? (plan not in plans.toml)"),
         f"  resets {report['resets_at']}",
     ]
+    if report["routes"]:
+        lines.append("  by route: " + ", ".join(f"{name} {count:,}" for name, count in
+                                                sorted(report["routes"].items())))
     if report["thresholds_notified"]:
         lines.append("  notified at " + ", ".join(f"{p}%" for p in
                                                   report["thresholds_notified"]))

@@ -206,7 +206,8 @@ async def test_adminapi_usage_for_a_user_and_a_named_month(api, api_relay, accou
     assert (now.body["period"], now.body["used"], now.body["delivered"], now.body["limit"],
             now.body["remaining"]) == ("2026-11", 2, 2, 5000, 4998)
     assert now.body["resets_at"] == "2026-12-01T00:00:00+00:00"
-    assert now.body["history"][0] == {"period": "2026-10", "used": 7, "delivered": 7}
+    assert now.body["history"][0] == {"period": "2026-10", "used": 7, "delivered": 7,
+                                          "routes": {}}
     october = await api.call("GET", f"/v1/users/{user.id}/usage", params={"period": "2026-10"})
     assert october.status == 200
     assert (october.body["period"], october.body["used"]) == ("2026-10", 7)

@@ -9,14 +9,19 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from cryptography.fernet import Fernet
 
 from relay.accounts import AccountStore
+from relay.app import make_routes
+from relay.credentials import CredentialStore
 from relay.events import EventLog
 from relay.handler import RelayHandler, hook_names
 from relay.period import SystemClock
 from relay.policies import load_policies
 from relay.quota import QuotaStore
 from relay.server import make_factory
+from relay.settings import Settings
+from relay.transaction import Services
 from relay.upstream import CaptureUpstream
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -34,11 +39,14 @@ SIGNATURES = {
 
 
 def make_handler(redis_client: aioredis.Redis, tmp_path: Path) -> RelayHandler:
-    return RelayHandler(accounts=AccountStore(redis_client), quota=QuotaStore(redis_client),
-                        events=EventLog(redis_client),
-                        upstream=CaptureUpstream(tmp_path / "capture"),
-                        policies=load_policies(POLICIES), clock=SystemClock(),
-                        hostname="relay.test", default_tz="UTC", max_recipients=10)
+    settings = Settings(state_dir=tmp_path, policies_dir=POLICIES)
+    policies = load_policies(POLICIES)
+    credentials = CredentialStore(redis_client, Fernet.generate_key())
+    routes = make_routes(settings, policies, CaptureUpstream(tmp_path / "capture"), credentials)
+    services = Services(quota=QuotaStore(redis_client), events=EventLog(redis_client),
+                        routes=routes, policies=policies, max_recipients=10)
+    return RelayHandler(accounts=AccountStore(redis_client), services=services,
+                        clock=SystemClock(), hostname="relay.test", default_tz="UTC")
 
 
 def test_handler_hook_names_exact() -> None:

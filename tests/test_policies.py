@@ -36,6 +36,7 @@ text = "Limit reached ({used} of {limit}); resets on {resets_on}"
 def write_plans(tmp_path: Path, text: str) -> Path:
     (tmp_path / PLANS_FILE).write_text(text, encoding="utf-8")
     shutil.copy(POLICIES / NOTIFICATIONS_FILE, tmp_path / NOTIFICATIONS_FILE)
+    shutil.copy(POLICIES / "routing.toml", tmp_path / "routing.toml")
     return tmp_path / PLANS_FILE
 
 

@@ -147,7 +147,7 @@ async def test_quota_commit_is_idempotent(redis_client: aioredis.Redis,
     await reserve_n(quota, "txn1", 2)
     assert await quota.commit(UID, NOV, "txn1") == Settlement(units=2, used=2)
     assert await quota.commit(UID, NOV, "txn1") == Settlement(units=0, used=2)
-    assert await quota.usage(UID, NOV) == Usage(used=2, delivered=2)
+    assert await quota.usage(UID, NOV) == Usage(used=2, delivered=2, routes={"command": 2})
     assert not await redis_client.exists(keys.reservations(UID, "txn1"))
 
 
@@ -159,7 +159,7 @@ async def test_quota_refund_after_commit_refunds_nothing(redis_client: aioredis.
     await quota.commit(UID, NOV, "txn1")
     assert await quota.refund(UID, NOV, "txn1") == Settlement(units=0, used=2)
     assert await quota.refund(UID, NOV, "txn1", [1, 2]) == Settlement(units=0, used=2)
-    assert await quota.usage(UID, NOV) == Usage(used=2, delivered=2)
+    assert await quota.usage(UID, NOV) == Usage(used=2, delivered=2, routes={"command": 2})
 
 
 async def test_quota_refund_specific_recipients(redis_client: aioredis.Redis,
@@ -173,7 +173,7 @@ async def test_quota_refund_specific_recipients(redis_client: aioredis.Redis,
     assert await quota.refund(UID, NOV, "txn1", [3, 3]) == Settlement(units=1, used=1)
     # What is left (recipient 1) is committed as delivered.
     assert await quota.commit(UID, NOV, "txn1") == Settlement(units=1, used=1)
-    assert await quota.usage(UID, NOV) == Usage(used=1, delivered=1)
+    assert await quota.usage(UID, NOV) == Usage(used=1, delivered=1, routes={"command": 1})
 
 
 async def test_quota_refund_all_is_idempotent(redis_client: aioredis.Redis,
@@ -234,7 +234,7 @@ async def test_quota_usage_used_delivered_in_flight(redis_client: aioredis.Redis
     await quota.commit(UID, NOV, "a")
     await reserve_n(quota, "b", 2)
     usage = await quota.usage(UID, NOV)
-    assert usage == Usage(used=5, delivered=3)
+    assert usage == Usage(used=5, delivered=3, routes={"command": 3})
     assert usage.in_flight == 2
 
 

@@ -134,14 +134,14 @@ async def test_relay_exact_limit_across_two_relay_instances(make_relay: RelayFac
     from relay.store import connect_redis
 
     user = await add_user(accounts, limit=15)
-    await add_app(accounts)
+    await add_app(accounts, "command")  # decided at RCPT: per-recipient replies
     other_redis = connect_redis(redis_server.url, timeout=2)
     try:
         first = await make_relay(upstream=upstream)
         second = await make_relay(upstream=upstream, redis=other_redis)
 
         async def send(app, i: int) -> int:
-            async with smtp_client(app, login="smartplans") as client:
+            async with smtp_client(app, login="command") as client:
                 errors, _ = await client.sendmail(
                     "agent@kw.test", [f"a{i}@example.test", f"b{i}@example.test"], message())
             return 2 - len(errors)

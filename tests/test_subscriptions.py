@@ -358,7 +358,8 @@ async def _logged_in_clients(app: RelayApp, count: int) -> list[aiosmtplib.SMTP]
                                  local_hostname="client.test", timeout=30)
         await client.connect()
         await client.ehlo()
-        await client.login("smartplans", PASSWORD)
+        # The CRM's own app: decided at RCPT, so each recipient is reserved as it arrives.
+        await client.login("command", PASSWORD)
         return client
 
     return list(await asyncio.gather(*(one() for _ in range(count))))
@@ -380,7 +381,7 @@ async def test_subscriptions_changes_in_flight_never_exceed_the_limit_in_force(
     upgrade to 30 applies at once: every recipient is checked against the limit in force when
     it is reserved, exactly 30 go out, and the count equals what was accepted."""
     user = await add_user(accounts, limit=20)
-    await add_app(accounts)
+    await add_app(accounts, "command")
     gate = asyncio.Event()
     upstream.behaviour.data_gate = gate
     app = await make_relay(upstream=upstream, upstream_pool_size=64, upstream_timeout=30)

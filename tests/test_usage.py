@@ -60,18 +60,18 @@ async def test_usage_report_has_every_field(
         "user_id": user.id, "email": "agent@kw.test", "status": "active",
         "plan": "plus", "custom_limit": None, "limit": 10_000,
         "period": "2026-11", "tz": "UTC",
-        "used": 8600, "delivered": 8500, "in_flight": 100,
+        "used": 8600, "delivered": 8500, "in_flight": 100, "routes": {},
         "remaining": 1400, "percent": 86.0,
         "resets_at": "2026-12-01T00:00:00+00:00",
         "thresholds_notified": [80, 85],
         "pending_change": {"plan": "free", "custom_limit": None, "effective_from": "2026-12"},
         "history": [
-            {"period": "2026-10", "used": 4000, "delivered": 4000},
-            {"period": "2026-09", "used": 0, "delivered": 0},
-            {"period": "2026-08", "used": 12, "delivered": 10},
-            {"period": "2026-07", "used": 0, "delivered": 0},
-            {"period": "2026-06", "used": 0, "delivered": 0},
-            {"period": "2026-05", "used": 1, "delivered": 1},
+            {"period": "2026-10", "used": 4000, "delivered": 4000, "routes": {}},
+            {"period": "2026-09", "used": 0, "delivered": 0, "routes": {}},
+            {"period": "2026-08", "used": 12, "delivered": 10, "routes": {}},
+            {"period": "2026-07", "used": 0, "delivered": 0, "routes": {}},
+            {"period": "2026-06", "used": 0, "delivered": 0, "routes": {}},
+            {"period": "2026-05", "used": 1, "delivered": 1, "routes": {}},
         ],
     }
 
@@ -102,7 +102,7 @@ async def test_usage_pending_change_shows_only_before_its_month(
     january = await admin.usage(user.id)
     assert (january["period"], january["plan"], january["limit"]) == ("2027-01", "plus", 1234)
     assert january["pending_change"] is None
-    assert january["history"][0] == {"period": "2026-12", "used": 617, "delivered": 617}
+    assert january["history"][0] == {"period": "2026-12", "used": 617, "delivered": 617, "routes": {}}
 
 
 @pytest.mark.parametrize(("plan", "custom", "used", "limit", "remaining", "percent"), [
@@ -197,9 +197,9 @@ async def test_usage_report_history_length_is_a_parameter(
     period = user_period(user, datetime(2026, 2, 10, tzinfo=UTC), "UTC")
     report = await usage_report(user, period, quota=QuotaStore(redis_client), policies=POLICY,
                                 history=3)
-    assert report["history"] == [{"period": "2026-01", "used": 0, "delivered": 0},
-                                 {"period": "2025-12", "used": 5, "delivered": 5},
-                                 {"period": "2025-11", "used": 0, "delivered": 0}]
+    assert report["history"] == [{"period": "2026-01", "used": 0, "delivered": 0, "routes": {}},
+                                 {"period": "2025-12", "used": 5, "delivered": 5, "routes": {}},
+                                 {"period": "2025-11", "used": 0, "delivered": 0, "routes": {}}]
 
 
 async def test_usage_all_is_sorted_by_percent_descending(
@@ -234,13 +234,13 @@ def _report(**changes: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "user_id": "u-1", "email": "agent@kw.test", "status": "active", "plan": "plus",
         "custom_limit": None, "limit": 10_000, "period": "2026-11", "tz": "UTC",
-        "used": 8600, "delivered": 8500, "in_flight": 100, "remaining": 1400,
+        "used": 8600, "delivered": 8500, "in_flight": 100, "routes": {}, "remaining": 1400,
         "percent": 86.0, "resets_at": "2026-12-01T00:00:00+00:00",
         "thresholds_notified": [80, 85],
         "pending_change": {"plan": "free", "custom_limit": None, "effective_from": "2026-12"},
-        "history": [{"period": "2026-10", "used": 4000, "delivered": 4000},
-                    {"period": "2026-09", "used": 0, "delivered": 0},
-                    {"period": "2026-08", "used": 12, "delivered": 10}],
+        "history": [{"period": "2026-10", "used": 4000, "delivered": 4000, "routes": {}},
+                    {"period": "2026-09", "used": 0, "delivered": 0, "routes": {}},
+                    {"period": "2026-08", "used": 12, "delivered": 10, "routes": {}}],
     }
     return base | changes
 

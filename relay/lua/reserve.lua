@@ -1,6 +1,9 @@
 --[[
-reserve.lua: check the monthly limit and take one unit for one recipient, atomically; and
-decide, in the same step, whether this unit crossed a notification threshold.
+reserve.lua: check the monthly limit and take one unit per recipient, atomically; and
+decide, in the same step, whether these units crossed a notification threshold.
+
+One recipient at RCPT time; all the recipients of a message at the end of DATA for messages
+decided whole (all or nothing: either every unit fits under the limit or none is taken).
 
 The check and the increment are one script, so any number of concurrent RCPTs on any
 number of relay processes can never take `used` past the limit. The limit is resolved
@@ -13,7 +16,7 @@ KEYS[1]  relay:user:{uid}            hash: status, plan, limit, pending_plan/lim
 KEYS[2]  relay:usage:{uid}:YYYY-MM   hash: used (reserved + delivered), delivered,
                                            n:<limit>:<percent> -> count when crossed
 KEYS[3]  relay:resv:{uid}:TXN        hash: recipient number -> 1 (this transaction's open units)
-ARGV[1]  recipient number within the transaction (field of KEYS[3])
+ARGV[1]  recipient numbers within the transaction (fields of KEYS[3]), space separated
 ARGV[2]  TTL of the usage hash, seconds (kept for usage history, then expires)
 ARGV[3]  TTL of the reservation hash, seconds (outlives any transaction; left for reconciling)
 ARGV[4]  the month, YYYY-MM (selects a pending plan change that has come due)
@@ -22,13 +25,13 @@ ARGV[6..] plan limits as pairs: plan name, sends per month
 
 Returns {status, used, limit, crossed}
   status
-    0 RESERVED          one unit taken; used includes it
-    1 OVER_LIMIT        nothing taken; used >= limit
-    2 ALREADY_RESERVED  this recipient number already holds a unit (idempotent retry)
+    0 RESERVED          the units taken; used includes them
+    1 OVER_LIMIT        nothing taken; used + units > limit
+    2 ALREADY_RESERVED  these recipient numbers already hold their units (idempotent retry)
     3 USER_DISABLED
     4 USER_MISSING
     5 UNKNOWN_PLAN      the plan in force is not in plans.toml and there is no custom limit
-  crossed  the highest threshold (percent) this unit crossed for the first time, else 0
+  crossed  the highest threshold (percent) these units crossed for the first time, else 0
 ]]
 local PLANS = 6
 local state, plan, custom = terms(KEYS[1], ARGV[4])
@@ -43,15 +46,23 @@ if not limit then
   return {5, 0, 0, 0}
 end
 local used = tonumber(redis.call('HGET', KEYS[2], 'used') or '0')
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
+local fresh = {}
+for number in string.gmatch(ARGV[1], '%d+') do
+  if redis.call('HEXISTS', KEYS[3], number) == 0 then
+    fresh[#fresh + 1] = number
+  end
+end
+if #fresh == 0 then
   return {2, used, limit, 0}
 end
-if used >= limit then
+if used + #fresh > limit then
   return {1, used, limit, 0}
 end
-used = redis.call('HINCRBY', KEYS[2], 'used', 1)
+used = redis.call('HINCRBY', KEYS[2], 'used', #fresh)
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], 1)
+for _, number in ipairs(fresh) do
+  redis.call('HSET', KEYS[3], number, 1)
+end
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 local crossed = 0
 for percent in string.gmatch(ARGV[5], '%d+') do

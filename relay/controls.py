@@ -1,0 +1,59 @@
+"""The relay's control headers (``X-KW-*``): instructions from the apps, read at the end of
+DATA and stripped before forwarding.
+
+Each value is validated; a bad one is ignored and reported (the caller logs it), never an
+error for the message: a typo in a tracking id must not stop an email.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from relay.message import control_headers
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_ROUTE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+KNOWN = ("app", "smartplan-id", "smartplan-step", "contact-id", "campaign-id", "route")
+
+
+@dataclass(frozen=True, slots=True)
+class Controls:
+    app: str | None = None
+    smartplan_id: str | None = None
+    smartplan_step: int | None = None
+    contact_id: str | None = None
+    campaign_id: str | None = None
+    route: str = ""  # "" when absent
+    problems: tuple[str, ...] = field(default=())
+
+    def ids(self) -> dict[str, str | int]:
+        """The tracking ids present, for events and logs."""
+        found = {"smartplan_id": self.smartplan_id, "smartplan_step": self.smartplan_step,
+                 "contact_id": self.contact_id, "campaign_id": self.campaign_id}
+        return {k: v for k, v in found.items() if v is not None}
+
+
+def read_controls(content: bytes) -> Controls:
+    """Parse and validate the X-KW-* header fields of ``content``."""
+    fields = control_headers(content)
+    problems: list[str] = []
+    values: dict[str, object] = {}
+    for name, value in fields.items():
+        if name not in KNOWN:
+            problems.append(f"unknown header X-KW-{name}")
+            continue
+        attribute = name.replace("-", "_")
+        if name == "smartplan-step":
+            if value.isdigit() and len(value) <= 6:
+                values[attribute] = int(value)
+                continue
+        elif name == "route":
+            if _ROUTE.match(value.lower()):
+                values[attribute] = value.lower()
+                continue
+        elif _ID.match(value):
+            values[attribute] = value
+            continue
+        problems.append(f"invalid X-KW-{name}")
+    return Controls(**values, problems=tuple(problems))  # type: ignore[arg-type]
