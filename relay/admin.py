@@ -189,7 +189,7 @@ class Admin:
         policy = routing.app(app)
         result: dict[str, Any] = {
             "app": app, "known_app": app in routing.apps, "preference": preference,
-            "header": header if policy.route_header else "",
+            "header": header,
             "header_ignored": bool(header) and not policy.route_header,
             "rule": decision.rule, "refused": decision.refusal,
             "route": decision.route.name if decision.route else None,

@@ -14,6 +14,8 @@ from relay.message import control_headers
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _ROUTE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# ASCII digits only: str.isdigit() also holds for "²", which int() then refuses.
+_STEP = re.compile(r"^[0-9]{1,6}$")
 KNOWN = ("app", "smartplan-id", "smartplan-step", "contact-id", "campaign-id", "route")
 
 
@@ -45,7 +47,7 @@ def read_controls(content: bytes) -> Controls:
             continue
         attribute = name.replace("-", "_")
         if name == "smartplan-step":
-            if value.isdigit() and len(value) <= 6:
+            if _STEP.match(value):
                 values[attribute] = int(value)
                 continue
         elif name == "route":

@@ -76,7 +76,7 @@ def format_event(event: Event) -> str:
                                        f"smartplan={d.get('smartplan_id')}"
                                        f"/{d.get('smartplan_step')} code={d.get('smtp_code')}",
     }.get(event.kind, lambda: json.dumps(dict(d)))()
-    return f"{event.at}  {event.kind:<16} {event.user_id:<14} {d.get('email', '')}  {detail}"
+    return f"{event.at}  {event.kind:<21} {event.user_id:<14} {d.get('email', '')}  {detail}"
 
 
 def new_event(kind: str, user_id: str, **data: Any) -> Event:

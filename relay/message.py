@@ -66,8 +66,9 @@ def control_headers(content: bytes) -> dict[str, str]:
     name: str | None = None
     for line in head.splitlines():
         if line[:1] in (b" ", b"\t"):
-            if name is not None:  # unfold (RFC 5322 §2.2.3)
-                fields[name] += " " + line.strip().decode("utf-8", "replace")
+            if name is not None:  # unfold (RFC 5322 §2.2.3); "X-KW-Route:" CRLF " v" is "v"
+                fields[name] = (fields[name] + " "
+                                + line.strip().decode("utf-8", "replace")).strip()
             continue
         name = None
         if line.lower().startswith(CONTROL_HEADER_PREFIX) and b":" in line:

@@ -124,13 +124,21 @@ def load_routing(source: TomlSource) -> Routing:
             raise source.error(table, "pass_headers", "must be a list of header prefixes")
         routes[name] = Route(name, f["counted"], f["upstream"], f["credentials"],
                              tuple(h.lower() for h in f["pass_headers"]), f["failover"] or None)
-    if sum(r.upstream == "default" for r in routes.values()) != 1:
-        raise source.error("routes", None, 'exactly one route must have upstream = "default"')
+    defaults = [r.name for r in routes.values() if r.upstream == "default"]
+    if len(defaults) != 1:
+        # Point at the second default route, if any: the first one is usually the intended one.
+        table, key = (f"routes.{defaults[1]}", "upstream") if defaults else ("routes", None)
+        raise source.error(table, key, 'exactly one route must have upstream = "default"')
     for route in routes.values():
         if route.failover is not None and (route.failover not in routes
                                            or route.failover == route.name):
             raise source.error(f"routes.{route.name}", "failover",
                                f"must name another route, got {route.failover!r}")
+        if route.failover is not None and routes[route.failover].counted != route.counted:
+            # Otherwise an unreachable (or mis-credentialed) uncounted route would quietly
+            # turn a user's sends into counted ones, or the other way round.
+            raise source.error(f"routes.{route.name}", "failover",
+                               "must name a route that is counted the same way")
 
     apps: dict[str, AppPolicy] = {}
     for name, body in data["apps"].items():
@@ -149,6 +157,8 @@ def load_routing(source: TomlSource) -> Routing:
                                    "route": str, "refuse": str})
         if ("route" in f) == ("refuse" in f):
             raise where.error(None, "give exactly one of route or refuse")
+        if not all(isinstance(app, str) for app in f.get("apps", [])):
+            raise where.error("apps", "must be a list of app names")
         if "route" in f and f["route"] not in routes:
             raise where.error("route", f"no route named {f['route']!r}")
         for app in f.get("apps", []):
@@ -164,6 +174,8 @@ def load_routing(source: TomlSource) -> Routing:
                           f.get("route"), f.get("refuse")))
     if not any(r.apps is None and r.header is None and r.preference is None and r.route
                for r in rules):
-        raise source.error("rules", None,
-                           "add a last rule with no conditions and a route (the catch-all)")
+        reason = "no catch-all rule: add a last rule with no conditions and a route"
+        if rules:  # point at the last [[rules]] table, where the catch-all belongs
+            raise source.nth("rules", len(rules) - 1).error(None, reason)
+        raise source.error("rules", None, reason)
     return Routing(MappingProxyType(routes), MappingProxyType(apps), tuple(rules))

@@ -211,26 +211,33 @@ class Transaction:
         return await self._send(trace + strip_headers(content, prefixes))
 
     async def _open_at_data(self) -> None:
-        """Choose the route with the headers in hand, open it, reserve every recipient at
-        once (counted routes), and mirror the recipients upstream (all must be accepted)."""
+        """Choose the route with the headers in hand, reserve every recipient at once (on a
+        counted route: before anything is asked of the upstream, so an over-limit message
+        costs it nothing), open the route, and mirror the recipients (all must be accepted).
+
+        A failover never changes whether a route is counted (checked on load), so the
+        reservation made for the chosen route holds for the route actually used.
+        """
         decision = choose_route(self._policies.routing, app=self.principal.app,
                                 preference=self.user.preferences.get(self.principal.app),
                                 header=self._controls.route)
-        self.log = self.log.bind(rule=decision.rule)
+        self.log = self.log.bind(rule=decision.rule, route=decision.route and
+                                 decision.route.name)
         if decision.route is None:
             raise RouteRefusedError(decision.refusal)
-        route, session, upstream = await self._services.routes.begin(
-            decision.route, self.user, self.sender, self._mail_options, smtputf8=self._smtputf8)
-        self._opened = Opened(route, session, upstream)
-        self.log = self.log.bind(route=route.name)
         numbers = list(range(1, len(self.accepted) + 1))
         self._next_rcpt = len(numbers)
-        if route.counted:
-            try:
-                await self._reserve(numbers)
-            except RelayError:
-                await session.release(reusable=True)
-                raise
+        if decision.route.counted:
+            await self._reserve(numbers)
+        try:
+            route, session, upstream = await self._services.routes.begin(
+                decision.route, self.user, self.sender, self._mail_options,
+                smtputf8=self._smtputf8)
+        except RelayError:
+            await self._refund_all()
+            raise
+        self._opened = Opened(route, session, upstream)
+        self.log = self.log.bind(route=route.name)
         try:
             for address in self.accepted:
                 await session.rcpt(address, [])

@@ -18,8 +18,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 import redis.asyncio as aioredis
+from cryptography.fernet import Fernet
 
 from relay import keys
 from relay.accounts import AccountStore
@@ -28,8 +30,19 @@ from relay.passwords import verify_password
 from relay.period import SystemClock, period_at, zone
 from relay.policies import load_policies
 from relay.quota import QuotaStore, ReserveStatus
+from relay.settings import UpstreamTarget
+from relay.tlsconfig import server_context
 
-from .conftest import PASSWORD, POLICIES, RedisServer, free_port
+from .conftest import (
+    PASSWORD,
+    POLICIES,
+    CapturingUpstream,
+    RedisServer,
+    RelayFactory,
+    UpstreamBehaviour,
+    free_port,
+    smtp_client,
+)
 
 CLI_PASSWORD = "s3cret pass phrase"
 
@@ -867,3 +880,195 @@ async def test_events_retry_without_ids_or_all_fails(
     assert result.stdout == ""
     assert await redis_client.xlen(keys.dead_letters()) == 2
     assert await redis_client.exists(keys.events()) == 0
+
+
+# -- route -----------------------------------------------------------------------------------
+MC_SECRET = "md-Zx81-secret-api-key"
+
+
+@pytest.fixture
+def cred_env(env: dict[str, str]) -> dict[str, str]:
+    """env with a fixed RELAY_CREDENTIALS_KEY, so a relay in the test can share it."""
+    return {**env, "RELAY_CREDENTIALS_KEY": Fernet.generate_key().decode()}
+
+
+async def test_route_set_saves_and_clears_the_preference(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """route set USER campaigns mailchimp saves the preference rules use; --clear forgets
+    it."""
+    view = await add_user(env)
+    result = ok_json(await cli(["route", "set", "agent@kw.test", "campaigns", "mailchimp"], env))
+    assert result == {"user_id": view["id"], "app": "campaigns", "route": "mailchimp"}
+    user = await AccountStore(redis_client).get_user(view["id"])
+    assert user is not None and user.preferences == {"campaigns": "mailchimp"}
+    explained = ok_json(await cli(["route", "explain", "--app", "campaigns", "--user",
+                                   view["id"], "--json"], env))
+    assert (explained["preference"], explained["rule"], explained["route"]) == \
+        ("mailchimp", "campaigns-preference-mailchimp", "mailchimp")
+
+    cleared = ok_json(await cli(["route", "set", view["id"], "campaigns", "--clear"], env))
+    assert cleared == {"user_id": view["id"], "app": "campaigns", "route": None}
+    user = await AccountStore(redis_client).get_user(view["id"])
+    assert user is not None and user.preferences == {}
+    explained = ok_json(await cli(["route", "explain", "--app", "campaigns", "--user",
+                                   view["id"], "--json"], env))
+    assert (explained["preference"], explained["rule"], explained["route"]) == \
+        (None, "everything-else-command", "command")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["route", "set", "agent@kw.test", "campaigns", "sendgrid"],
+     "unknown route 'sendgrid'; routes: command, mailchimp"),
+    (["route", "set", "agent@kw.test", "campaigns"], "give a ROUTE, or --clear"),
+    (["route", "set", "agent@kw.test", "campaigns", "mailchimp", "--clear"],
+     "give a ROUTE, or --clear"),
+    (["route", "set", "nobody@kw.test", "campaigns", "mailchimp"], "no user 'nobody@kw.test'"),
+    (["route", "credentials", "agent@kw.test", "sendgrid", "--secret-stdin"],
+     "unknown route 'sendgrid'; routes: command, mailchimp"),
+    (["route", "credentials", "agent@kw.test", "sendgrid", "--delete"],
+     "unknown route 'sendgrid'"),
+    (["route", "credentials", "agent@kw.test", "command", "--username", "u", "--secret-stdin"],
+     "route command uses the upstream's credentials, not the user's"),
+    (["route", "credentials", "agent@kw.test", "mailchimp", "--username", "u"],
+     "pass the secret on standard input with --secret-stdin"),
+    (["route", "credentials", "nobody@kw.test", "mailchimp", "--secret-stdin"],
+     "no user 'nobody@kw.test'"),
+    (["route", "explain", "--app", "campaigns", "--user", "nobody@kw.test"],
+     "no user 'nobody@kw.test'"),
+])
+async def test_route_refuses_unknown_routes_users_and_misuse(
+        env: dict[str, str], redis_client: aioredis.Redis, argv: list[str],
+        message: str) -> None:
+    """An unknown route or user, credentials for a route that uses the upstream's own, or a
+    missing ROUTE/secret exits 1 with a clear message and stores nothing."""
+    view = await add_user(env)
+    result = await cli(argv, env, stdin=MC_SECRET + "\n")
+    assert message in failed(result)
+    assert result.stdout == ""
+    for route in ("command", "mailchimp", "sendgrid"):
+        assert await redis_client.exists(keys.route_credentials(view["id"], route)) == 0
+    user = await AccountStore(redis_client).get_user(view["id"])
+    assert user is not None and user.preferences == {}
+
+
+async def test_route_credentials_stores_only_ciphertext(
+        cred_env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """route credentials USER mailchimp --username u --secret-stdin prints the user and route,
+    never the secret, and Redis holds only the Fernet ciphertext of it."""
+    view = await add_user(cred_env)
+    result = await cli(["route", "credentials", "agent@kw.test", "mailchimp", "--username",
+                        "mcuser", "--secret-stdin"], cred_env, stdin=MC_SECRET + "\n")
+    assert ok_json(result) == {"user_id": view["id"], "route": "mailchimp",
+                               "username": "mcuser"}
+    assert MC_SECRET not in result.stdout + result.stderr
+    key = keys.route_credentials(view["id"], "mailchimp")
+    assert key == f"relay:cred:{{{view['id']}}}:mailchimp"
+    stored = await redis_client.hgetall(key)
+    assert stored["username"] == "mcuser"
+    assert MC_SECRET not in json.dumps(stored)
+    sealed = await redis_client.hget(key, "secret")
+    assert sealed is not None and MC_SECRET not in sealed
+    fernet = Fernet(cred_env["RELAY_CREDENTIALS_KEY"].encode())
+    assert fernet.decrypt(sealed.encode()).decode() == MC_SECRET
+
+
+async def test_route_credentials_are_used_by_the_relay_then_deleted(
+        cred_env: dict[str, str], redis_client: aioredis.Redis, make_relay: RelayFactory,
+        upstream: CapturingUpstream, tls_files: tuple[Path, Path]) -> None:
+    """Credentials saved with the CLI log the relay in to MailChimp as the user; after
+    --delete the next MailChimp send is refused naming the command, and explain says the
+    user has none."""
+    mailchimp = CapturingUpstream(UpstreamBehaviour(credentials=("mcuser", MC_SECRET)),
+                                  tls=server_context(*tls_files))
+    await mailchimp.start()
+    try:
+        view = await add_user(cred_env)
+        ok(await cli(["apps", "add", "campaigns", "--password-stdin"], cred_env,
+                     stdin=CLI_PASSWORD + "\n"))
+        ok(await cli(["route", "credentials", view["id"], "mailchimp", "--username", "mcuser",
+                      "--secret-stdin"], cred_env, stdin=MC_SECRET + "\n"))
+        explain = ["route", "explain", "--app", "campaigns", "--user", view["id"], "--header",
+                   "mailchimp", "--json"]
+        assert ok_json(await cli(explain, cred_env))["user_has_credentials"] is True
+        app = await make_relay(
+            upstream=upstream, credentials_key=cred_env["RELAY_CREDENTIALS_KEY"],
+            route_urls={"mailchimp": UpstreamTarget("127.0.0.1", mailchimp.port, "starttls")},
+            upstream_ca_file=tls_files[0])
+        content = (b"From: agent@kw.test\r\nTo: c@example.test\r\nSubject: hi\r\n"
+                   b"X-KW-Route: mailchimp\r\n\r\nBody\r\n")
+        async with smtp_client(app, login="campaigns", password=CLI_PASSWORD) as client:
+            errors, _ = await client.sendmail("agent@kw.test", ["c@example.test"], content)
+        assert errors == {}
+        assert mailchimp.handler.auth_logins == ["mcuser"]
+        assert [m.rcpt_tos for m in mailchimp.messages] == [["c@example.test"]]
+        assert upstream.messages == []
+
+        out = ok(await cli(["route", "credentials", "agent@kw.test", "mailchimp", "--delete"],
+                           cred_env))
+        assert out.strip() == "credentials removed"
+        assert await redis_client.exists(keys.route_credentials(view["id"], "mailchimp")) == 0
+        again = ok(await cli(["route", "credentials", "agent@kw.test", "mailchimp",
+                              "--delete"], cred_env))
+        assert again.strip() == "credentials not found"
+        assert ok_json(await cli(explain, cred_env))["user_has_credentials"] is False
+        async with smtp_client(app, login="campaigns", password=CLI_PASSWORD) as client:
+            await client.mail("agent@kw.test")
+            await client.rcpt("c@example.test")
+            with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+                await client.data(content)
+        assert refused.value.code == 550
+        assert "command-relay route credentials USER mailchimp" in refused.value.message
+        assert len(mailchimp.messages) == 1 and upstream.messages == []
+    finally:
+        await mailchimp.stop()
+
+
+async def test_route_explain_campaigns_header_json(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """route explain --app campaigns --user U --header mailchimp --json names the rule, the
+    route, that it is not counted, decided at DATA, and whether the user has credentials."""
+    view = await add_user(env)
+    result = ok_json(await cli(["route", "explain", "--app", "campaigns", "--user",
+                                view["id"], "--header", "mailchimp", "--json"], env))
+    assert result == {
+        "app": "campaigns", "known_app": True, "preference": None, "header": "mailchimp",
+        "header_ignored": False, "rule": "campaigns-header-mailchimp", "refused": None,
+        "route": "mailchimp", "counted": False, "decided_at": "data", "timeline": False,
+        "stripped_headers": [], "failover": None, "user_has_credentials": False}
+    text = ok(await cli(["route", "explain", "--app", "campaigns", "--user", view["id"],
+                         "--header", "mailchimp"], env)).splitlines()
+    assert text == ["app campaigns, preference None, header mailchimp",
+                    "  rule campaigns-header-mailchimp: route mailchimp (not counted); "
+                    "decided at DATA",
+                    "  user has credentials: no"]
+
+
+async def test_route_explain_campaigns_unknown_header_is_refused(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """route explain shows a refusing rule and its text."""
+    result = ok_json(await cli(["route", "explain", "--app", "campaigns", "--header",
+                                "sendgrid", "--json"], env))
+    assert (result["rule"], result["route"], result["refused"], result["counted"]) == \
+        ("campaigns-header-unknown", None, "X-KW-Route must be command or mailchimp", None)
+    text = ok(await cli(["route", "explain", "--app", "campaigns", "--header", "sendgrid"],
+                        env))
+    assert "refused: X-KW-Route must be command or mailchimp" in text
+
+
+async def test_route_explain_smartplans_ignores_the_header(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """route explain --app smartplans --header mailchimp shows the header ignored: SmartPlans
+    always go through the counted command route, which strips X-MC-*."""
+    result = ok_json(await cli(["route", "explain", "--app", "smartplans", "--header",
+                                "mailchimp", "--json"], env))
+    assert (result["header"], result["header_ignored"], result["rule"], result["route"],
+            result["counted"], result["decided_at"], result["timeline"]) == \
+        ("mailchimp", True, "smartplans-always-command", "command", True, "data", True)
+    assert result["stripped_headers"] == ["x-mc-"]
+    assert "user_has_credentials" not in result
+    text = ok(await cli(["route", "explain", "--app", "smartplans", "--header", "mailchimp"],
+                        env)).splitlines()
+    assert text == ["app smartplans, preference None, header mailchimp "
+                    "(ignored: the app may not choose)",
+                    "  rule smartplans-always-command: route command (counted); decided at DATA",
+                    "  strips x-mc-*"]

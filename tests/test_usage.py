@@ -102,7 +102,8 @@ async def test_usage_pending_change_shows_only_before_its_month(
     january = await admin.usage(user.id)
     assert (january["period"], january["plan"], january["limit"]) == ("2027-01", "plus", 1234)
     assert january["pending_change"] is None
-    assert january["history"][0] == {"period": "2026-12", "used": 617, "delivered": 617, "routes": {}}
+    assert january["history"][0] == {"period": "2026-12", "used": 617, "delivered": 617,
+                                      "routes": {}}
 
 
 @pytest.mark.parametrize(("plan", "custom", "used", "limit", "remaining", "percent"), [

@@ -1,0 +1,313 @@
+"""relay.routing and relay.controls as plain tables: choose_route over the shipped
+policies/routing.toml, the validation of routing.toml (errors naming file, line and key),
+and the X-KW-* control headers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.controls import Controls, read_controls
+from relay.routing import AppPolicy, Routing, choose_route, load_routing
+from relay.tomlsource import PolicyError, TomlSource
+from tests.conftest import POLICIES
+
+SHIPPED_TEXT = (POLICIES / "routing.toml").read_text(encoding="utf-8")
+REFUSAL = "X-KW-Route must be command or mailchimp"
+
+
+@pytest.fixture(scope="module")
+def routing() -> Routing:
+    return load_routing(TomlSource(POLICIES / "routing.toml"))
+
+
+# -- choose_route over the shipped policy ------------------------------------------------------
+@pytest.mark.parametrize(("app", "preference", "header", "rule", "route"), [
+    # SmartPlans always go through Command Email: neither header nor preference moves them.
+    ("smartplans", None, "", "smartplans-always-command", "command"),
+    ("smartplans", None, "mailchimp", "smartplans-always-command", "command"),
+    ("smartplans", "mailchimp", "mailchimp", "smartplans-always-command", "command"),
+    # Campaigns: the header first (case and spaces do not matter), then the preference.
+    ("campaigns", None, "mailchimp", "campaigns-header-mailchimp", "mailchimp"),
+    ("campaigns", None, " MailChimp ", "campaigns-header-mailchimp", "mailchimp"),
+    ("campaigns", None, "command", "campaigns-header-command", "command"),
+    ("campaigns", "mailchimp", "command", "campaigns-header-command", "command"),
+    ("campaigns", "command", "mailchimp", "campaigns-header-mailchimp", "mailchimp"),
+    ("campaigns", "mailchimp", "", "campaigns-preference-mailchimp", "mailchimp"),
+    ("campaigns", "command", "", "everything-else-command", "command"),
+    ("campaigns", None, "", "everything-else-command", "command"),
+    # Direct logins and the command app may not choose: the header is treated as absent, and
+    # a saved campaigns-like preference does not apply to them.
+    ("direct", None, "mailchimp", "everything-else-command", "command"),
+    ("direct", "mailchimp", "mailchimp", "everything-else-command", "command"),
+    ("command", None, "mailchimp", "everything-else-command", "command"),
+    ("command", "mailchimp", "sendgrid", "everything-else-command", "command"),
+    # An app routing.toml does not list falls through to the catch-all.
+    ("newsletters", None, "mailchimp", "everything-else-command", "command"),
+    ("newsletters", "mailchimp", "", "everything-else-command", "command"),
+])
+def test_choose_route_shipped_rules(routing: Routing, app: str, preference: str | None,
+                                    header: str, rule: str, route: str) -> None:
+    """Each (app, preference, X-KW-Route) picks the rule and route routing.toml states."""
+    decision = choose_route(routing, app=app, preference=preference, header=header)
+    assert (decision.rule, decision.route.name if decision.route else None,
+            decision.refusal) == (rule, route, None)
+
+
+@pytest.mark.parametrize("header", ["sendgrid", "MAILCHIMP2", "x"])
+@pytest.mark.parametrize("preference", [None, "mailchimp"])
+def test_choose_route_campaigns_unknown_header_is_refused(routing: Routing, header: str,
+                                                          preference: str | None) -> None:
+    """Campaigns naming a route that is not offered are refused with the policy's text,
+    whatever the saved preference."""
+    decision = choose_route(routing, app="campaigns", preference=preference, header=header)
+    assert decision.rule == "campaigns-header-unknown"
+    assert decision.route is None
+    assert decision.refusal == REFUSAL
+
+
+def test_choose_route_shipped_routes_counted_and_credentials(routing: Routing) -> None:
+    """command is counted on the default upstream's credentials; mailchimp is uncounted, on
+    a setting, with the user's own credentials; neither fails over."""
+    command, mailchimp = routing.routes["command"], routing.routes["mailchimp"]
+    assert (command.counted, command.upstream, command.credentials, command.failover) == \
+        (True, "default", "upstream", None)
+    assert (mailchimp.counted, mailchimp.upstream, mailchimp.credentials,
+            mailchimp.failover) == (False, "setting", "user", None)
+    assert mailchimp.pass_headers == ("x-mc-",)
+
+
+def test_routing_stripped_prefixes_per_route(routing: Routing) -> None:
+    """X-MC-* is stripped on the command route and passed on the mailchimp route."""
+    assert routing.stripped_prefixes(routing.routes["command"]) == ("x-mc-",)
+    assert routing.stripped_prefixes(routing.routes["mailchimp"]) == ()
+
+
+@pytest.mark.parametrize(("app", "decided_at_data"), [
+    ("smartplans", True), ("campaigns", True), ("command", False), ("direct", False),
+    ("newsletters", False),
+])
+def test_routing_app_decided_at_data(routing: Routing, app: str, decided_at_data: bool) -> None:
+    """Timeline and route-header apps are decided at the end of DATA; the others at RCPT
+    (an unlisted app like a direct login)."""
+    assert routing.app(app).decided_at_data is decided_at_data
+
+
+@pytest.mark.parametrize(("timeline", "route_header", "expected"), [
+    (False, False, False), (True, False, True), (False, True, True), (True, True, True),
+])
+def test_app_policy_decided_at_data_when_timeline_or_route_header(
+        timeline: bool, route_header: bool, expected: bool) -> None:
+    """Either flag makes an app wait for its headers."""
+    assert AppPolicy("x", timeline, route_header).decided_at_data is expected
+
+
+# -- load_routing errors -----------------------------------------------------------------------
+def write_routing(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "routing.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def edited(old: str, new: str) -> str:
+    assert SHIPPED_TEXT.count(old) >= 1, old
+    return SHIPPED_TEXT.replace(old, new, 1)
+
+
+def nth_line(text: str, marker: str, occurrence: int = 0) -> int:
+    """1-based line number of the ``occurrence``-th (0-based) line that is ``marker``
+    (stripped) or, failing an exact match, contains it."""
+    lines = text.splitlines()
+    exact = [i for i, line in enumerate(lines, 1) if line.strip() == marker]
+    found = exact or [i for i, line in enumerate(lines, 1) if marker in line]
+    return found[occurrence]
+
+
+RULE_HEADER = "[[rules]]"
+
+# (old, new, marker of the line the error must name, occurrence of the marker, key, reason)
+ROUTING_ERRORS = [
+    pytest.param('counted = false\n', 'counted = false\ncolour = "blue"\n',
+                 'colour = "blue"', 0, "routes.mailchimp.colour", "unknown key",
+                 id="route-unknown-key"),
+    pytest.param('pass_headers = ["X-MC-"]\nfailover = ""\n', 'pass_headers = ["X-MC-"]\n',
+                 "[routes.mailchimp]", 0, "routes.mailchimp", "missing key 'failover'",
+                 id="route-missing-key"),
+    pytest.param("counted = true\n", 'counted = "yes"\n', 'counted = "yes"', 0,
+                 "routes.command.counted", "expected bool, got str", id="route-wrong-type"),
+    pytest.param('upstream = "setting"\n', 'upstream = "smtp://mc.test"\n',
+                 'upstream = "smtp://mc.test"', 0, "routes.mailchimp.upstream",
+                 'must be "default" or "setting"', id="route-bad-upstream"),
+    pytest.param('credentials = "user"\n', 'credentials = "mine"\n', 'credentials = "mine"', 0,
+                 "routes.mailchimp.credentials", 'must be "upstream" or "user"',
+                 id="route-bad-credentials"),
+    pytest.param('pass_headers = []\n', 'pass_headers = [""]\n', 'pass_headers = [""]', 0,
+                 "routes.command.pass_headers", "must be a list of header prefixes",
+                 id="route-bad-pass-headers"),
+    pytest.param('failover = ""\n', 'failover = "backup"\n', 'failover = "backup"', 0,
+                 "routes.command.failover", "must name another route, got 'backup'",
+                 id="route-unknown-failover"),
+    pytest.param('failover = ""\n', 'failover = "command"\n', 'failover = "command"', 0,
+                 "routes.command.failover", "must name another route, got 'command'",
+                 id="route-self-failover"),
+    pytest.param('failover = ""\n', 'failover = "mailchimp"\n', 'failover = "mailchimp"', 0,
+                 "routes.command.failover", "must name a route that is counted the same way",
+                 id="route-failover-changes-counting"),
+    pytest.param('upstream = "setting"\n', 'upstream = "default"\n', 'upstream = "default"', 1,
+                 "routes.mailchimp.upstream", 'exactly one route must have upstream = "default"',
+                 id="two-default-routes"),
+    pytest.param('timeline = true\n', 'timeline = 1\n', "timeline = 1", 0,
+                 "apps.smartplans.timeline", "expected bool, got int", id="app-wrong-type"),
+    pytest.param('route_header = true\n', 'route_header = true\nrefuse = "x"\n', 'refuse = "x"',
+                 0, "apps.campaigns.refuse", "unknown key", id="app-unknown-key"),
+    pytest.param('header = "command"\nroute = "command"\n',
+                 'header = "command"\nroute = "command"\nrefuse = "no"\n', RULE_HEADER, 2,
+                 "rules[2]", "give exactly one of route or refuse", id="rule-route-and-refuse"),
+    pytest.param('preference = "mailchimp"\nroute = "mailchimp"\n', 'preference = "mailchimp"\n',
+                 RULE_HEADER, 4, "rules[4]", "give exactly one of route or refuse",
+                 id="rule-neither-route-nor-refuse"),
+    pytest.param('header = "mailchimp"\nroute = "mailchimp"\n',
+                 'header = "mailchimp"\nroute = "sendgrid"\n', 'route = "sendgrid"', 0,
+                 "rules[1].route", "no route named 'sendgrid'", id="rule-unknown-route"),
+    pytest.param('apps = ["smartplans"]\n', 'apps = ["smartplan"]\n', 'apps = ["smartplan"]', 0,
+                 "rules[0].apps", "no app named 'smartplan' under [apps]",
+                 id="rule-unknown-app"),
+    pytest.param('preference = "mailchimp"\n', 'preference = "mandrill"\n',
+                 'preference = "mandrill"', 0, "rules[4].preference",
+                 "no route named 'mandrill'", id="rule-unknown-preference"),
+    pytest.param('header = "command"\n', 'header = "sendgrid"\n', 'header = "sendgrid"', 0,
+                 "rules[2].header", 'must be a route name, "" (absent) or "*" (any)',
+                 id="rule-unknown-header"),
+    pytest.param('name = "campaigns-header-unknown"\n',
+                 'name = "campaigns-header-unknown"\npriority = 1\n', "priority = 1", 0,
+                 "rules[3].priority", "unknown key", id="rule-unknown-key"),
+    pytest.param('name = "campaigns-header-unknown"\n', '', RULE_HEADER, 3, "rules[3]",
+                 "missing key 'name'", id="rule-missing-name"),
+    pytest.param('apps = ["campaigns"]\nheader = "command"\n',
+                 'apps = "campaigns"\nheader = "command"\n', 'apps = "campaigns"', 0,
+                 "rules[2].apps", "expected list, got str", id="rule-apps-not-a-list"),
+    pytest.param('apps = ["campaigns"]\nheader = "*"\n', 'apps = [["campaigns"]]\nheader = "*"\n',
+                 'apps = [["campaigns"]]', 0, "rules[3].apps", "must be a list of app names",
+                 id="rule-apps-not-names"),
+    pytest.param('[[rules]]\nname = "everything-else-command"\nroute = "command"\n', '',
+                 RULE_HEADER, 4, "rules[4]", "no catch-all rule", id="no-catch-all"),
+    pytest.param('name = "everything-else-command"\n',
+                 'name = "everything-else-command"\napps = ["direct"]\n', RULE_HEADER, 5,
+                 "rules[5]", "no catch-all rule", id="last-rule-has-a-condition"),
+    pytest.param("[apps.smartplans]\n", "[extras]\n[apps.smartplans]\n", "[extras]", 0,
+                 "extras", "unknown section", id="unknown-section"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "marker", "occurrence", "key", "reason"), ROUTING_ERRORS)
+def test_load_routing_error_names_file_line_and_key(tmp_path: Path, old: str, new: str,
+                                                    marker: str, occurrence: int, key: str,
+                                                    reason: str) -> None:
+    """Every invalid routing.toml is refused with file:line: key: reason, the line being the
+    bad key's, or the header of the table (the right [[rules]] one) it belongs to."""
+    text = edited(old, new)
+    path = write_routing(tmp_path, text)
+    with pytest.raises(PolicyError) as caught:
+        load_routing(TomlSource(path))
+    expected = f"{path}:{nth_line(text, marker, occurrence)}: {key}: "
+    assert str(caught.value).startswith(expected), (str(caught.value), expected)
+    assert reason in str(caught.value)
+
+
+def test_load_routing_missing_section_names_the_file(tmp_path: Path) -> None:
+    """A file without [[rules]] is refused naming the file and the section."""
+    text = SHIPPED_TEXT[:SHIPPED_TEXT.index("[[rules]]")]
+    path = write_routing(tmp_path, text)
+    with pytest.raises(PolicyError, match=r"missing section \[rules\]") as caught:
+        load_routing(TomlSource(path))
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_load_routing_shipped_file_loads(routing: Routing) -> None:
+    """The shipped routing.toml loads: two routes, four apps, six rules in file order, the
+    last a catch-all."""
+    assert list(routing.routes) == ["command", "mailchimp"]
+    assert list(routing.apps) == ["smartplans", "campaigns", "command", "direct"]
+    assert [r.name for r in routing.rules] == [
+        "smartplans-always-command", "campaigns-header-mailchimp", "campaigns-header-command",
+        "campaigns-header-unknown", "campaigns-preference-mailchimp", "everything-else-command"]
+    last = routing.rules[-1]
+    assert (last.apps, last.header, last.preference, last.route) == (None, None, None, "command")
+
+
+def test_load_routing_failover_to_another_route(tmp_path: Path) -> None:
+    """failover naming another route counted the same way is kept on the route."""
+    text = edited('failover = ""\n', 'failover = "secondary"\n').replace(
+        "[routes.mailchimp]", '[routes.secondary]\ncounted = true\nupstream = "setting"\n'
+        'credentials = "upstream"\npass_headers = []\nfailover = ""\n\n[routes.mailchimp]')
+    path = write_routing(tmp_path, text)
+    assert load_routing(TomlSource(path)).routes["command"].failover == "secondary"
+
+
+# -- control headers ---------------------------------------------------------------------------
+def headers(*lines: str, body: str = "Body\r\n") -> bytes:
+    return ("".join(line + "\r\n" for line in ("From: a@kw.test", *lines)) + "\r\n"
+            + body).encode()
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    pytest.param(headers("X-KW-App: campaigns", "X-KW-SmartPlan-Id: sp-1", "X-KW-SmartPlan-Step: 3",
+                         "X-KW-Contact-Id: c:42", "X-KW-Campaign-Id: cmp.7_A",
+                         "X-KW-Route: mailchimp"),
+                 Controls(app="campaigns", smartplan_id="sp-1", smartplan_step=3,
+                          contact_id="c:42", campaign_id="cmp.7_A", route="mailchimp"),
+                 id="all-valid"),
+    pytest.param(headers("x-kw-smartplan-id:sp-9", "X-KW-SMARTPLAN-STEP:   12  "),
+                 Controls(smartplan_id="sp-9", smartplan_step=12), id="names-any-case"),
+    pytest.param(headers("X-KW-Route: MailChimp"), Controls(route="mailchimp"),
+                 id="route-lower-cased"),
+    pytest.param(headers(), Controls(), id="none"),
+    pytest.param(headers("Subject: hi", body="X-KW-Route: mailchimp\r\n"), Controls(),
+                 id="body-is-not-a-header"),
+    pytest.param(headers("X-KW-SmartPlan-Step: abc", "X-KW-Contact-Id: c-1"),
+                 Controls(contact_id="c-1", problems=("invalid X-KW-smartplan-step",)),
+                 id="bad-step"),
+    pytest.param(headers("X-KW-SmartPlan-Step: -1"),
+                 Controls(problems=("invalid X-KW-smartplan-step",)), id="negative-step"),
+    pytest.param(headers("X-KW-SmartPlan-Step: 1234567"),
+                 Controls(problems=("invalid X-KW-smartplan-step",)), id="step-too-long"),
+    pytest.param(headers("X-KW-SmartPlan-Step: \u00b2"),
+                 Controls(problems=("invalid X-KW-smartplan-step",)), id="step-superscript"),
+    pytest.param(headers("X-KW-SmartPlan-Step: \u0663"),
+                 Controls(problems=("invalid X-KW-smartplan-step",)), id="step-non-ascii-digit"),
+    pytest.param(headers("X-KW-Contact-Id: c 42"),
+                 Controls(problems=("invalid X-KW-contact-id",)), id="id-with-space"),
+    pytest.param(headers("X-KW-SmartPlan-Id: sp/1"),
+                 Controls(problems=("invalid X-KW-smartplan-id",)), id="id-with-slash"),
+    pytest.param(headers("X-KW-Campaign-Id: -c1"),
+                 Controls(problems=("invalid X-KW-campaign-id",)), id="id-leading-dash"),
+    pytest.param(headers("X-KW-Campaign-Id: " + "c" * 129),
+                 Controls(problems=("invalid X-KW-campaign-id",)), id="id-too-long"),
+    pytest.param(headers("X-KW-Campaign-Id: " + "c" * 128), Controls(campaign_id="c" * 128),
+                 id="id-longest"),
+    pytest.param(headers("X-KW-Contact-Id: caf\u00e9"),
+                 Controls(problems=("invalid X-KW-contact-id",)), id="id-non-ascii"),
+    pytest.param(headers("X-KW-Route: mail chimp"),
+                 Controls(problems=("invalid X-KW-route",)), id="route-with-space"),
+    pytest.param(headers("X-KW-Priority: high", "X-KW-Route: command"),
+                 Controls(route="command", problems=("unknown header X-KW-priority",)),
+                 id="unknown-header"),
+    pytest.param(headers("X-KW-Route:", " mailchimp"), Controls(route="mailchimp"),
+                 id="folded-after-empty-first-line"),
+    pytest.param(headers("X-KW-Contact-Id: c-1", "\tc-2"),
+                 Controls(problems=("invalid X-KW-contact-id",)), id="folded-into-two-words"),
+    pytest.param(headers("X-KW-SmartPlan-Id: sp-1", "X-KW-SmartPlan-Id: sp-2"),
+                 Controls(smartplan_id="sp-1"), id="first-of-repeated-wins"),
+])
+def test_read_controls_table(content: bytes, expected: Controls) -> None:
+    """Valid control values are typed; a bad value or unknown X-KW header is a problem, never
+    an exception."""
+    assert read_controls(content) == expected
+
+
+def test_controls_ids_only_present_ones() -> None:
+    """ids() gives the tracking ids present, for events and logs."""
+    controls = read_controls(headers("X-KW-SmartPlan-Id: sp-1", "X-KW-SmartPlan-Step: 0",
+                                     "X-KW-Route: mailchimp"))
+    assert controls.ids() == {"smartplan_id": "sp-1", "smartplan_step": 0}
