@@ -68,7 +68,8 @@ class RouteUpstreams:
                 self._shared[route.name] = default
             elif route.credentials == "upstream" and route.name in targets:
                 self._shared[route.name] = SmtpUpstream(
-                    targets[route.name], size=pool_size, timeout=timeout,
+                    targets[route.name], size=route.pool_size or pool_size,
+                    timeout=route.timeout or timeout,
                     local_hostname=hostname, tls_verify=tls_verify, ca_file=ca_file)
 
     def missing_settings(self) -> list[str]:
@@ -100,7 +101,8 @@ class RouteUpstreams:
         if pool is None:
             pool = SmtpUpstream(replace(target, username=creds.username or user.email,
                                         password=creds.secret),
-                                size=USER_POOL_SIZE, timeout=self._timeout,
+                                size=route.pool_size or USER_POOL_SIZE,
+                                timeout=route.timeout or self._timeout,
                                 local_hostname=self._hostname, tls_verify=self._tls_verify,
                                 ca_file=self._ca_file)
             self._per_user[key] = pool

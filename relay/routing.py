@@ -25,6 +25,10 @@ class Route:
     credentials: str  # "upstream" or "user"
     pass_headers: tuple[str, ...]  # lower-case prefixes
     failover: str | None
+    # Optional per-route overrides of RELAY_UPSTREAM_POOL_SIZE / RELAY_UPSTREAM_TIMEOUT
+    # (pool_size is per user for routes with the user's own credentials).
+    pool_size: int | None = None
+    timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +118,16 @@ def load_routing(source: TomlSource) -> Routing:
         table = f"routes.{name}"
         if not isinstance(body, dict):
             raise source.error("routes", name, "expected a table")
-        f = source.table(body, table, {"counted": bool, "upstream": str, "credentials": str,
+        optional = {k: v for k, v in body.items() if k in ("pool_size", "timeout_seconds")}
+        required = {k: v for k, v in body.items() if k not in optional}
+        f = source.table(required, table, {"counted": bool, "upstream": str, "credentials": str,
                                        "pass_headers": list, "failover": str})
+        limits = source.table(optional, table, {k: t for k, t in (("pool_size", int),
+                                                                   ("timeout_seconds", float))
+                                                if k in optional})
+        for key, value in limits.items():
+            if value <= 0:
+                raise source.error(table, key, "must be greater than 0")
         if f["upstream"] not in {"default", "setting"}:
             raise source.error(table, "upstream", 'must be "default" or "setting"')
         if f["credentials"] not in {"upstream", "user"}:
@@ -123,12 +135,14 @@ def load_routing(source: TomlSource) -> Routing:
         if not all(isinstance(h, str) and h for h in f["pass_headers"]):
             raise source.error(table, "pass_headers", "must be a list of header prefixes")
         routes[name] = Route(name, f["counted"], f["upstream"], f["credentials"],
-                             tuple(h.lower() for h in f["pass_headers"]), f["failover"] or None)
+                             tuple(h.lower() for h in f["pass_headers"]), f["failover"] or None,
+                             limits.get("pool_size"), limits.get("timeout_seconds"))
     defaults = [r.name for r in routes.values() if r.upstream == "default"]
     if len(defaults) != 1:
         # Point at the second default route, if any: the first one is usually the intended one.
-        table, key = (f"routes.{defaults[1]}", "upstream") if defaults else ("routes", None)
-        raise source.error(table, key, 'exactly one route must have upstream = "default"')
+        at_table, at_key = (f"routes.{defaults[1]}", "upstream") if len(defaults) > 1 \
+            else ("routes", None)
+        raise source.error(at_table, at_key, 'exactly one route must have upstream = "default"')
     for route in routes.values():
         if route.failover is not None and (route.failover not in routes
                                            or route.failover == route.name):

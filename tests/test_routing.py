@@ -311,3 +311,23 @@ def test_controls_ids_only_present_ones() -> None:
     controls = read_controls(headers("X-KW-SmartPlan-Id: sp-1", "X-KW-SmartPlan-Step: 0",
                                      "X-KW-Route: mailchimp"))
     assert controls.ids() == {"smartplan_id": "sp-1", "smartplan_step": 0}
+
+
+def test_load_routing_per_route_pool_and_timeout(tmp_path: Path) -> None:
+    """pool_size and timeout_seconds are optional per route; when given they are kept."""
+    text = edited('failover = ""\n', 'failover = ""\npool_size = 7\ntimeout_seconds = 12\n')
+    route = load_routing(TomlSource(write_routing(tmp_path, text))).routes["command"]
+    assert (route.pool_size, route.timeout) == (7, 12.0)
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ("pool_size = 0", "routes.command.pool_size: must be greater than 0"),
+    ("timeout_seconds = -1", "routes.command.timeout_seconds: must be greater than 0"),
+    ('pool_size = "2"', "routes.command.pool_size: expected int, got str"),
+])
+def test_load_routing_bad_pool_or_timeout_is_refused(tmp_path: Path, extra: str,
+                                                     reason: str) -> None:
+    """A non-positive or mistyped per-route limit is a PolicyError naming the key."""
+    path = write_routing(tmp_path, edited('failover = ""\n', f'failover = ""\n{extra}\n'))
+    with pytest.raises(PolicyError, match=reason):
+        load_routing(TomlSource(path))
