@@ -1,0 +1,723 @@
+"""``python -m bench``: start everything, run every scenario, print and save the figures.
+
+Scenarios run in the same invocation, repetitions interleaved (repetition 1 of every
+scenario, then repetition 2, ...), so the ratios hold on a noisy machine. Every run is
+bounded by a message count and a time cap. Every process started here is stopped on the way
+out, also after Ctrl-C, SIGTERM or a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psutil
+import redis as redis_client
+
+from bench import loadgen, report
+from bench.loadgen import Load, Outcome
+from bench.postfix import ThrowawayPostfix, ensure_installed
+from bench.procs import (
+    HOST,
+    REPO,
+    BenchError,
+    Meter,
+    Sink,
+    clean_env,
+    relay_command,
+    run_cli,
+    start_redis,
+    start_relay,
+)
+from bench.tls import KEY_KINDS, write_certificate
+
+KB = 1024
+MB = 1024 * 1024
+APP = "command"  # the CRM's app credential: decided at RCPT, counted against MAIL FROM's user
+APP_PASSWORD = "bench-app-password-0123456789"
+USERS = 10
+LIMIT = 1_000_000_000
+DEFAULT_MAX_MESSAGE_SIZE = 26_214_400  # the relay's own default (README, Configuration)
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    key: str
+    label: str
+    target: str  # "sink", "relay" or "postfix"
+    size: int
+    concurrency: int
+    per_connection: int
+    tls: bool
+    auth: bool
+    messages: int
+
+
+def plan(args: argparse.Namespace) -> list[Scenario]:
+    """The scenario matrix. Baseline and Postfix send no AUTH (neither asks for it)."""
+    counts = {2 * KB: args.messages_2k, 100 * KB: args.messages_100k}
+    out: list[Scenario] = []
+    for size, count in counts.items():
+        kb = f"{size // KB}k"
+        for pc in (1, args.per_connection):
+            out.append(Scenario(f"baseline-{kb}-c20-pc{pc}",
+                                "baseline: generator -> sink (no AUTH)",
+                                "sink", size, 20, pc, False, False, count))
+    for size, count in counts.items():
+        kb = f"{size // KB}k"
+        for conc in args.concurrency:
+            # One session is slow: a fifth of the messages keeps its runs short.
+            n = max(20, count // 5) if conc == 1 else count
+            for pc, tls in ((1, False), (args.per_connection, False),
+                            (args.per_connection, True)):
+                mode = "STARTTLS" if tls else "plaintext"
+                out.append(Scenario(f"relay-{kb}-c{conc}-pc{pc}-{'tls' if tls else 'plain'}",
+                                    f"relay -> sink, {mode} + AUTH",
+                                    "relay", size, conc, pc, tls, True, n))
+    if not args.no_postfix:
+        for size, count in counts.items():
+            kb = f"{size // KB}k"
+            out.append(Scenario(f"postfix-{kb}-c20-pc{args.per_connection}",
+                                "Postfix -> sink, end to end (no AUTH)",
+                                "postfix", size, 20, args.per_connection, False, False, count))
+    return out
+
+
+class Bench:
+    """The running parts; leaving the ``with`` block stops all of them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.notes: list[str] = []
+        self.stack = contextlib.ExitStack()
+        self.workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+        self.postfix: ThrowawayPostfix | None = None
+        self.relay_delivered = 0  # messages the relay delivered, warm-up included
+        self.self_meter = Meter(os.getpid(), children=False)  # the generator
+
+    def __enter__(self) -> Bench:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stack.close()
+        finally:
+            if self.args.keep:
+                print(f"work folder kept: {self.workdir}", file=sys.stderr)
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def say(self, text: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def start(self, *, with_postfix: bool, relay_prefix: tuple[str, ...] = ()) -> None:
+        args = self.args
+        if not args.python_sink:
+            try:
+                note = ensure_installed(self.workdir / "apt.log")
+                if note:
+                    self.notes.append(note)
+            except BenchError as exc:
+                self.notes.append(f"smtp-sink unavailable ({exc}); the Python asyncio sink "
+                                  "bench.sink stands in, a slower upstream")
+        self.sink = Sink(self.workdir, python_fallback=args.python_sink)
+        self.stack.callback(self.sink.stop)
+        if self.sink.kind != "smtp-sink" and args.python_sink:
+            self.notes.append("--python-sink: the Python asyncio sink bench.sink is the "
+                              "upstream, not smtp-sink")
+        self.say(f"sink: {self.sink.kind} on {HOST}:{self.sink.port}")
+
+        redis, redis_port = start_redis(self.workdir)
+        self.stack.callback(redis.stop)
+        self.redis_meter = Meter(redis.pid)
+        self.redis = redis_client.Redis(host=HOST, port=redis_port, socket_timeout=10)
+        self.stack.callback(self.redis.close)
+        self.say(f"redis-server on {HOST}:{redis_port} (persistence off)")
+
+        cert, key = write_certificate(self.workdir, args.tls_key)
+        needed = args.memory_size * MB + MB
+        relay_env = {
+            "RELAY_LISTEN": f"{HOST}:0",
+            "RELAY_REDIS_URL": f"redis://{HOST}:{redis_port}/0",
+            "RELAY_UPSTREAM_URL": f"smtp://{HOST}:{self.sink.port}",
+            "RELAY_ALLOW_PLAINTEXT_AUTH": "1",
+            "RELAY_TLS_CERT": str(cert),
+            "RELAY_TLS_KEY": str(key),
+            "RELAY_STATE_DIR": str(self.workdir / "relay-state"),
+            "RELAY_POLICIES_DIR": str(REPO / "policies"),
+            "RELAY_HOSTNAME": "relay.bench.invalid",
+            "RELAY_LOG_FORMAT": "json",
+            "RELAY_LOG_LEVEL": "info",
+        }
+        if needed > DEFAULT_MAX_MESSAGE_SIZE:
+            relay_env["RELAY_MAX_MESSAGE_SIZE"] = str(needed)
+        if args.pool_size:
+            relay_env["RELAY_UPSTREAM_POOL_SIZE"] = str(args.pool_size)
+        self.relay_env = relay_env
+        env = clean_env(**relay_env)
+        self._add_accounts(env)
+
+        self.relay_log = self.workdir / "relay.log"
+        self.relay, self.relay_port = start_relay(env, self.relay_log,
+                                                  self.workdir / "relay.err", relay_prefix)
+        self.stack.callback(self._stop_relay)
+        self.relay_meter = Meter(self.relay.pid)
+        self.rss_at_start = self.relay_meter.usage().rss
+        self.say(f"relay (command-relay serve, pid {self.relay.pid}) on "
+                 f"{HOST}:{self.relay_port}, JSON log {self.relay_log}")
+
+        if with_postfix:
+            try:
+                postfix = ThrowawayPostfix(self.workdir / "postfix", self.sink.port)
+                self.stack.callback(postfix.stop)
+                postfix.start()
+                self.postfix = postfix
+                pid = postfix.master_pid()
+                self.postfix_meter = Meter(pid) if pid else None
+                self.say(f"postfix (throwaway instance) on {HOST}:{postfix.port}")
+            except (BenchError, OSError, subprocess.SubprocessError) as exc:
+                self.notes.append(f"Postfix did not run: {exc}")
+                self.say(f"Postfix skipped: {exc}")
+
+    def _add_accounts(self, env: dict[str, str]) -> None:
+        """Users with huge limits and the app credential, through the CLI as an operator
+        would, a few at a time."""
+        self.senders = tuple(f"agent{i:02d}@bench.example" for i in range(USERS))
+        jobs = [(["users", "add", email, "--password-stdin", "--limit", str(LIMIT)],
+                 f"user-password-{i}\n") for i, email in enumerate(self.senders)]
+        jobs.append((["apps", "add", APP, "--password-stdin"], APP_PASSWORD + "\n"))
+        running: list[tuple[list[str], subprocess.Popen[bytes]]] = []
+        try:
+            for argv, stdin in jobs:
+                proc = subprocess.Popen([*relay_command(), *argv], env=env, cwd=REPO,
+                                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+                assert proc.stdin is not None
+                proc.stdin.write(stdin.encode())
+                proc.stdin.close()
+                running.append((argv, proc))
+                if len(running) >= 4:
+                    self._finish_cli(*running.pop(0))
+            while running:
+                self._finish_cli(*running.pop(0))
+        finally:
+            for _, proc in running:
+                proc.kill()
+                proc.wait()
+        # A check that the accounts are there, through the CLI too.
+        if APP not in run_cli(["apps", "list"], env):
+            raise BenchError("the app credential was not created")
+        self.say(f"{USERS} users (limit {LIMIT:,}) and app {APP!r} created with the CLI")
+
+    @staticmethod
+    def _finish_cli(argv: list[str], proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        proc.stderr.close()
+        if proc.wait(120) != 0:
+            raise BenchError(f"command-relay {' '.join(argv)} failed: "
+                             f"{err.decode(errors='replace').strip()}")
+
+    def own_pids(self) -> frozenset[int]:
+        """The benchmark's children and their descendants (Postfix daemonises itself)."""
+        pids = {c.pid for c in psutil.Process().children(recursive=True)}
+        if self.postfix and (master := self.postfix.master_pid()):
+            with contextlib.suppress(psutil.Error):
+                pids |= {master, *(c.pid for c in psutil.Process(master).children())}
+        return frozenset(pids)
+
+    def restart_relay(self, prefix: tuple[str, ...]) -> None:
+        """Stop the relay and start it again behind ``prefix`` (e.g. cProfile)."""
+        self._stop_relay()
+        self.relay_log = self.workdir / f"relay-{time.monotonic_ns()}.log"
+        self.relay, self.relay_port = start_relay(clean_env(**self.relay_env), self.relay_log,
+                                                  self.workdir / "relay.err", prefix)
+        self.relay_meter = Meter(self.relay.pid)
+
+    def _stop_relay(self) -> None:
+        status = self.relay.stop(signal.SIGTERM, grace=30)
+        if status not in (0, None):
+            self.notes.append(f"the relay exited with status {status} when stopped")
+
+    # -- one run --------------------------------------------------------------------------
+
+    def load_for(self, sc: Scenario, **changes: Any) -> Load:
+        port = {"sink": self.sink.port, "relay": self.relay_port,
+                "postfix": self.postfix.port if self.postfix else 0}[sc.target]
+        load = Load(HOST, port, sc.messages, sc.concurrency, sc.per_connection, sc.size,
+                    auth=(APP, APP_PASSWORD) if sc.auth else None, starttls=sc.tls,
+                    time_cap=self.args.time_cap, senders=self.senders)
+        return replace(load, **changes)
+
+    def measure(self, sc: Scenario, load: Load | None = None) -> tuple[dict[str, Any], Outcome]:
+        """Run one load and collect what it cost. The end-to-end time runs from the first
+        connection until the sink has counted every accepted message."""
+        load = load or self.load_for(sc)
+        meter = {"relay": self.relay_meter, "postfix": getattr(self, "postfix_meter", None),
+                 "sink": None}[sc.target]
+        before_target = meter.usage() if meter else None
+        before_redis = self.redis_meter.usage()
+        before_self = self.self_meter.usage()
+        before_machine = psutil.cpu_times()
+        before_commands = self.redis_commands()
+        if meter:
+            meter.reset_peak()
+        sink_before = self.sink.count
+        out = loadgen.run(load)
+        wait = 180.0 if sc.target == "postfix" else 30.0
+        arrived_at = self.sink.wait_for(sink_before + out.accepted, wait)
+        after_machine = psutil.cpu_times()
+        commands = self.redis_commands()
+        commands.subtract(before_commands)
+        delivered = self.sink.count - sink_before
+        e2e = (arrived_at - out.started) if arrived_at is not None else None
+        if arrived_at is None:
+            self.notes.append(f"{sc.key}: the sink got {delivered} of {out.accepted} accepted "
+                              f"messages within {wait:.0f}s")
+        busy_before = sum(before_machine) - before_machine.idle - before_machine.iowait
+        busy_after = sum(after_machine) - after_machine.idle - after_machine.iowait
+        total = sum(after_machine) - sum(before_machine)
+        if sc.target == "relay":
+            self.relay_delivered += delivered
+        run: dict[str, Any] = {
+            "accepted": out.accepted,
+            "failed": out.failed,
+            "errors": dict(out.errors),
+            "connections": out.connections,
+            "delivered": delivered,
+            "submit_s": out.elapsed,
+            "e2e_s": e2e if e2e is not None else out.elapsed,
+            "complete": arrived_at is not None,
+            "rate": (delivered / e2e) if e2e else 0.0,
+            "submit_rate": out.rate,
+            "redis_cpu_s": self.redis_meter.usage().cpu - before_redis.cpu,
+            "redis_commands": commands.total(),
+            "redis_commands_by_name": {k: v for k, v in commands.most_common() if v},
+            "generator_cpu_s": self.self_meter.usage().cpu - before_self.cpu,
+            "machine_busy_pct": 100 * (busy_after - busy_before) / total if total else 0.0,
+            "relay_cpu_s": None,
+            "relay_peak_rss": None,
+            "_latencies": out.txn_latencies,
+            "_setups": out.setup_latencies,
+        }
+        if meter and before_target:
+            after = meter.usage()
+            run["relay_cpu_s"] = after.cpu - before_target.cpu
+            run["relay_peak_rss"] = meter.peak_rss() or after.rss
+        return run, out
+
+    def redis_commands(self) -> Counter[str]:
+        """Commands Redis has executed so far by name (INFO commandstats), INFO left out."""
+        stats = self.redis.info("commandstats")
+        return Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()
+                        if k != "cmdstat_info"})
+
+    def warm_up(self) -> None:
+        """A few hundred messages through each target first: the relay's first AUTH pays
+        the slow hash, its upstream pool connects, Postfix starts its daemons."""
+        self.say("warming up")
+        relay = Scenario("warm", "warm", "relay", 2 * KB, 20, 20, False, True, 400)
+        self.measure(relay)
+        self.measure(replace(relay, tls=True, per_connection=1, messages=100))
+        self.measure(replace(relay, size=100 * KB, messages=100))
+        self.measure(replace(relay, target="sink", auth=False))
+        if self.postfix:
+            self.measure(replace(relay, target="postfix", auth=False, messages=200))
+        self.rss_after_warm_up = self.relay_meter.usage().rss
+
+
+# -- the whole run -------------------------------------------------------------------------------
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    if not loadgen.interrupt():  # a load in progress stops itself, then raises
+        raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str] = {}
+    for name in ("command-email-relay", "aiosmtpd", "aiosmtplib", "redis", "hiredis",
+                 "structlog", "uvloop"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                                capture_output=True, text=True, timeout=10, check=False)
+        found["git"] = commit.stdout.strip()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        postconf = shutil.which("postconf")
+        if postconf:
+            found["postfix"] = subprocess.run(
+                [postconf, "-d", "-h", "mail_version"], capture_output=True, text=True,
+                timeout=10, check=False).stdout.strip()
+    return found
+
+
+def _by_key(scenarios: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {s["key"]: s for s in scenarios}
+
+
+def _targets(result: dict[str, Any], per_connection: int) -> list[str]:
+    s = _by_key(result["scenarios"])
+    lines: list[str] = []
+
+    def rate(key: str) -> float | None:
+        return s[key]["summary"]["rate_median"] if key in s else None
+
+    pc = per_connection
+    for kb, need in (("2k", 2.0), ("100k", 1.0)):
+        postfix = rate(f"postfix-{kb}-c20-pc{pc}")
+        for mode in ("plain", "tls"):
+            relay = rate(f"relay-{kb}-c20-pc{pc}-{mode}")
+            if relay is None:
+                continue
+            label = f"{kb.upper()}B, 20 sessions, {pc} msg/conn, " \
+                    f"{'STARTTLS' if mode == 'tls' else 'plaintext'}"
+            if postfix:
+                ratio = relay / postfix
+                verdict = "meets" if ratio >= need else "misses"
+                lines.append(f"{label}: relay {relay:,.0f} msg/s vs Postfix {postfix:,.0f} "
+                             f"msg/s end to end = {ratio:.2f}x (target >= {need:g}x: {verdict})")
+            else:
+                lines.append(f"{label}: relay {relay:,.0f} msg/s (Postfix not measured)")
+        base = rate(f"baseline-{kb}-c20-pc{pc}")
+        relay = rate(f"relay-{kb}-c20-pc{pc}-plain")
+        if base and relay:
+            lines.append(f"{kb.upper()}B generator headroom: bare sink {base:,.0f} msg/s = "
+                         f"{base / relay:.1f}x the relay's plaintext rate")
+        base1, relay1 = rate(f"baseline-{kb}-c20-pc1"), rate(f"relay-{kb}-c20-pc1-plain")
+        if base1 and relay1:
+            lines.append(f"{kb.upper()}B, a new connection per message: relay {relay1:,.0f} "
+                         f"connections/s with AUTH vs bare sink {base1:,.0f}/s")
+    for item in result.get("latency", []):
+        p99 = item["added_ms"]["p99"]
+        lines.append(f"{item['label']}: p99 added latency {p99:.2f} ms at {item['rate']:,.0f} "
+                     f"msg/s (target <= 5 ms: {'meets' if p99 <= 5 else 'misses'})")
+    return lines
+
+
+def _round_trips(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    """Redis MONITOR during a small sample (2 KB, 20 sessions, persistent connections):
+    commands the relay sends (round trips) and commands run inside its Lua scripts, per
+    message. Separate from the timed runs, as MONITOR slows Redis down."""
+    sample = 100
+    sc = Scenario("monitor", "monitor", "relay", 2 * KB, 20, args.per_connection, False,
+                  True, sample)
+    sent: Counter[str] = Counter()
+    scripted: Counter[str] = Counter()
+    stop = threading.Event()
+    ready = threading.Event()
+
+    last: list[Any] = [None, 0.0]  # client of the previous command sent, its time
+    trips = [0]
+
+    def watch() -> None:
+        with bench.redis.monitor() as monitor:
+            ready.set()
+            while not stop.is_set():
+                entry = monitor.next_command()
+                name = entry["command"].split(" ", 1)[0].lower()
+                if name in ("monitor", "ping", "info"):
+                    continue
+                if entry["client_type"] == "lua":
+                    scripted[name] += 1
+                    continue
+                sent[name] += 1
+                client = (entry["client_address"], entry["client_port"])
+                # Pipelined commands arrive together and run back to back: the same
+                # connection again within 50 us, nothing in between, is the same round trip.
+                if client != last[0] or entry["time"] - last[1] > 50e-6:
+                    trips[0] += 1
+                last[0], last[1] = client, entry["time"]
+
+    watcher = threading.Thread(target=watch, name="redis-monitor", daemon=True)
+    watcher.start()
+    ready.wait(10)
+    time.sleep(0.2)
+    run, _ = bench.measure(sc)
+    stop.set()
+    bench.redis.ping()  # wakes the watcher, which then sees ``stop``
+    watcher.join(10)
+    n = max(1, run["delivered"])
+    return {"messages": run["delivered"],
+            "sent_per_msg": {k: v / n for k, v in sent.most_common()},
+            "scripted_per_msg": {k: v / n for k, v in scripted.most_common()},
+            "commands_sent_per_msg": sum(sent.values()) / n,
+            "round_trips_per_msg": trips[0] / n,
+            "scripted_total_per_msg": sum(scripted.values()) / n}
+
+
+def _pct(values: list[float]) -> dict[str, float]:
+    return {f"p{q}": 1000 * report.percentile(values, q / 100) for q in (50, 95, 99)}
+
+
+def _median_pct(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def _latency(bench: Bench, scenarios: list[dict[str, Any]], args: argparse.Namespace
+             ) -> list[dict[str, Any]]:
+    """Relay and bare sink at the same paced rate, half the relay's peak for the shape,
+    ``reps`` times each, alternating; each percentile is the median over the runs."""
+    found = _by_key(scenarios)
+    items = []
+    for kb, size in (("2k", 2 * KB), ("100k", 100 * KB)):
+        key = f"relay-{kb}-c20-pc{args.per_connection}-plain"
+        if key not in found:
+            continue
+        peak = found[key]["summary"]["rate_median"]
+        if found[key]["summary"]["failed"] or peak <= 0:
+            bench.notes.append(f"latency at {kb}B not measured: {key} had failures")
+            continue
+        rate = max(1.0, peak / 2)
+        count = max(50, int(rate * args.latency_seconds))
+        relay_sc = Scenario("lat", "lat", "relay", size, 20, args.per_connection, False, True,
+                            count)
+        cap = args.latency_seconds * 3 + 10
+        bench.say(f"latency {kb}B: {args.reps} x {count} messages at {rate:,.0f} msg/s "
+                  f"(half of {peak:,.0f}), relay then bare sink")
+        base_sc = replace(relay_sc, target="sink", auth=False)
+        relay_runs, base_runs = [], []
+        failed = {"relay": 0, "baseline": 0}
+        for _ in range(args.reps):
+            _, out = bench.measure(relay_sc, bench.load_for(relay_sc, rate=rate, time_cap=cap))
+            relay_runs.append(_pct(out.txn_latencies))
+            failed["relay"] += out.failed
+            _, out = bench.measure(base_sc, bench.load_for(base_sc, rate=rate, time_cap=cap))
+            base_runs.append(_pct(out.txn_latencies))
+            failed["baseline"] += out.failed
+        relay_ms, base_ms = _median_pct(relay_runs), _median_pct(base_runs)
+        items.append({
+            "label": f"{kb.upper()}B, 20 sessions, {args.per_connection} msg/conn, plaintext "
+                     "+ AUTH",
+            "rate": rate, "messages": count, "peak_rate": peak, "reps": args.reps,
+            "relay_failed": failed["relay"], "baseline_failed": failed["baseline"],
+            "relay_ms": relay_ms, "baseline_ms": base_ms,
+            "added_ms": {k: relay_ms[k] - base_ms[k] for k in relay_ms},
+            "relay_runs_ms": relay_runs, "baseline_runs_ms": base_runs,
+        })
+    return items
+
+
+def _memory(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    n, size = args.memory_sessions, args.memory_size * MB
+    bench.say(f"memory: {n} sessions each sending one {args.memory_size} MB message")
+    sc = Scenario("memory", "memory", "relay", size, n, 1, False, True, n)
+    idle = bench.relay_meter.usage().rss
+    run, out = bench.measure(sc, bench.load_for(sc, time_cap=max(120.0, args.time_cap)))
+    peak = run["relay_peak_rss"] or 0
+    growth = max(0, peak - idle)
+    copies = growth / (n * size) if n * size else 0.0
+    text = (f"{n} concurrent sessions, each sending one {args.memory_size} MB message "
+            f"({out.accepted} accepted, {out.failed} failed, {run['e2e_s']:.1f} s end to end): "
+            f"relay RSS {idle / MB:.0f} MB before, peak {peak / MB:.0f} MB, growth "
+            f"{growth / MB:.0f} MB = {copies:.1f}x the {n * size / MB:.0f} MB in flight "
+            f"(about {copies:.1f} copies of each body held at the peak).")
+    return {"sessions": n, "size": size, "accepted": out.accepted, "failed": out.failed,
+            "errors": dict(out.errors), "idle_rss": idle, "peak_rss": peak,
+            "growth": growth, "copies_per_session": copies, "e2e_s": run["e2e_s"],
+            "relay_cpu_s": run["relay_cpu_s"], "text": text}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=(
+        "Benchmark the relay against a bare sink and Postfix on this machine (loopback only)."))
+    parser.add_argument("--quick", action="store_true",
+                        help="a ~1 minute smoke run: 1 repetition, 20 sessions, small counts")
+    parser.add_argument("--reps", type=int, help="repetitions of each scenario (default 3)")
+    parser.add_argument("--messages-2k", type=int,
+                        help="messages per 2 KB run (default 1000; a fifth with 1 session)")
+    parser.add_argument("--messages-100k", type=int,
+                        help="messages per 100 KB run (default 300; a fifth with 1 session)")
+    parser.add_argument("--concurrency", type=int, nargs="+",
+                        help="concurrent sessions for the relay (default 1 20 100)")
+    parser.add_argument("--per-connection", type=int, default=20,
+                        help="messages per connection in the persistent modes (default 20)")
+    parser.add_argument("--time-cap", type=float,
+                        help="seconds after which a run stops sending (default 8)")
+    parser.add_argument("--latency-seconds", type=float,
+                        help="length of each paced latency run (default 5)")
+    parser.add_argument("--memory-sessions", type=int,
+                        help="sessions in the memory scenario (default 20)")
+    parser.add_argument("--memory-size", type=int, default=10,
+                        help="MB per message in the memory scenario (default 10)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory scenario")
+    parser.add_argument("--no-postfix", action="store_true", help="skip Postfix")
+    parser.add_argument("--python-sink", action="store_true",
+                        help="use the Python asyncio sink instead of smtp-sink")
+    parser.add_argument("--pool-size", type=int,
+                        help="RELAY_UPSTREAM_POOL_SIZE (default: the relay's own, 20)")
+    parser.add_argument("--tls-key", choices=KEY_KINDS, default="p256",
+                        help="the relay certificate's key (default p256)")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results",
+                        help="where the .json and .md go")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work folder (relay log, Postfix log) for inspection")
+    parser.add_argument("--profile", choices=("py-spy", "cprofile"),
+                        help="instead of the benchmark: profile the relay under the 2 KB, "
+                             "20-session load (see bench/profile.py)")
+    parser.add_argument("--profile-seconds", type=float, default=15.0,
+                        help="seconds of load per profiled shape (default 15)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {"reps": 1 if quick else 3, "messages_2k": 300 if quick else 1000,
+                "messages_100k": 100 if quick else 300,
+                "concurrency": [20] if quick else [1, 20, 100],
+                "time_cap": 3.0 if quick else 8.0, "latency_seconds": 2.0 if quick else 5.0,
+                "memory_sessions": 5 if quick else 20}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def _check_quiet(bench: Bench, when: str, exclude: frozenset[int] = frozenset()) -> None:
+    """Note other processes' CPU use: the figures assume a machine otherwise idle."""
+    others = [p for p in psutil.process_iter(["pid"]) if p.pid not in exclude
+              and p.pid != os.getpid()]
+    before = {}
+    for p in others:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            before[p.pid] = (p, t.user + t.system)
+    time.sleep(1.0)
+    used = 0.0
+    for p, cpu in before.values():
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            used += t.user + t.system - cpu
+    busy = 100 * used / (psutil.cpu_count() or 1)
+    bench.say(f"other processes used {busy:.0f}% of the machine {when}")
+    if busy > 10:
+        bench.notes.append(f"other processes used {busy:.0f}% of the machine's CPU {when}: "
+                           "the figures are unreliable, run again on an idle machine")
+
+
+@contextlib.contextmanager
+def _signals() -> Iterator[None]:
+    # SIGINT too: a shell without job control starts background commands with it ignored.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.profile:
+        from bench.profile import profile
+
+        with _signals(), Bench(args) as bench:
+            return profile(bench, args)
+    started = dt.datetime.now(dt.UTC)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    clock = time.perf_counter()
+    scenarios = plan(args)
+    try:
+        with _signals(), Bench(args) as bench:
+            _check_quiet(bench, "before the run")
+            bench.start(with_postfix=not args.no_postfix)
+            if bench.postfix is None:
+                scenarios = [s for s in scenarios if s.target != "postfix"]
+            bench.warm_up()
+            runs: dict[str, list[dict[str, Any]]] = {s.key: [] for s in scenarios}
+            for rep in range(args.reps):
+                for number, sc in enumerate(scenarios, 1):
+                    bench.say(f"rep {rep + 1}/{args.reps}, {number}/{len(scenarios)}: {sc.key}")
+                    run, _ = bench.measure(sc)
+                    runs[sc.key].append(run)
+            results = [{**asdict(sc), "runs": runs[sc.key]} for sc in scenarios]
+            for item in results:
+                item["summary"] = report.summarise(item["runs"])
+            latency = _latency(bench, results, args)
+            round_trips = _round_trips(bench, args)
+            memory = None if args.no_memory else _memory(bench, args)
+            _check_quiet(bench, "after the run", exclude=bench.own_pids())
+            relay_log_mb = bench.relay_log.stat().st_size / MB
+            with bench.relay_log.open("rb") as log:
+                log_lines = sum(1 for _ in log)
+            lines_per_msg = log_lines / max(1, bench.relay_delivered)
+            rss = {"start_mb": bench.rss_at_start / MB,
+                   "after_warm_up_mb": bench.rss_after_warm_up / MB}
+            sink_kind = bench.sink.kind
+            notes = bench.notes
+            postfix_ran = bench.postfix is not None
+            relay_env = bench.relay_env
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything it started has been stopped", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    duration = time.perf_counter() - clock
+    versions = _versions()
+    header = [
+        f"{stamp}, {psutil.cpu_count()} cores, {platform.python_implementation()} "
+        f"{platform.python_version()}, generator on {loadgen.loop_name()}, "
+        f"relay {versions.get('git', '?')}",
+        f"upstream sink: {sink_kind}; Postfix: "
+        + (f"ran ({versions.get('postfix', '?')}, throwaway instance)" if postfix_ran
+           else "not run"),
+        f"{args.reps} runs per scenario (median, min-max); {args.messages_2k} x 2 KB / "
+        f"{args.messages_100k} x 100 KB messages per run, each run capped at "
+        f"{args.time_cap:g} s; relay: JSON logs at info to a file, quota on, "
+        f"upstream pool {args.pool_size or 'default (20)'}",
+        f"relay RSS {rss['start_mb']:.0f} MB after start, {rss['after_warm_up_mb']:.0f} MB "
+        f"after the warm-up; its JSON log grew to {relay_log_mb:.0f} MB, "
+        f"{lines_per_msg:.1f} lines per message delivered",
+        "msg/s = messages the sink received / time from the first connection until the "
+        "sink had them all; CPU s/1k = CPU seconds per 1,000 delivered messages "
+        "(for Postfix rows: its whole process tree); busy % = both cores' use",
+    ]
+    result: dict[str, Any] = {
+        "stamp": stamp, "started_at": started.isoformat(), "duration_s": duration,
+        "quick": args.quick,
+        "machine": {"cores": psutil.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(), "generator_loop": loadgen.loop_name()},
+        "versions": versions, "sink": sink_kind, "postfix_ran": postfix_ran,
+        "relay_env": {k: v for k, v in relay_env.items() if "KEY" not in k},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "relay_log_mb": relay_log_mb, "relay_log_lines_per_msg": lines_per_msg,
+        "relay_rss": rss,
+        "header_lines": header, "scenarios": results, "latency": latency,
+        "memory": memory, "notes": notes,
+    }
+    result["targets"] = _targets(result, args.per_connection)
+    rt = round_trips
+    result["redis_round_trips"] = rt
+    result["redis_breakdown"] = (
+        f"{rt['round_trips_per_msg']:.1f} round trips per message (MONITOR over "
+        f"{rt['messages']} messages, 2 KB, 20 sessions; pipelined commands counted once), "
+        f"{rt['commands_sent_per_msg']:.1f} commands sent: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in rt["sent_per_msg"].items())
+        + f"; plus {rt['scripted_total_per_msg']:.1f} run inside Lua scripts ("
+        + ", ".join(f"{k} {v:.2f}" for k, v in rt["scripted_per_msg"].items()) + ")")
+    print()
+    print(report.render(result, markdown=False))
+    json_path, md_path = report.write(result, args.results, stamp)
+    print(f"written: {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path}"
+          f", {md_path.name}; whole run {duration:.0f} s")
+    return 0
+
