@@ -1,11 +1,12 @@
 """``python -m bench --profile py-spy|cprofile``: where the relay's CPU goes per message.
 
-Starts the same parts as the benchmark (no Postfix), warms up, then drives the relay with
-2 KB messages from 20 sessions while a profiler watches it:
+Starts the same parts as the benchmark (no Postfix), warms up, then drives the relay from
+20 sessions while a profiler watches it:
 
-- ``py-spy`` (default): ``py-spy record --pid <relay> --format raw`` for each load shape
-  (20 messages per connection in plaintext, a new connection per message, 20 per connection
-  with STARTTLS), summarised by function (self and inclusive) and by area;
+- ``py-spy``: ``py-spy record --pid <relay> --format raw`` for each load shape (2 KB with
+  20 messages per connection in plaintext, a new connection per message, 20 per connection
+  with STARTTLS; 100 KB with 20 per connection), summarised by SMTP step, by area and by
+  function (self and inclusive);
 - ``cprofile``, or when py-spy cannot attach: the relay restarted as
   ``python -m cProfile -o FILE -m relay serve`` under the first shape only, summarised with
   pstats.
@@ -157,11 +158,14 @@ def summarise_raw(raw: Path, messages: int, cpu_s: float, top: int = 25) -> str:
     return "\n".join(out) + "\n"
 
 
-def _shapes(args: argparse.Namespace) -> list[tuple[str, int, bool]]:
+def _shapes(args: argparse.Namespace) -> list[tuple[str, int, bool, int]]:
+    """(label, messages per connection, STARTTLS, message size)."""
     pc = args.per_connection
-    return [(f"2 KB, 20 sessions, {pc} msg/conn, plaintext + AUTH", pc, False),
-            ("2 KB, 20 sessions, a new connection per message, plaintext + AUTH", 1, False),
-            (f"2 KB, 20 sessions, {pc} msg/conn, STARTTLS + AUTH", pc, True)]
+    return [(f"2 KB, 20 sessions, {pc} msg/conn, plaintext + AUTH", pc, False, 2 * KB),
+            ("2 KB, 20 sessions, a new connection per message, plaintext + AUTH", 1, False,
+             2 * KB),
+            (f"2 KB, 20 sessions, {pc} msg/conn, STARTTLS + AUTH", pc, True, 2 * KB),
+            (f"100 KB, 20 sessions, {pc} msg/conn, plaintext + AUTH", pc, False, 100 * KB)]
 
 
 def profile(bench: Bench, args: argparse.Namespace) -> int:
@@ -186,7 +190,7 @@ def profile(bench: Bench, args: argparse.Namespace) -> int:
     if not use_cprofile:
         py_spy = _py_spy()
         assert py_spy is not None
-        for number, (label, pc, tls) in enumerate(_shapes(args), 1):
+        for number, (label, pc, tls, size) in enumerate(_shapes(args), 1):
             raw = results / f"profile-{stamp}-{number}.txt.raw"
             spy = Service("py-spy", [py_spy, "record", "--pid", str(bench.relay.pid),
                                      "--rate", str(RATE), "--duration", str(int(seconds)),
@@ -201,7 +205,7 @@ def profile(bench: Bench, args: argparse.Namespace) -> int:
                     use_cprofile = True
                     break
                 bench.say(f"profiling with py-spy: {label}")
-                sc = replace(base, per_connection=pc, tls=tls)
+                sc = replace(base, per_connection=pc, tls=tls, size=size)
                 run, _ = bench.measure(sc, bench.load_for(sc, time_cap=seconds - 2))
                 spy.proc.wait(seconds + 30)
             finally:
