@@ -30,12 +30,10 @@ from dataclasses import dataclass
 AUTH_SUCCESS = "235 2.7.0 Authentication successful"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure, try again later"
-AUTH_ABORTED = "501 5.7.0 Authentication aborted"
 AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64 response"
 AUTH_BAD_PLAIN = "501 5.5.2 Malformed AUTH PLAIN response"
 SENDER_OK = "250 2.1.0 Sender OK"
 RECIPIENT_OK = "250 2.1.5 Recipient OK"
-RESET_OK = "250 2.0.0 Reset OK"
 
 
 def message_accepted(queue_id: str) -> str:
