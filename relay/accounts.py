@@ -137,8 +137,15 @@ def _user_from(user_id: str, record: dict[str, str], senders: set[str]) -> User:
 class AccountStore:
     """Reads and writes users and apps. Redis errors surface as StoreUnavailableError."""
 
+    # Bound on the sender -> user id hints kept per process (about 100 bytes each).
+    SENDER_HINTS = 50_000
+
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
+        # Which user owned a sender address when last looked up. Only a hint, to save the
+        # index lookup on an app's MAIL FROM: it is used only if the user record, read fresh
+        # on every MAIL, still lists the address; otherwise the index is asked again.
+        self._sender_hints: dict[str, str] = {}
 
     # -- users ---------------------------------------------------------------------------
     async def add_user(self, email: str, *, plan: str, tz: str, password_hash: str | None,
@@ -272,11 +279,18 @@ class AccountStore:
             if user is None or normalized not in user.senders:
                 raise SenderNotAllowedError()
         else:
-            with store_errors():
-                user_id = await self._redis.get(keys.sender_index(normalized))
-            user = await self.get_user(str(user_id)) if user_id else None
-            if user is None:
-                raise UnknownSenderError()
+            hint = self._sender_hints.get(normalized)
+            user = await self.get_user(hint) if hint else None
+            if user is None or normalized not in user.senders:
+                with store_errors():
+                    user_id = await self._redis.get(keys.sender_index(normalized))
+                user = await self.get_user(str(user_id)) if user_id else None
+                if user is None:
+                    self._sender_hints.pop(normalized, None)
+                    raise UnknownSenderError()
+                if len(self._sender_hints) >= self.SENDER_HINTS:
+                    self._sender_hints.clear()  # rare; the next lookups refill it
+                self._sender_hints[normalized] = user.id
         if not user.active:
             raise UserDisabledError()
         return user

@@ -19,6 +19,7 @@ import aiohttp
 from relay.errors import RelayError
 from relay.events import REACHED, THRESHOLD, Event
 from relay.upstream import Upstream
+from relay.wire import Outgoing, stuff
 
 SIGNATURE_HEADER = "X-Relay-Signature"
 TIMESTAMP_HEADER = "X-Relay-Timestamp"
@@ -139,7 +140,8 @@ class EmailChannel:
             session = await self._upstream.begin(self._envelope_from, [], smtputf8=False)
             try:
                 await session.rcpt(str(message["To"]), [])
-                await session.data(message.as_bytes(policy=message.policy.clone(linesep="\r\n")))
+                content = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+                await session.data(Outgoing((stuff(content),)))
             finally:
                 await session.release(reusable=True)
         except RelayError as exc:

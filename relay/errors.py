@@ -34,6 +34,10 @@ AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64 response"
 AUTH_BAD_PLAIN = "501 5.5.2 Malformed AUTH PLAIN response"
 SENDER_OK = "250 2.1.0 Sender OK"
 RECIPIENT_OK = "250 2.1.5 Recipient OK"
+# The end of a DATA refused by the reader (relay.smtpdata); aiosmtpd's own codes, with the
+# enhanced status codes it leaves out (RFC 3463: 5.3.4 too big, 5.5.6 syntax of content).
+DATA_TOO_MUCH = "552 5.3.4 Message too big for system"
+LINE_TOO_LONG = "500 5.5.6 Line too long (see RFC 5321 4.5.3.1.6)"
 
 
 def message_accepted(queue_id: str) -> str:

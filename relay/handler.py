@@ -134,7 +134,7 @@ class RelayHandler:
             opened=opened, services=services, log=mail_log)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        envelope.txn.log.info("mail.accepted")
+        envelope.txn.log.debug("mail.accepted")  # delivery.finished is the canonical line
         return errors.SENDER_OK
 
     async def handle_RCPT(self, server: RelaySMTP, session: RelaySession,
@@ -154,7 +154,7 @@ class RelayHandler:
     async def handle_DATA(self, server: RelaySMTP, session: RelaySession,
                           envelope: RelayEnvelope) -> str:
         txn = envelope.txn
-        if txn is None or envelope.original_content is None:  # pragma: no cover
+        if txn is None or envelope.message is None:  # pragma: no cover
             return InternalError().reply
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
         trace = received_header(
@@ -162,7 +162,7 @@ class RelayHandler:
             protocol="ESMTPSA" if server.tls_active else "ESMTPA", txn_id=txn.txn_id,
             now=self._clock.now())
         try:
-            await txn.deliver(envelope.original_content, trace)
+            await txn.deliver(envelope.message, trace)
         except RelayError as exc:
             return exc.reply
         return errors.message_accepted(txn.txn_id)

@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import TextIO
 
+import orjson
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -24,9 +25,21 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
     stdout; admin commands pass stderr so their stdout carries only their result."""
     out = sys.stdout if stream is None else stream
     console = fmt == "console" or (fmt == "auto" and out.isatty())
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if console
-        else structlog.processors.JSONRenderer())
+    binary = getattr(out, "buffer", None)  # a real file; a StringIO has none
+    renderer: structlog.typing.Processor
+    logger_factory: structlog.typing.WrappedLogger
+    if console:
+        renderer = structlog.dev.ConsoleRenderer()
+        logger_factory = structlog.PrintLoggerFactory(out)
+    elif binary is not None:
+        # orjson renders a line several times faster than json.dumps (issue 5: bounded
+        # logging cost); it writes bytes, so the line goes to the stream's buffer.
+        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps,
+                                                     option=orjson.OPT_NON_STR_KEYS)
+        logger_factory = structlog.BytesLoggerFactory(binary)
+    else:
+        renderer = structlog.processors.JSONRenderer()
+        logger_factory = structlog.PrintLoggerFactory(out)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -37,7 +50,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=logger_factory,
         cache_logger_on_first_use=cache,
     )
     # aiosmtpd logs every command line (recipients, AUTH exchanges) to "mail.log" at INFO and

@@ -37,7 +37,7 @@ def strip_headers(content: bytes, prefixes: tuple[bytes, ...]) -> bytes:
     Only the header section is looked at; a message with nothing to strip is returned as
     the same object, untouched.
     """
-    header_len = _header_length(content)
+    header_len = header_length(content)
     head = content[:header_len]
     lowered = head.lower()
     if not any(prefix in lowered for prefix in prefixes):
@@ -59,7 +59,7 @@ def strip_headers(content: bytes, prefixes: tuple[bytes, ...]) -> bytes:
 def control_headers(content: bytes) -> dict[str, str]:
     """The X-KW-* fields of the header section: lower-case name without the prefix -> value
     (unfolded, stripped; undecodable bytes replaced). The first of a repeated field wins."""
-    head = content[:_header_length(content)]
+    head = content[:header_length(content)]
     if CONTROL_HEADER_PREFIX not in head.lower():
         return {}
     fields: dict[str, str] = {}
@@ -81,7 +81,7 @@ def control_headers(content: bytes) -> dict[str, str]:
     return fields
 
 
-def _header_length(content: bytes) -> int:
+def header_length(content: bytes | bytearray) -> int:
     """Bytes up to and including the line ending of the last header line.
 
     The header ends at the first empty line, CRLF or bare LF (RFC 5322 §2.1); searching for

@@ -15,11 +15,14 @@ import ssl
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
+from relay import errors
 from relay.handler import RelayHandler
 from relay.settings import Endpoint
+from relay.smtpdata import DataProblem, read_data
 from relay.transaction import Transaction
+from relay.wire import WireMessage
 
 log = structlog.get_logger()
 
@@ -37,6 +40,8 @@ class RelayEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.txn: Transaction | None = None
+        # The body in wire form, set by RelaySMTP.smtp_DATA (envelope.content stays None).
+        self.message: WireMessage | None = None
 
 
 class RelaySMTP(SMTP):
@@ -63,6 +68,41 @@ class RelaySMTP(SMTP):
         envelope = getattr(self, "envelope", None)
         if isinstance(envelope, RelayEnvelope) and envelope.txn is not None:
             self._relay_handler.retire(envelope.txn, reason)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA with the body read in bulk and kept in wire form (relay.smtpdata);
+        the checks before the 354 and the replies are aiosmtpd's own."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert isinstance(envelope, RelayEnvelope)
+        if not envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            read = await read_data(self._reader, size_limit=self.data_size_limit,
+                                   line_limit=self.line_length_limit)
+        except asyncio.CancelledError:
+            # The connection was lost during DATA (aiosmtpd cancels this task).
+            self.session_log.info("data.connection_lost")
+            self._writer.close()
+            raise
+        if read.problem is not None:
+            self.session_log.warning("data.refused", reason=read.problem.value, size=read.size)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(errors.LINE_TOO_LONG if read.problem is DataProblem.LINE_TOO_LONG
+                            else errors.DATA_TOO_MUCH)
+            return
+        envelope.message = WireMessage(read.raw)
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None

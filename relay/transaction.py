@@ -40,13 +40,14 @@ from relay.errors import (
     UnknownSenderError,
     UserDisabledError,
 )
-from relay.message import CONTROL_HEADER_PREFIX, strip_headers
+from relay.message import CONTROL_HEADER_PREFIX
 from relay.period import Period
 from relay.policies import Policies
 from relay.quota import QuotaStore, Reservation, ReserveStatus
 from relay.routes import RouteUpstreams
 from relay.routing import Route, choose_route
 from relay.upstream import UpstreamOutcomeUnknownError, UpstreamSession
+from relay.wire import Outgoing, WireMessage
 
 
 class State(Enum):
@@ -138,7 +139,7 @@ class Transaction:
                           limit=self._last_limit)
             raise
         self.accepted.append(address)
-        self.log.info("rcpt.accepted", rcpt_domain=rcpt_domain, used=self._last_used,
+        self.log.debug("rcpt.accepted", rcpt_domain=rcpt_domain, used=self._last_used,
                       limit=self._last_limit, deferred=self.deferred)
 
     async def _add_in_step(self, address: str, options: list[str]) -> None:
@@ -190,12 +191,12 @@ class Transaction:
             raise PlanMisconfiguredError()
 
     # -- the message ----------------------------------------------------------------------------
-    async def deliver(self, content: bytes, trace: bytes) -> str:
-        """Send ``trace`` + ``content`` (control and other routes' headers removed) upstream;
+    async def deliver(self, message: WireMessage, trace: bytes) -> str:
+        """Send ``trace`` + ``message`` (control and other routes' headers removed) upstream;
         commit on 250, refund on a refusal. Returns the upstream's reply. Raises the refusal
         (RelayError); at the end of DATA, for the whole message."""
         if self.deferred:
-            self._controls = read_controls(content)
+            self._controls = read_controls(message.header_content())
             if self._controls.problems:
                 self.log.warning("controls.ignored", problems=list(self._controls.problems))
             try:
@@ -203,12 +204,12 @@ class Transaction:
             except RelayError as exc:
                 self.state = State.DONE
                 await self._refuse_whole(exc)
-                self._finish("failed" if exc.permanent else "deferred", exc.code, len(content))
+                self._finish("failed" if exc.permanent else "deferred", exc.code, len(message))
                 raise
         assert self._opened is not None
         prefixes = (CONTROL_HEADER_PREFIX, *(p.encode() for p in
                     self._policies.routing.stripped_prefixes(self._opened.route)))
-        return await self._send(trace + strip_headers(content, prefixes))
+        return await self._send(message.outgoing(trace, prefixes))
 
     async def _open_at_data(self) -> None:
         """Choose the route with the headers in hand, reserve every recipient at once (on a
@@ -260,7 +261,7 @@ class Transaction:
                                     reason=reason, smtp_code=refusal.code,
                                     reply=refusal.reply, **self._controls.ids())
 
-    async def _send(self, content: bytes) -> str:
+    async def _send(self, content: Outgoing) -> str:
         assert self._opened is not None
         session = self._opened.session
         self.state = State.SENDING

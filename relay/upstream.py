@@ -28,6 +28,7 @@ from relay.errors import (
     upstream_reply_error,
 )
 from relay.settings import UpstreamTarget
+from relay.wire import Outgoing
 
 log = structlog.get_logger()
 
@@ -85,7 +86,7 @@ class UpstreamSession(Protocol):
     async def rcpt(self, address: str, options: list[str]) -> None:
         """Raises RelayError when the upstream refuses or fails."""
 
-    async def data(self, content: bytes) -> str:
+    async def data(self, message: Outgoing) -> str:
         """Send the message; returns the upstream's queue id or reply text. Raises RelayError;
         ``UpstreamOutcomeUnknownError`` when the message may have been accepted."""
 
@@ -118,7 +119,7 @@ class SmtpUpstream:
                  idle_seconds: float = 60.0) -> None:
         self.name = str(target)
         self._target = target
-        self._timeout = timeout
+        self.timeout = timeout
         self._local_hostname = local_hostname
         self._tls_verify = tls_verify
         self._ca_file = str(ca_file) if ca_file else None
@@ -132,7 +133,7 @@ class SmtpUpstream:
         client = aiosmtplib.SMTP(
             hostname=t.host, port=t.port, username=t.username, password=t.password,
             # An explicit name: the default would call socket.getfqdn() (a DNS lookup).
-            local_hostname=self._local_hostname, timeout=self._timeout,
+            local_hostname=self._local_hostname, timeout=self.timeout,
             use_tls=t.tls == "implicit", start_tls=t.tls == "starttls",
             validate_certs=self._tls_verify, cert_bundle=self._ca_file)
         try:
@@ -162,7 +163,7 @@ class SmtpUpstream:
 
     async def begin(self, sender: str, options: list[str], *, smtputf8: bool) -> SmtpSession:
         try:
-            await asyncio.wait_for(self._slots.acquire(), self._timeout)
+            await asyncio.wait_for(self._slots.acquire(), self.timeout)
         except TimeoutError:
             raise UpstreamUnavailableError("Upstream busy, try again later") from None
         try:
@@ -216,6 +217,53 @@ class SmtpUpstream:
                 client.close()
 
 
+# The body is written as views of the received buffer in slices of this size, waiting for
+# the transport to drain between them, so it is never copied whole into the transport.
+_WRITE_SLICE = 256 * 1024
+
+
+async def send_data(client: aiosmtplib.SMTP, message: Outgoing,
+                    seconds: float) -> aiosmtplib.SMTPResponse:
+    """DATA with a message already in wire form (``relay.wire``), written in slices.
+
+    aiosmtplib's own ``data()`` takes content and makes three copies of it (line-ending
+    normalisation, dot-stuffing, the terminator appended) before one big write; the relay's
+    message is in wire form already. This uses aiosmtplib's protocol for the commands and
+    replies (its locking, its reply parser) and writes the body itself.
+    """
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    start = await client.execute_command(b"DATA", timeout=seconds)
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    try:
+        async with asyncio.timeout(seconds):
+            # Armed before the body goes out, as aiosmtplib does, so an early reply from the
+            # upstream (a 5xx mid-DATA) is kept rather than dropped as unsolicited.
+            protocol._response_pending = True
+            for chunk in message.chunks:
+                view = memoryview(chunk)
+                for at in range(0, len(view), _WRITE_SLICE):
+                    protocol.write(view[at:at + _WRITE_SLICE])  # type: ignore[arg-type]
+                    await protocol._drain_helper()  # returns at once unless writing is paused
+            protocol.write(b".\r\n")
+    except TimeoutError:
+        client.close()
+        raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from None
+    except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+        client.close()
+        raise
+    try:
+        response = await protocol.read_response(timeout=seconds)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        client.close()
+        raise
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
+
+
 class SmtpSession:
     def __init__(self, pool: SmtpUpstream, client: aiosmtplib.SMTP) -> None:
         self._pool = pool
@@ -236,10 +284,10 @@ class SmtpSession:
         finally:
             self._busy = False
 
-    async def data(self, content: bytes) -> str:
+    async def data(self, message: Outgoing) -> str:
         self._busy = True
         try:
-            response = await self._client.data(content)
+            response = await send_data(self._client, message, self._pool.timeout)
         except aiosmtplib.SMTPResponseException as exc:
             raise translate_error(exc) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -288,7 +336,8 @@ class CaptureSession:
     async def rcpt(self, address: str, options: list[str]) -> None:
         return None
 
-    async def data(self, content: bytes) -> str:
+    async def data(self, message: Outgoing) -> str:
+        content = message.content()
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.monotonic_ns()}.eml"
         try:
             await asyncio.to_thread(_write_atomically, self._directory / name, content)
