@@ -89,7 +89,9 @@ def header_length(content: bytes | bytearray) -> int:
     """
     if content.startswith((b"\r\n", b"\n")):
         return 0  # no header section at all
-    # "\n\r\n" and "\n\n": a line ending followed by an empty line (CRLF or LF).
-    ends = [found + 1 for found in (content.find(b"\n\r\n"), content.find(b"\n\n"))
-            if found >= 0]
+    # "\n\r\n" and "\n\n": a line ending followed by an empty line (CRLF or LF). The bare-LF
+    # form is looked for only before the CRLF one, so a CRLF message's body is not scanned.
+    crlf = content.find(b"\n\r\n")
+    lf = content.find(b"\n\n", 0, crlf if crlf >= 0 else len(content))
+    ends = [found + 1 for found in (crlf, lf) if found >= 0]
     return min(ends) if ends else len(content)

@@ -10,6 +10,7 @@ Controller), so the Redis client and the upstream pool share one event loop.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import ssl
 from typing import Any
@@ -27,6 +28,12 @@ from relay.wire import WireMessage
 log = structlog.get_logger()
 
 IDENT = "Command Email Relay"
+# The common shape of a MAIL FROM / RCPT TO argument: <dot-atom@hostname> and parameters.
+# For it, aiosmtpd's parser (email._header_value_parser, a class created per call) gives the
+# address unchanged; anything else still goes through that parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>")
 # aiosmtpd counts every command against this budget per connection; only AUTH is limited
 # (a guard against password guessing on one connection), the rest effectively unbounded.
 COMMAND_LIMITS = {"AUTH": 5, "*": 10**9}
@@ -68,6 +75,16 @@ class RelaySMTP(SMTP):
         envelope = getattr(self, "envelope", None)
         if isinstance(envelope, RelayEnvelope) and envelope.txn is not None:
             self._relay_handler.retire(envelope.txn, reason)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        simple = _SIMPLE_PATH.match(arg)
+        # The parser also eats the blanks after ">" (CFWS); a comment there goes to it.
+        rest = arg[simple.end():].lstrip(" \t") if simple else ""
+        if simple is None or rest.startswith("(") or (
+                self.local_part_limit
+                and len(simple.group(1).rpartition("@")[0]) > self.local_part_limit):
+            return super()._getaddr(arg)
+        return simple.group(1), rest
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA with the body read in bulk and kept in wire form (relay.smtpdata);

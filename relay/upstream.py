@@ -91,7 +91,8 @@ class UpstreamSession(Protocol):
         ``UpstreamOutcomeUnknownError`` when the message may have been accepted."""
 
     async def release(self, *, reusable: bool) -> None:
-        """Hand the connection back (RSET first when reusable) or close it. Never raises."""
+        """Hand the connection back (RSET first when reusable and the transaction did not end
+        with an accepted DATA) or close it. Never raises."""
 
 
 class Upstream(Protocol):
@@ -220,6 +221,8 @@ class SmtpUpstream:
 # The body is written as views of the received buffer in slices of this size, waiting for
 # the transport to drain between them, so it is never copied whole into the transport.
 _WRITE_SLICE = 256 * 1024
+# A message smaller than this goes out in one write (one system call) with its terminator.
+_JOIN_BELOW = 64 * 1024
 
 
 async def send_data(client: aiosmtplib.SMTP, message: Outgoing,
@@ -242,12 +245,16 @@ async def send_data(client: aiosmtplib.SMTP, message: Outgoing,
             # Armed before the body goes out, as aiosmtplib does, so an early reply from the
             # upstream (a 5xx mid-DATA) is kept rather than dropped as unsolicited.
             protocol._response_pending = True
-            for chunk in message.chunks:
+            if len(message) < _JOIN_BELOW:
+                protocol.write(b"".join((*message.chunks, b".\r\n")))
+                chunks: tuple[bytes | memoryview, ...] = ()
+            else:
+                chunks = (*message.chunks, b".\r\n")
+            for chunk in chunks:
                 view = memoryview(chunk)
                 for at in range(0, len(view), _WRITE_SLICE):
                     protocol.write(view[at:at + _WRITE_SLICE])  # type: ignore[arg-type]
                     await protocol._drain_helper()  # returns at once unless writing is paused
-            protocol.write(b".\r\n")
     except TimeoutError:
         client.close()
         raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from None
@@ -270,6 +277,9 @@ class SmtpSession:
         self._client = client
         self._utf8 = False
         self._released = False
+        # After a 250 to DATA the upstream's transaction is over (RFC 5321 §4.1.1.4): the
+        # connection is reusable as it is, without an RSET round trip.
+        self._delivered = False
         # True while an upstream command is outstanding: a connection cut mid-command is in an
         # unknown protocol state and is closed rather than reused.
         self._busy = False
@@ -294,6 +304,7 @@ class SmtpSession:
             raise UpstreamOutcomeUnknownError() from exc
         finally:
             self._busy = False
+        self._delivered = True
         return response.message
 
     async def release(self, *, reusable: bool) -> None:
@@ -304,7 +315,7 @@ class SmtpSession:
         if self._busy or not reusable:
             self._client.close()
             client = None
-        else:
+        elif not self._delivered:
             try:
                 await self._client.rset()
             except (aiosmtplib.SMTPException, OSError, TimeoutError):

@@ -249,7 +249,8 @@ async def test_relay_smtputf8_is_forwarded(relay, upstream, accounts):
 
 
 async def test_relay_reuses_pooled_upstream_connections(relay, upstream, accounts):
-    """Sequential messages travel over one persistent upstream connection (RSET between)."""
+    """Sequential messages travel over one persistent upstream connection (after an accepted
+    DATA the upstream transaction is over: no RSET round trip is needed)."""
     await add_user(accounts)
     for _ in range(3):
         async with smtp_client(relay) as client:
