@@ -116,7 +116,7 @@ class RelaySMTP(SMTP):
             await self.push(errors.LINE_TOO_LONG if read.problem is DataProblem.LINE_TOO_LONG
                             else errors.DATA_TOO_MUCH)
             return
-        envelope.message = WireMessage(read.raw)
+        envelope.message = WireMessage(read.chunks, clean=read.clean)
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)

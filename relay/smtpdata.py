@@ -4,7 +4,7 @@ aiosmtpd reads DATA one line at a time in Python (a ``readuntil`` and a debug lo
 line, then a list of lines joined and un-stuffed): at 100 KB that was most of the relay's CPU.
 This reader asks the stream for everything up to the next ``.\\r\\n`` at once, so a message
 costs a few calls per network read instead of a few per line, and keeps the body in wire form
-(``relay.wire``) in one buffer.
+(``relay.wire``) as the list of pieces it was read in: never joined, never copied again.
 
 It keeps aiosmtpd's rules (1.4.6, after the SMTP-smuggling fix):
 - only ``.`` alone on a line ends the data, and a line ends only with CRLF: ``\\n.\\n``,
@@ -30,9 +30,44 @@ class DataProblem(enum.Enum):
 
 @dataclass(slots=True)
 class DataRead:
-    raw: bytearray  # dot-stuffed, CRLF line ends, without the terminating ".\r\n"
+    chunks: list[bytes]  # dot-stuffed, CRLF line ends, without the terminating ".\r\n"
     size: int  # bytes received before the terminator (what the size limit counts)
     problem: DataProblem | None
+    clean: bool  # relay.wire.is_clean_wire of the joined chunks
+
+
+class _WireShape:
+    """``relay.wire.is_clean_wire`` of everything fed, decided piece by piece: the counts of
+    CR, LF, CRLF, CRLF "." and CRLF ".." over the whole, exactly, also where a pattern
+    straddles two pieces (counted in a window of the junction)."""
+
+    __slots__ = ("cr", "crlf", "dot", "dotdot", "head", "lf", "tail")
+
+    def __init__(self) -> None:
+        self.cr = self.lf = self.crlf = self.dot = self.dotdot = 0
+        self.tail = b""  # the last three bytes so far
+        self.head = b""  # the first two bytes
+
+    def feed(self, chunk: bytes) -> None:
+        tail = self.tail
+        self.cr += chunk.count(b"\r")
+        self.lf += chunk.count(b"\n")
+        # An occurrence that ends in this piece but starts before it lies in the window of
+        # the previous (length - 1) bytes and this piece's first (length - 1) bytes.
+        self.crlf += chunk.count(b"\r\n") + (tail[-1:] + chunk[:1]).count(b"\r\n")
+        self.dot += chunk.count(b"\r\n.") + (tail[-2:] + chunk[:2]).count(b"\r\n.")
+        self.dotdot += chunk.count(b"\r\n..") + (tail[-3:] + chunk[:3]).count(b"\r\n..")
+        if len(self.head) < 2:
+            self.head = (self.head + chunk[:2])[:2]
+        self.tail = chunk[-3:] if len(chunk) >= 3 else (tail + chunk)[-3:]
+
+    @property
+    def clean(self) -> bool:
+        if not (self.cr == self.lf == self.crlf and self.dot == self.dotdot):
+            return False
+        if self.head and not self.tail.endswith(b"\r\n"):
+            return False
+        return not (self.head.startswith(b".") and self.head != b"..")
 
 
 class _LineMeter:
@@ -71,7 +106,8 @@ async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None,
                     line_limit: int) -> DataRead:
     """Read a DATA body from ``reader`` up to and including the terminating ``.\\r\\n``;
     bytes after it (a pipelined command) stay in the reader."""
-    raw = bytearray()
+    chunks: list[bytes] = []
+    shape = _WireShape()
     size = 0
     problem: DataProblem | None = None
     meter = _LineMeter(line_limit)
@@ -93,7 +129,7 @@ async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None,
         body = chunk[:-3] if at_end else chunk
         if body:
             size += len(body)
-            tail = (tail + body)[-2:]
+            tail = body[-2:] if len(body) >= 2 else (tail + body)[-2:]
             if problem is None:
                 meter.feed(body)
                 if meter.too_long:
@@ -101,8 +137,9 @@ async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None,
                 elif size_limit and size > size_limit:
                     problem = DataProblem.TOO_MUCH
                 if problem is None:
-                    raw += body
+                    chunks.append(body)
+                    shape.feed(body)
                 else:
-                    raw = bytearray()  # discard at once: no memory for a refused message
+                    chunks = []  # discard at once: no memory for a refused message
         if at_end:
-            return DataRead(raw, size, problem)
+            return DataRead(chunks, size, problem, problem is None and shape.clean)

@@ -218,16 +218,15 @@ class SmtpUpstream:
                 client.close()
 
 
-# The body is written as views of the received buffer in slices of this size, waiting for
-# the transport to drain between them, so it is never copied whole into the transport.
-_WRITE_SLICE = 256 * 1024
-# A message smaller than this goes out in one write (one system call) with its terminator.
-_JOIN_BELOW = 64 * 1024
+# The body goes out in writes of about this size (small pieces joined, so a message of many
+# network-sized pieces costs few system calls), waiting for the transport to drain between
+# them: at most one such batch is ever copied, never the whole body.
+_WRITE_BATCH = 256 * 1024
 
 
 async def send_data(client: aiosmtplib.SMTP, message: Outgoing,
                     seconds: float) -> aiosmtplib.SMTPResponse:
-    """DATA with a message already in wire form (``relay.wire``), written in slices.
+    """DATA with a message already in wire form (``relay.wire``), written in batches.
 
     aiosmtplib's own ``data()`` takes content and makes three copies of it (line-ending
     normalisation, dot-stuffing, the terminator appended) before one big write; the relay's
@@ -245,16 +244,18 @@ async def send_data(client: aiosmtplib.SMTP, message: Outgoing,
             # Armed before the body goes out, as aiosmtplib does, so an early reply from the
             # upstream (a 5xx mid-DATA) is kept rather than dropped as unsolicited.
             protocol._response_pending = True
-            if len(message) < _JOIN_BELOW:
-                protocol.write(b"".join((*message.chunks, b".\r\n")))
-                chunks: tuple[bytes | memoryview, ...] = ()
-            else:
-                chunks = (*message.chunks, b".\r\n")
-            for chunk in chunks:
-                view = memoryview(chunk)
-                for at in range(0, len(view), _WRITE_SLICE):
-                    protocol.write(view[at:at + _WRITE_SLICE])  # type: ignore[arg-type]
+            batch: list[bytes | memoryview] = []
+            pending = 0
+            for chunk in (*message.chunks, b".\r\n"):
+                batch.append(chunk)
+                pending += len(chunk)
+                if pending >= _WRITE_BATCH:
+                    protocol.write(batch[0] if len(batch) == 1  # type: ignore[arg-type]
+                                   else b"".join(batch))
+                    batch, pending = [], 0
                     await protocol._drain_helper()  # returns at once unless writing is paused
+            if batch:
+                protocol.write(b"".join(batch))
     except TimeoutError:
         client.close()
         raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from None

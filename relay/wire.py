@@ -54,43 +54,69 @@ def is_clean_wire(raw: bytes | bytearray) -> bool:
 
 
 class WireMessage:
-    """One received message, in wire form (``raw``: dot-stuffed, no terminator)."""
+    """One received message in wire form: the pieces it was read in (dot-stuffed, CRLF line
+    ends, no terminator), never joined. ``clean`` is ``is_clean_wire`` of the whole, which
+    the reader works out as it goes (``relay.smtpdata``)."""
 
-    __slots__ = ("raw",)
+    __slots__ = ("chunks", "clean", "size")
 
-    def __init__(self, raw: bytes | bytearray) -> None:
-        self.raw = raw
+    def __init__(self, chunks: list[bytes], *, clean: bool | None = None) -> None:
+        self.chunks = chunks
+        self.size = sum(map(len, chunks))
+        self.clean = is_clean_wire(b"".join(chunks)) if clean is None else clean
 
     def __len__(self) -> int:
-        return len(self.raw)
+        return self.size
+
+    def _header(self) -> tuple[bytes, int]:
+        """The leading bytes that hold the whole header section, and its length. Usually
+        the first piece alone; pieces are joined only until the blank line is in them."""
+        count = 1
+        while True:
+            joined = self.chunks[0] if count == 1 else b"".join(self.chunks[:count])
+            end = header_length(joined)
+            if end < len(joined) or count >= len(self.chunks):
+                return joined, end
+            count *= 2  # doubling: a header without an end costs one more copy, not n
 
     def header_content(self) -> bytes:
         """The header section as content (un-stuffed), for reading control headers."""
-        return unstuff(self.raw[:header_length(self.raw)])
+        if not self.chunks:
+            return b""
+        joined, end = self._header()
+        return unstuff(joined[:end])
 
     def content(self) -> bytes:
         """The whole message as content (a copy: for the capture folder and tests)."""
-        return unstuff(self.raw)
+        return unstuff(b"".join(self.chunks))
 
     def outgoing(self, trace: bytes, strip: tuple[bytes, ...]) -> Outgoing:
         """What goes upstream: ``trace`` on top, header fields starting with ``strip``
-        removed, in wire form."""
-        raw = self.raw
-        if not is_clean_wire(raw):
+        removed, in wire form. When the client's wire form is already right, that is the
+        received pieces themselves."""
+        if not self.clean:
             # Rare: re-derive the wire form from the content, exactly as before.
-            return Outgoing((stuff(trace + strip_headers(unstuff(raw), strip)),))
-        end = header_length(raw)
-        head = bytes(raw[:end])
+            return Outgoing((stuff(trace + strip_headers(self.content(), strip)),))
+        if not self.chunks:
+            return Outgoing((trace,))
+        joined, end = self._header()
+        head = joined[:end]
         if not any(prefix in head.lower() for prefix in strip):
-            return Outgoing((trace, memoryview(raw)))
+            return Outgoing((trace, *self.chunks))
         kept = stuff(strip_headers(unstuff(head), strip))
-        return Outgoing((trace, kept, memoryview(raw)[end:]))
+        rest: list[bytes | memoryview] = []
+        offset = 0
+        for chunk in self.chunks:
+            if offset + len(chunk) > end:
+                rest.append(chunk if offset >= end else memoryview(chunk)[end - offset:])
+            offset += len(chunk)
+        return Outgoing((trace, kept, *rest))
 
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """A message for the upstream: buffers that, written in order, are its DATA in wire form
-    (without the terminator). Views into the received bytes, not copies of them."""
+    (without the terminator). The received pieces (or views of them), not copies."""
 
     chunks: tuple[bytes | memoryview, ...]
 

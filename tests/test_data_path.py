@@ -249,7 +249,10 @@ async def read_all(data: bytes, cuts: Sequence[int], *, size_limit: int | None =
     reader.feed_eof()
     result = await task
     rest = await reader.read()
-    return bytes(result.raw), result.problem, rest
+    joined = b"".join(result.chunks)
+    # The reader's piece-by-piece verdict is the whole's.
+    assert result.clean == (result.problem is None and is_clean_wire(joined)), data
+    return joined, result.problem, rest
 
 
 @pytest.mark.parametrize("body", [b"", b"a\r\n", b"\r\n", b"\r\n\r\n", b"..\r\n", b"x.\r\n",
@@ -292,20 +295,30 @@ def test_is_clean_wire(raw, clean):
     assert (stuff(unstuff(raw)) == raw) is clean or not raw.endswith(b"\r\n")
 
 
-def test_outgoing_is_a_view_of_the_received_bytes_when_nothing_changes():
-    raw = bytearray(HEAD + b"..x\r\nbody\r\n")
-    chunks = WireMessage(raw).outgoing(b"Received: x\r\n", (b"x-kw-",)).chunks
+def test_outgoing_is_the_received_pieces_when_nothing_changes():
+    pieces_in = [HEAD[:10], HEAD[10:] + b"..x\r\n", b"body\r\n"]
+    chunks = WireMessage(pieces_in).outgoing(b"Received: x\r\n", (b"x-kw-",)).chunks
     assert chunks[0] == b"Received: x\r\n"
-    assert isinstance(chunks[1], memoryview) and chunks[1].obj is raw
-    with_control = bytearray(b"X-KW-Route: m\r\n" + HEAD + b"..x\r\n")
+    assert all(a is b for a, b in zip(chunks[1:], pieces_in, strict=True))  # not copies
+    with_control = [b"X-KW-Route: m\r\n" + HEAD[:5], HEAD[5:] + b"..x\r\n", b"more\r\n"]
     chunks = WireMessage(with_control).outgoing(b"R: x\r\n", (b"x-kw-",)).chunks
-    assert isinstance(chunks[-1], memoryview) and chunks[-1].obj is with_control
-    assert b"".join(chunks) == b"R: x\r\n" + HEAD + b"..x\r\n"
+    assert chunks[-1] is with_control[-1]
+    assert isinstance(chunks[-2], memoryview) and chunks[-2].obj is with_control[1]
+    assert b"".join(chunks) == b"R: x\r\n" + HEAD + b"..x\r\nmore\r\n"
+
+
+async def test_reader_verdict_matches_the_whole_for_random_pieces():
+    rng = random.Random(1870)
+    for _ in range(300):
+        raw = random_message(rng)
+        cuts = sorted(rng.sample(range(1, len(raw) + 3), min(len(raw) + 2, rng.randint(0, 9))))
+        joined, problem, _ = await read_all(raw + b".\r\n", cuts)  # asserts the verdict
+        assert (joined, problem) == (raw, None)
 
 
 def test_capture_receives_content(tmp_path):
     """The capture folder gets content (un-stuffed), as before."""
-    out = WireMessage(bytearray(HEAD + b"..x\r\n")).outgoing(b"R: 1\r\n", ())
+    out = WireMessage([HEAD + b"..x\r\n"]).outgoing(b"R: 1\r\n", ())
     assert out.content() == b"R: 1\r\n" + HEAD + b".x\r\n"
 
 
