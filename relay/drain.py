@@ -52,11 +52,6 @@ def _connected(session: RelaySMTP) -> bool:
     return session.transport is not None
 
 
-def _pending(session: RelaySMTP) -> bool:
-    """Accepted by the listener, connection_made not yet run."""
-    return session.session is None
-
-
 class SessionTracker:
     def __init__(self) -> None:
         # Weak: a session that ended is forgotten without any bookkeeping on its side.
@@ -72,7 +67,10 @@ class SessionTracker:
         return tracked
 
     def open_sessions(self) -> list[RelaySMTP]:
-        return [s for s in self._sessions if _pending(s) or _connected(s)]
+        """Sessions whose connection_made ran and connection_lost did not. (One accepted
+        over TLS whose handshake never finishes never gets there, and must not hold up a
+        drain.)"""
+        return [s for s in self._sessions if _connected(s)]
 
     def _goodbye(self, session: RelaySMTP) -> None:
         transport = _transport(session)
@@ -88,12 +86,13 @@ class SessionTracker:
         the rest. Returns how many were cut."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
+        # A connection accepted just before the listener closed gets connection_made on the
+        # next loop iteration: let it, so that it is greeted with the 421 too.
+        await asyncio.sleep(0)
         while True:
             busy = []
             for session in self.open_sessions():
-                if _pending(session):
-                    busy.append(session)  # not started yet: look again in a moment
-                elif _idle(session):
+                if _idle(session):
                     self._goodbye(session)
                 elif session not in self._closing:
                     busy.append(session)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from .conftest import PASSWORD, POLICIES
 
@@ -115,9 +118,18 @@ class ServeProcess:
         return self.process.returncode
 
     def kill(self) -> None:
+        """SIGKILL the process and whatever it started (workers, an embedded Redis)."""
         if self.process.poll() is None:
+            try:
+                children = psutil.Process(self.pid).children(recursive=True)
+            except psutil.Error:
+                children = []
             self.process.kill()
             self.process.wait()
+            for child in children:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+                    child.wait(10)
 
 
 async def refused(port: int) -> bool:
@@ -191,6 +203,23 @@ class LineClient:
 
     def close(self) -> None:
         self.writer.close()
+
+
+async def send_to(port: int, *recipients: str) -> list[int]:
+    """One transaction; the reply code to each RCPT (DATA follows if any was accepted)."""
+    client = await LineClient.connect(port)
+    try:
+        await client.login()
+        assert (await client.command("MAIL FROM:<agent@kw.test>"))[0] == 250
+        codes = [(await client.command(f"RCPT TO:<{r}>"))[0] for r in recipients]
+        if 250 in codes:
+            assert (await client.command("DATA"))[0] == 354
+            await client.send(body() + b".\r\n")
+            assert (await client.reply())[0] == 250
+        await client.command("QUIT")
+        return codes
+    finally:
+        client.close()
 
 
 def body(subject: str = "Lifecycle", lines: int = 3) -> bytes:

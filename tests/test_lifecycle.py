@@ -10,6 +10,8 @@ import shutil
 import signal
 import smtplib
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
+from relay import eventloop
 from relay.accounts import AccountStore, User
 from relay.app import RelayApp
 from relay.period import SystemClock, period_at, zone
@@ -37,7 +40,15 @@ from .conftest import (
     smtp_client,
     wait_for,
 )
-from .serving import LineClient, ServeProcess, body, captured, refused, relay_env
+from .serving import (
+    LineClient,
+    ServeProcess,
+    body,
+    captured,
+    refused,
+    relay_env,
+    send_to,
+)
 
 Start = Callable[..., ServeProcess]
 
@@ -263,23 +274,6 @@ def set_free_limit(directory: Path, limit: int) -> None:
     staged = directory / ".plans.toml.new"
     staged.write_text(text[:key] + f"monthly_limit = {limit}" + text[end:], encoding="utf-8")
     staged.replace(path)
-
-
-async def send_to(port: int, *recipients: str) -> list[int]:
-    """One transaction; the reply code to each RCPT (DATA follows if any was accepted)."""
-    client = await LineClient.connect(port)
-    try:
-        await client.login()
-        assert (await client.command("MAIL FROM:<agent@kw.test>"))[0] == 250
-        codes = [(await client.command(f"RCPT TO:<{r}>"))[0] for r in recipients]
-        if 250 in codes:
-            assert (await client.command("DATA"))[0] == 354
-            await client.send(body() + b".\r\n")
-            assert (await client.reply())[0] == 250
-        await client.command("QUIT")
-        return codes
-    finally:
-        client.close()
 
 
 async def test_sighup_reload_changes_the_limit_for_new_transactions(
@@ -528,3 +522,30 @@ async def test_event_loop_auto_prefers_uvloop(
     assert relay.events("relay.started")[0]["event_loop"] == "uvloop"
     relay.signal(signal.SIGTERM)
     assert await relay.wait_exit() == 0
+
+
+def test_event_loop_choice_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without uvloop, auto falls back to asyncio's loop and uvloop is a clear error."""
+    import uvloop
+
+    assert eventloop.loop_factory("auto") is uvloop.new_event_loop
+    assert eventloop.loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now fails
+    assert eventloop.loop_factory("auto") is None
+    with pytest.raises(eventloop.EventLoopError, match="uvloop is not installed"):
+        eventloop.loop_factory("uvloop")
+
+
+def test_serve_refuses_uvloop_when_it_is_not_installed(tmp_path: Path) -> None:
+    """RELAY_EVENT_LOOP=uvloop without uvloop: serve exits 1 saying so, no traceback."""
+    code = ("import sys; sys.modules['uvloop'] = None; from relay.cli import main; "
+            "sys.exit(main(['serve']))")
+    for workers in ("1", "2"):
+        env = relay_env(None, tmp_path / "state", RELAY_EVENT_LOOP="uvloop",
+                        RELAY_WORKERS=workers)
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                text=True, timeout=30, cwd=tmp_path)
+        assert result.returncode == 1, result
+        assert "command-relay: error: event_loop: uvloop is not installed" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "state").exists()  # refused before anything started
