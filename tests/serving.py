@@ -161,7 +161,10 @@ class LineClient:
         """One (possibly multi-line) reply; (0, "") when the server closed the connection."""
         lines = []
         while True:
-            line = await asyncio.wait_for(self.reader.readline(), seconds)
+            try:
+                line = await asyncio.wait_for(self.reader.readline(), seconds)
+            except ConnectionResetError:
+                line = b""
             if not line:
                 return 0, "\n".join(lines)
             text = line.decode().rstrip("\r\n")
