@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from typing import Any
@@ -202,14 +203,20 @@ def make_app(admin: Admin, token: str) -> web.Application:
 class AdminServer:
     """Runs the API on the relay's event loop next to the SMTP listener."""
 
-    def __init__(self, admin: Admin, token: str, endpoint: Endpoint) -> None:
+    def __init__(self, admin: Admin, token: str, endpoint: Endpoint,
+                 sock: socket.socket | None = None) -> None:
         self._runner = web.AppRunner(make_app(admin, token), access_log=None)
         self._endpoint = endpoint
-        self._site: web.TCPSite | None = None
+        # A socket the worker supervisor bound: every worker serves the API on it.
+        self._sock = sock
+        self._site: web.BaseSite | None = None
 
     async def start(self) -> None:
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self._endpoint.host, self._endpoint.port)
+        if self._sock is not None:
+            self._site = web.SockSite(self._runner, self._sock)
+        else:
+            self._site = web.TCPSite(self._runner, self._endpoint.host, self._endpoint.port)
         await self._site.start()
 
     @property

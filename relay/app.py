@@ -1,6 +1,10 @@
 """Wiring only: settings -> Redis -> scripts -> policies -> upstream -> listeners; graceful
 start and stop (STYLE §2). Production (``serve``) and the tests start the relay through this
 same class.
+
+Signals in ``serve``: SIGTERM (and SIGINT) drain the relay (``RelayApp.stop``, see
+``relay/drain.py``), SIGHUP reloads ``policies/`` (``relay/reload.py``). With several worker
+processes, ``relay/workers.py`` runs one ``serve`` per worker on sockets it bound itself.
 """
 
 from __future__ import annotations
@@ -8,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -22,6 +28,7 @@ from relay.admin import Admin
 from relay.adminapi import AdminServer
 from relay.channels import Channel, EmailChannel, WebhookChannel
 from relay.credentials import CredentialStore, load_key
+from relay.drain import SessionTracker
 from relay.embedded import EmbeddedRedis
 from relay.events import EventLog
 from relay.handler import RelayHandler
@@ -29,6 +36,7 @@ from relay.notify import Notifier
 from relay.period import Clock, SystemClock
 from relay.policies import Policies, load_policies
 from relay.quota import QuotaStore
+from relay.reload import reload_policies
 from relay.routes import RouteUpstreams
 from relay.server import listen, make_factory
 from relay.settings import Settings
@@ -36,6 +44,9 @@ from relay.store import connect_redis
 from relay.tlsconfig import ensure_dev_certificate, server_context
 from relay.transaction import Services
 from relay.upstream import CaptureUpstream, SmtpUpstream, Upstream
+
+if TYPE_CHECKING:
+    from relay.workers import WorkerLink
 
 log = structlog.get_logger()
 
@@ -45,26 +56,33 @@ class StartupError(RuntimeError):
 
 
 @asynccontextmanager
+async def redis_url_for(settings: Settings, *, share: bool) -> AsyncIterator[str]:
+    """The configured Redis URL, or the embedded development server's (started and stopped
+    here). The worker supervisor uses this too: the embedded server is started once."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    embedded = EmbeddedRedis(settings.state_dir)
+    # serve waits a little for an admin command that owns the server for a moment.
+    await embedded.start(share=share, wait_seconds=15 if share else 5)
+    if embedded.owned:
+        log.warning("dev.embedded_redis", url=embedded.url, directory=str(embedded.directory),
+                    note="development default: set RELAY_REDIS_URL in production")
+    try:
+        yield embedded.url
+    finally:
+        await embedded.stop()
+
+
+@asynccontextmanager
 async def redis_for(settings: Settings, *, share: bool) -> AsyncIterator[aioredis.Redis]:
     """The configured Redis, or the embedded development one (started and stopped here)."""
-    embedded: EmbeddedRedis | None = None
-    if settings.redis_url:
-        url = settings.redis_url
-    else:
-        embedded = EmbeddedRedis(settings.state_dir)
-        # serve waits a little for an admin command that owns the server for a moment.
-        await embedded.start(share=share, wait_seconds=15 if share else 5)
-        url = embedded.url
-        if embedded.owned:
-            log.warning("dev.embedded_redis", url=url, directory=str(embedded.directory),
-                        note="development default: set RELAY_REDIS_URL in production")
-    client = connect_redis(url, timeout=settings.redis_timeout)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-        if embedded is not None:
-            await embedded.stop()
+    async with redis_url_for(settings, share=share) as url:
+        client = connect_redis(url, timeout=settings.redis_timeout)
+        try:
+            yield client
+        finally:
+            await client.aclose()
 
 
 async def wait_for_redis(client: aioredis.Redis, seconds: float) -> None:
@@ -93,14 +111,16 @@ def make_upstream(settings: Settings) -> Upstream:
 
 
 def make_routes(settings: Settings, policies: Policies, default: Upstream,
-                credentials: CredentialStore) -> RouteUpstreams:
+                credentials: CredentialStore,
+                previous: RouteUpstreams | None = None) -> RouteUpstreams:
     """The routes of routing.toml over their upstreams; a route whose upstream setting is
-    missing is logged at start-up and answers 451 4.3.5 until it is configured."""
+    missing is logged at start-up and answers 451 4.3.5 until it is configured. On a reload,
+    ``previous`` lends its pools to the routes that did not change."""
     routes = RouteUpstreams(policies.routing, default=default, targets=settings.route_urls,
                             credentials=credentials, pool_size=settings.upstream_pool_size,
                             timeout=settings.upstream_timeout, hostname=settings.hostname,
                             tls_verify=settings.upstream_tls_verify,
-                            ca_file=settings.upstream_ca_file)
+                            ca_file=settings.upstream_ca_file, previous=previous)
     for name in routes.missing_settings():
         log.warning("route.unconfigured", route=name,
                     note=f"set RELAY_ROUTE_{name.upper()}_URL; sends routed there get a 451")
@@ -108,10 +128,16 @@ def make_routes(settings: Settings, policies: Policies, default: Upstream,
 
 
 class RelayApp:
-    """The running relay. ``async with RelayApp(...)`` starts it; leaving stops it."""
+    """The running relay. ``async with RelayApp(...)`` starts it; leaving stops it.
+
+    ``sockets``: listening sockets bound by a supervisor (``relay/workers.py``), by setting
+    name (``listen``, ``smtps_listen``, ``admin_listen``); without them the relay binds the
+    configured addresses itself.
+    """
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, *,
-                 clock: Clock | None = None, policies: Policies | None = None) -> None:
+                 clock: Clock | None = None, policies: Policies | None = None,
+                 sockets: Mapping[str, socket.socket] | None = None) -> None:
         self.settings = settings
         self.redis = redis
         self.clock = clock or SystemClock()
@@ -129,11 +155,19 @@ class RelayApp:
                               policies=self.policies, max_recipients=settings.max_recipients),
             clock=self.clock, hostname=settings.hostname, default_tz=settings.default_tz)
         self._servers: list[asyncio.Server] = []
+        self._sockets = dict(sockets or {})
+        self._sessions = SessionTracker()
+        self._stopped = False
+        # True from the start of a drain (SIGTERM) on: /readyz reports not ready.
+        self.draining = False
+        self.reload_lock = asyncio.Lock()
+        self.admin: Admin | None = None
         self.admin_server: AdminServer | None = None
         if settings.admin_token:
-            self.admin_server = AdminServer(
-                Admin(redis, self.policies, self.clock, settings.default_tz),
-                settings.admin_token, settings.admin_listen)
+            self.admin = Admin(redis, self.policies, self.clock, settings.default_tz)
+            self.admin_server = AdminServer(self.admin, settings.admin_token,
+                                            settings.admin_listen,
+                                            sock=self._sockets.get("admin_listen"))
 
     async def start(self) -> None:
         s = self.settings
@@ -151,15 +185,17 @@ class RelayApp:
             log.warning("dev.plaintext_auth", listen=str(s.listen),
                         note="AUTH offered without TLS on a loopback listener")
         def factory(implicit_tls: bool) -> Any:
-            return make_factory(self.handler, hostname=s.hostname,
-                                data_size_limit=s.max_message_size, idle_timeout=s.idle_timeout,
-                                tls_context=tls, allow_plaintext_auth=s.allow_plaintext_auth,
-                                implicit_tls=implicit_tls)
+            return self._sessions.track(make_factory(
+                self.handler, hostname=s.hostname, data_size_limit=s.max_message_size,
+                idle_timeout=s.idle_timeout, tls_context=tls,
+                allow_plaintext_auth=s.allow_plaintext_auth, implicit_tls=implicit_tls))
         try:
-            self._servers.append(await listen(factory(False), s.listen))
+            self._servers.append(await listen(factory(False), s.listen,
+                                              sock=self._sockets.get("listen")))
             if s.smtps_listen is not None:
                 self._servers.append(await listen(factory(True), s.smtps_listen,
-                                                  ssl_context=tls))
+                                                  ssl_context=tls,
+                                                  sock=self._sockets.get("smtps_listen")))
         except OSError as exc:
             await self.stop()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
@@ -172,9 +208,11 @@ class RelayApp:
                     from None
         else:
             log.info("admin_api.disabled", note="set RELAY_ADMIN_TOKEN to enable it")
+        loop = asyncio.get_running_loop()
         log.info("relay.started", listen=[str(a) for a in self.addresses],
                  upstream=self.upstream.name, policies=str(s.policies_dir),
-                 plans=sorted(self.policies.plans))
+                 plans=sorted(self.policies.plans),
+                 event_loop=type(loop).__module__.partition(".")[0])
 
     @property
     def addresses(self) -> list[str]:
@@ -194,24 +232,54 @@ class RelayApp:
     def smtps_port(self) -> int:
         return int(self._servers[1].sockets[0].getsockname()[1])
 
-    async def stop(self) -> None:
-        if self.admin_server is not None:
-            await self.admin_server.stop()
+    # -- policies ------------------------------------------------------------------------------
+    def routes_for(self, policies: Policies, previous: RouteUpstreams) -> RouteUpstreams:
+        """New routes for reloaded policies, keeping ``previous``'s unchanged pools."""
+        return make_routes(self.settings, policies, self.upstream, self.credentials, previous)
+
+    def use_policies(self, policies: Policies, routes: RouteUpstreams) -> None:
+        """Swap in reloaded policies everywhere at once. The handler's ``services`` is
+        replaced whole: a transaction keeps the services it started with."""
+        self.policies, self.routes = policies, routes
+        self.handler.services = replace(self.handler.services, policies=policies,
+                                        routes=routes)
+        if self.admin is not None:
+            self.admin.policies = policies
+
+    async def reload_policies(self) -> bool:
+        """Reload ``policies/`` (SIGHUP): all files or none. Returns whether it took."""
+        return await reload_policies(self)
+
+    # -- stopping --------------------------------------------------------------------------------
+    async def stop(self, drain_timeout: float = 0.0) -> None:
+        """Drain, then stop: close the listeners, say ``421`` to idle sessions, give open
+        transactions up to ``drain_timeout`` seconds to finish, cut (and refund) the rest.
+        Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.draining = True
+        self.handler.draining = True
         for server in self._servers:
             server.close()
+        if self._servers:
+            log.info("relay.draining", sessions=len(self._sessions.open_sessions()),
+                     timeout=drain_timeout)
+        cut = await self._sessions.drain(drain_timeout)
+        await self._sessions.wait_closed(5)
         for server in self._servers:
-            # Closing the listener does not end open SMTP sessions; cut them so their
-            # transactions are retired (refunded) before the process exits.
-            close_clients = getattr(server, "close_clients", None)  # Python 3.13+
-            if close_clients is not None:
-                close_clients()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 5)
         self._servers.clear()
+        # The transactions of the sessions that ended are retired in tasks of their own:
+        # wait for their refunds before the Redis client goes away.
         await asyncio.sleep(0)
         await self.handler.drain()
-        await self.routes.close()
-        log.info("relay.stopped")
+        if self.admin_server is not None:
+            await self.admin_server.stop()
+        async with self.reload_lock:  # not while a reload swaps the routes
+            await self.routes.close()
+        log.info("relay.stopped", sessions_cut=cut)
 
     async def __aenter__(self) -> RelayApp:
         await self.start()
@@ -221,23 +289,50 @@ class RelayApp:
         await self.stop()
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGINT or SIGTERM."""
+async def serve(settings: Settings, worker: WorkerLink | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then drain for up to ``drain_timeout`` seconds; SIGHUP
+    reloads the policies. ``worker``: this process is one of several (``relay/workers.py``)."""
     # Signal handlers first: a SIGTERM during start-up (waiting for Redis, say) must still
     # stop the embedded Redis cleanly instead of killing the process around it.
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    app: RelayApp | None = None
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_stop(name: str) -> None:
+        if stopping.is_set():
+            log.info("relay.signal_ignored", signal=name, note="already draining")
+            return
+        log.info("relay.signal", signal=name, drain_timeout=settings.drain_timeout)
+        stopping.set()
+
+    def on_reload() -> None:
+        if app is None or app.draining:
+            # Before start-up the policies are about to be read anyway; while draining,
+            # no new transaction would use them.
+            log.info("policies.reload_skipped", reason="draining" if app else "starting")
+            return
+        task = loop.create_task(app.reload_policies())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_stop, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     async with redis_for(settings, share=False) as redis:
         await wait_for_redis(redis, 10)
-        app = RelayApp(settings, redis)
+        app = RelayApp(settings, redis, sockets=worker.sockets if worker else None)
         await app.start()
+        if worker is not None:
+            worker.started(on_parent_gone=stopping.set)
         try:
             await stopping.wait()
         finally:
             log.info("relay.stopping")
-            await app.stop()
+            await app.stop(settings.drain_timeout)
+            for task in list(reloads):
+                with contextlib.suppress(Exception):
+                    await task
 
 
 async def run_notifier(settings: Settings) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from relay import eventloop
 from relay.accounts import AccountError
 from relay.admin import Admin, AdminError
 from relay.app import StartupError, redis_for, run_notifier, serve, wait_for_redis
@@ -31,6 +32,7 @@ from relay.period import SystemClock
 from relay.policies import PolicyError, load_policies
 from relay.settings import Settings, SettingsError, load_settings
 from relay.usage import format_report
+from relay.workers import Supervisor, WorkerLink, tag_logs
 
 PROG = "command-relay"
 
@@ -44,7 +46,13 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML settings file (also RELAY_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", help="run the SMTP relay")
+    serve_parser = sub.add_parser("serve", help="run the SMTP relay")
+    serve_parser.add_argument(
+        "--workers", type=_positive_int, metavar="N",
+        help="worker processes sharing the listeners (default: RELAY_WORKERS, else one per "
+             "core); 1 serves in this process")
+    # Internal: how the supervisor starts a worker (relay/workers.py).
+    serve_parser.add_argument("--worker", help=argparse.SUPPRESS)
     sub.add_parser("check-config", help="validate settings and policies/ without serving")
 
     users = sub.add_parser("users", help="manage users (agents)").add_subparsers(
@@ -134,6 +142,35 @@ def _build_parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", nargs="*", help="dead-letter ids from `events dead`")
     retry.add_argument("--all", action="store_true")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    """One relay process, one worker of a supervisor, or the supervisor of N workers."""
+    if args.worker:
+        try:
+            link = WorkerLink.from_spec(args.worker)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        tag_logs(link.index)
+        eventloop.run(serve(settings, link), settings.event_loop)
+        return 0
+    workers = args.workers or settings.workers or os.cpu_count() or 1
+    if workers == 1:
+        eventloop.run(serve(settings), settings.event_loop)
+        return 0
+    # Refuse a bad RELAY_EVENT_LOOP here rather than in every worker.
+    eventloop.loop_factory(settings.event_loop)
+    return asyncio.run(Supervisor(settings, workers, config=args.config).run())
 
 
 def _read_password() -> str:
@@ -365,15 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_format, settings.log_level if serving else "warning",
                           stream=sys.stdout if serving else sys.stderr)
         if args.command == "serve":
-            asyncio.run(serve(settings))
+            return _serve(args, settings)
         elif args.command == "notifier":
-            asyncio.run(run_notifier(settings))
+            eventloop.run(run_notifier(settings), settings.event_loop)
         elif args.command == "check-config":
             _check_config(settings)
         else:
             asyncio.run(_run_admin(_ADMIN[args.command], args, settings))
     except (SettingsError, PolicyError, AccountError, AdminError, CommandError, StartupError,
-            EmbeddedRedisError) as exc:
+            EmbeddedRedisError, eventloop.EventLoopError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except StoreUnavailableError:

@@ -11,7 +11,8 @@ module writes a reply string.
     │   ├── TooManyRecipientsError      452 4.5.3  more recipients than one message may carry
     │   ├── UpstreamTemporaryError      4xx        the upstream said 4xx, or could not be reached
     │   │   └── UpstreamUnavailableError 451 4.4.1 connection, TLS or login to the upstream failed
-    │   └── InternalError               451 4.3.0  a bug: logged with its traceback, never shown
+    │   ├── InternalError               451 4.3.0  a bug: logged with its traceback, never shown
+    │   └── ShuttingDownError           421 4.3.2  the relay is draining (SIGTERM): goodbye
     ├── PermanentError                  5xx: the client must not retry as is
     │   ├── AuthRequiredError           530 5.7.0  MAIL before a successful AUTH
     │   ├── SenderNotAllowedError       553 5.7.1  MAIL FROM not owned by this login
@@ -112,6 +113,14 @@ class InternalError(TemporaryError):
     code = 451
     status = "4.3.0"
     text = "Internal error, try again later"
+
+
+class ShuttingDownError(TemporaryError):
+    # RFC 5321 §3.8: a server shutting down answers 421 and closes the connection; RFC 3463
+    # 4.3.2: system not accepting network messages.
+    code = 421
+    status = "4.3.2"
+    text = "Service shutting down"
 
 
 class AuthRequiredError(PermanentError):

@@ -19,7 +19,13 @@ from aiosmtpd.smtp import MISSING, AuthResult
 from relay import errors
 from relay.accounts import AccountStore, Principal
 from relay.auth import Authenticator
-from relay.errors import AuthRequiredError, InternalError, RelayError, StoreUnavailableError
+from relay.errors import (
+    AuthRequiredError,
+    InternalError,
+    RelayError,
+    ShuttingDownError,
+    StoreUnavailableError,
+)
 from relay.message import received_header
 from relay.period import Clock, UnknownTimeZoneError, period_at, zone
 from relay.routing import choose_route
@@ -43,6 +49,9 @@ class RelayHandler:
         self._hostname = hostname
         self._default_tz = default_tz
         self._retiring: set[asyncio.Task[None]] = set()
+        # Set when the relay drains (SIGTERM): open transactions may finish, new ones are
+        # refused (a client pipelining its next message on a pooled connection, say).
+        self.draining = False
 
     # -- AUTH (RFC 4954) ---------------------------------------------------------------------
     async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
@@ -100,6 +109,10 @@ class RelayHandler:
                           mail_options: list[str]) -> str:
         principal: Principal | None = session.auth_data if session.authenticated else None
         session_log = server.session_log
+        if self.draining:
+            shutting_down = ShuttingDownError()
+            session_log.info("mail.refused", reason="draining", smtp_code=shutting_down.code)
+            return shutting_down.reply
         if principal is None:
             refusal = AuthRequiredError()
             session_log.info("mail.refused", reason="auth_required", smtp_code=refusal.code)

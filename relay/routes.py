@@ -49,10 +49,13 @@ class RouteNotConfiguredError(UpstreamUnavailableError):
 
 
 class RouteUpstreams:
+    """``previous``: the routes a policy reload replaces; their pools are kept wherever a
+    route's upstream and pool settings did not change, so a reload keeps warm connections."""
+
     def __init__(self, routing: Routing, *, default: Upstream,
                  targets: Mapping[str, UpstreamTarget], credentials: CredentialStore,
                  pool_size: int, timeout: float, hostname: str, tls_verify: bool,
-                 ca_file: Path | None = None) -> None:
+                 ca_file: Path | None = None, previous: RouteUpstreams | None = None) -> None:
         self._routing = routing
         self._default = default
         self._credentials = credentials
@@ -61,16 +64,34 @@ class RouteUpstreams:
         self._tls_verify = tls_verify
         self._ca_file = ca_file
         self._targets = dict(targets)
+        self._pool_size = pool_size
+        self._retired = False
         self._shared: dict[str, Upstream] = {}
         self._per_user: OrderedDict[tuple[str, str, str], SmtpUpstream] = OrderedDict()
+        kept: dict[tuple[object, ...], Upstream] = {}
+        if previous is not None:
+            kept = {previous._pool_key(route): previous._shared[route.name]
+                    for route in previous._routing.routes.values()
+                    if route.name in previous._shared}
         for route in routing.routes.values():
             if route.upstream == "default":
                 self._shared[route.name] = default
             elif route.credentials == "upstream" and route.name in targets:
-                self._shared[route.name] = SmtpUpstream(
+                self._shared[route.name] = kept.get(self._pool_key(route)) or SmtpUpstream(
                     targets[route.name], size=route.pool_size or pool_size,
                     timeout=route.timeout or timeout,
                     local_hostname=hostname, tls_verify=tls_verify, ca_file=ca_file)
+        if previous is not None:
+            for key, pool in previous._per_user.items():
+                old, new = previous._routing.routes.get(key[0]), routing.routes.get(key[0])
+                if (old is not None and new is not None and new.credentials == "user"
+                        and previous._pool_key(old) == self._pool_key(new)):
+                    self._per_user[key] = pool
+
+    def _pool_key(self, route: Route) -> tuple[object, ...]:
+        """What a route's pool is made of: a pool is reused only when all of it is equal."""
+        return (route.name, route.upstream, route.credentials, self._targets.get(route.name),
+                route.pool_size or self._pool_size, route.timeout or self._timeout)
 
     def missing_settings(self) -> list[str]:
         """Routes whose upstream is a setting that is not set (checked at start-up)."""
@@ -105,6 +126,10 @@ class RouteUpstreams:
                                 timeout=route.timeout or self._timeout,
                                 local_hostname=self._hostname, tls_verify=self._tls_verify,
                                 ca_file=self._ca_file)
+            if self._retired:
+                # A transaction that began before a reload still routes through these
+                # routes: its pool works, but closes each connection when handed back.
+                await pool.close()
             self._per_user[key] = pool
             while len(self._per_user) > MAX_USER_POOLS:
                 _, oldest = self._per_user.popitem(last=False)
@@ -132,9 +157,19 @@ class RouteUpstreams:
             return fallback, await upstream.begin(sender, options, smtputf8=smtputf8), \
                 upstream.name
 
-    async def close(self) -> None:
-        for upstream in {id(u): u for u in self._shared.values()}.values():
-            await upstream.close()
-        for pool in self._per_user.values():
-            await pool.close()
+    def _pools(self) -> dict[int, Upstream]:
+        pools: dict[int, Upstream] = {id(u): u for u in self._shared.values()}
+        pools.update((id(p), p) for p in self._per_user.values())
+        return pools
+
+    async def close(self, *, successor: RouteUpstreams | None = None) -> None:
+        """Close every pool (at shutdown), or, after a reload, those ``successor`` does not
+        use (never the default upstream). A closed pool still serves the transactions that
+        hold one of its connections, and closes the connection when it is handed back."""
+        keep = {} if successor is None else {**successor._pools(),
+                                             id(successor._default): successor._default}
+        self._retired = True
+        for key, upstream in self._pools().items():
+            if key not in keep:
+                await upstream.close()
         self._per_user.clear()

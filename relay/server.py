@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import socket
 import ssl
 from typing import Any
 
@@ -163,7 +164,11 @@ def make_factory(handler: RelayHandler, *, hostname: str, data_size_limit: int,
 
 
 async def listen(factory: Any, endpoint: Endpoint,
-                 ssl_context: ssl.SSLContext | None = None) -> asyncio.Server:
+                 ssl_context: ssl.SSLContext | None = None,
+                 sock: socket.socket | None = None) -> asyncio.Server:
+    """Listen on ``endpoint``, or on ``sock`` when a supervisor bound it for its workers."""
     loop = asyncio.get_running_loop()
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock, ssl=ssl_context)
     return await loop.create_server(factory, host=endpoint.host, port=endpoint.port,
                                     ssl=ssl_context, reuse_address=True)

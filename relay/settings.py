@@ -142,6 +142,11 @@ class Settings:
     timeline_webhook_url: str | None = None
     timeline_webhook_secret: str | None = field(default=None, repr=False)
     credentials_key: str | None = field(default=None, repr=False)
+    # Lifecycle: seconds a SIGTERM waits for open transactions; worker processes of `serve`
+    # (None: one per core); the event loop (auto: uvloop when it is installed).
+    drain_timeout: float = 30.0
+    workers: int | None = None
+    event_loop: str = "auto"
     # RELAY_ROUTE_<NAME>_URL: the upstream of each route with upstream = "setting".
     route_urls: Mapping[str, UpstreamTarget] = field(default_factory=dict)
 
@@ -177,6 +182,19 @@ def _positive_float(value: str) -> float:
     if number <= 0:
         raise ValueError(f"must be a positive number, got {number}")
     return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):  # also refuses nan
+        raise ValueError(f"must be a number of seconds, 0 or more, got {value!r}")
+    return number
+
+
+def _workers(value: str) -> int | None:
+    if value.strip().lower() == "auto":
+        return None
+    return _positive_int(value)
 
 
 def _choice(*allowed: str) -> Any:
@@ -258,6 +276,9 @@ _PARSERS: dict[str, Any] = {
     "timeline_webhook_url": _http_url,
     "timeline_webhook_secret": _secret,
     "credentials_key": _fernet_key,
+    "drain_timeout": _non_negative_float,
+    "workers": _workers,
+    "event_loop": _choice("auto", "asyncio", "uvloop"),
 }
 # Settings that hold secrets: never echoed back in an error message.
 _SECRET = {"redis_url", "upstream_url", "notify_webhook_secret", "admin_token",

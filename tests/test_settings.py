@@ -288,12 +288,39 @@ def test_load_settings_unknown_variable_is_named() -> None:
     ("RELAY_HOSTNAME", "relay example"),
     ("RELAY_HOSTNAME", "relay\r\n.example"),
     ("RELAY_HOSTNAME", "rélay.example"),
+    ("RELAY_DRAIN_TIMEOUT", "-1"),
+    ("RELAY_DRAIN_TIMEOUT", "nan"),
+    ("RELAY_DRAIN_TIMEOUT", "inf"),
+    ("RELAY_WORKERS", "0"),
+    ("RELAY_WORKERS", "many"),
+    ("RELAY_EVENT_LOOP", "trio"),
 ])
 def test_load_settings_bad_value_names_the_key(var: str, value: str) -> None:
     """A malformed value is a SettingsError naming the setting."""
     with pytest.raises(SettingsError) as info:
         load_settings(environ={var: value})
     assert var.removeprefix("RELAY_").lower() in str(info.value)
+
+
+def test_load_settings_lifecycle_defaults_and_values() -> None:
+    """Drain 30 s, one worker per core (None), the event loop chosen automatically; each
+    can be set, a drain timeout of 0 cuts at once and "auto" spells the default."""
+    default = load_settings(environ={})
+    assert (default.drain_timeout, default.workers, default.event_loop) == (30.0, None, "auto")
+    settings = load_settings(environ={"RELAY_DRAIN_TIMEOUT": "0", "RELAY_WORKERS": "4",
+                                      "RELAY_EVENT_LOOP": "asyncio"})
+    assert (settings.drain_timeout, settings.workers, settings.event_loop) == \
+        (0.0, 4, "asyncio")
+    assert load_settings(environ={"RELAY_WORKERS": "auto"}).workers is None
+    assert load_settings(environ={"RELAY_EVENT_LOOP": "uvloop"}).event_loop == "uvloop"
+
+
+def test_load_settings_lifecycle_from_toml(tmp_path: Path) -> None:
+    """The TOML file takes the same keys, numbers as numbers."""
+    path = write_toml(tmp_path, 'drain_timeout = 12.5\nworkers = 3\nevent_loop = "uvloop"\n')
+    settings = load_settings(environ={}, config_file=path)
+    assert (settings.drain_timeout, settings.workers, settings.event_loop) == \
+        (12.5, 3, "uvloop")
 
 
 def test_parse_endpoint_refuses_host_names_without_dns() -> None:
