@@ -167,9 +167,9 @@ class Bench:
             "RELAY_HOSTNAME": "relay.bench.invalid",
             "RELAY_LOG_FORMAT": "json",
             "RELAY_LOG_LEVEL": "info",
-            # One relay process, as the figures in bench/README.md were measured (and so
-            # that --profile profiles the relay, not a worker supervisor).
-            "RELAY_WORKERS": "1",
+            # --workers (default: serve's own default, one per core); --profile runs one
+            # process, so that it profiles the relay, not the worker supervisor.
+            "RELAY_WORKERS": str(1 if args.profile else args.workers or psutil.cpu_count()),
         }
         if needed > DEFAULT_MAX_MESSAGE_SIZE:
             relay_env["RELAY_MAX_MESSAGE_SIZE"] = str(needed)
@@ -568,6 +568,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-postfix", action="store_true", help="skip Postfix")
     parser.add_argument("--python-sink", action="store_true",
                         help="use the Python asyncio sink instead of smtp-sink")
+    parser.add_argument("--workers", type=int,
+                        help="RELAY_WORKERS (default: one per core, as serve; 1 with --profile)")
     parser.add_argument("--pool-size", type=int,
                         help="RELAY_UPSTREAM_POOL_SIZE (default: the relay's own, 20)")
     parser.add_argument("--tls-key", choices=KEY_KINDS, default="p256",
@@ -686,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.reps} runs per scenario (median, min-max); {args.messages_2k} x 2 KB / "
         f"{args.messages_100k} x 100 KB messages per run, each run capped at "
         f"{args.time_cap:g} s; relay: JSON logs at info to a file, quota on, "
-        f"upstream pool {args.pool_size or 'default (20)'}",
+        f"upstream pool {args.pool_size or 'default (20)'} per worker, "
+        f"{relay_env['RELAY_WORKERS']} worker(s)",
         f"relay RSS {rss['start_mb']:.0f} MB after start, {rss['after_warm_up_mb']:.0f} MB "
         f"after the warm-up; its JSON log grew to {relay_log_mb:.0f} MB, "
         f"{lines_per_msg:.1f} lines per message delivered",
