@@ -16,6 +16,7 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -59,7 +60,9 @@ class HAProxy:
     """One haproxy process in the foreground (-db) on ephemeral ports, and its stats socket."""
 
     def __init__(self, workdir: Path, relay_port: int, send_proxy: str) -> None:
-        self.socket = workdir / "haproxy.sock"
+        # A Unix socket path must stay under ~100 bytes; pytest's tmp_path may not.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="relay-haproxy-"))
+        self.socket = self._socket_dir / "stats.sock"
         self.front_port = free_port()
         self.config = workdir / "haproxy.cfg"
         self.config.write_text(CONFIG.format(socket=self.socket, front_port=self.front_port,
@@ -96,6 +99,7 @@ class HAProxy:
                 self.process.kill()
                 await asyncio.to_thread(self.process.wait)
             self.process = None
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     async def command(self, line: str) -> str:
         """One command on the stats socket (the socket closes after the answer)."""
@@ -223,23 +227,28 @@ async def test_haproxy_direct_connection_is_refused(make_relay, upstream, accoun
             await asyncio.to_thread(send_mail, relay.port)
         assert refused.value.smtp_code == 421
         async with balancer(tmp_path, relay, "send-proxy-v2") as haproxy:
+            await haproxy.wait_checked("L7OK", lambda: True)  # up and serving
             await asyncio.to_thread(send_mail, haproxy.front_port)
     (untrusted,) = [entry for entry in logs if entry["event"] == "proxy.untrusted"]
     assert untrusted["peer"] == CLIENT and untrusted["smtp_code"] == 421
     assert len(upstream.messages) == 1
 
 
-async def test_haproxy_checks_fail_when_the_relay_expects_no_proxy_header(
+async def test_haproxy_checks_fail_when_the_relay_does_not_trust_the_balancer(
         make_relay, upstream, tmp_path: Path):
-    """The health check is a real test: against a relay with PROXY off, HAProxy's header is an
-    unknown command, the check fails and relay1 goes DOWN."""
-    relay: RelayApp = await make_relay(upstream=upstream)
-    async with balancer(tmp_path, relay, "send-proxy") as haproxy:
-        async def down() -> bool:
+    """The health check is a real test: when the relay does not trust the balancer, every
+    check is refused with 421 (and logged as proxy.untrusted), so relay1 goes DOWN."""
+    relay: RelayApp = await make_relay(
+        upstream=upstream, proxy_protocol=True,
+        trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),))
+    with capture_logs() as logs:
+        async with balancer(tmp_path, relay, "send-proxy-v2") as haproxy:
+            async def down() -> bool:
+                return (await haproxy.stat()).get("status") == "DOWN"
+            await wait_for(down, 20)
+            state = await haproxy.server_state()
+            assert state["srv_op_state"] == "0", state  # SRV_ST_STOPPED
             stat = await haproxy.stat()
-            return stat.get("status") == "DOWN"
-        await wait_for(down, 20)
-        state = await haproxy.server_state()
-        assert state["srv_op_state"] == "0", state  # SRV_ST_STOPPED
-        stat = await haproxy.stat()
-        assert stat["check_status"] != "L7OK", stat
+            assert stat["check_status"] == "L7STS" and stat["check_code"] == "421", stat
+    untrusted = [entry for entry in logs if entry["event"] == "proxy.untrusted"]
+    assert untrusted and {entry["peer"] for entry in untrusted} == {BALANCER}
