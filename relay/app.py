@@ -33,9 +33,11 @@ from relay.drain import SessionTracker
 from relay.embedded import EmbeddedRedis
 from relay.events import EventLog
 from relay.handler import RelayHandler
+from relay.limits import AuthThrottle, ConnectionLimiter
 from relay.notify import Notifier
 from relay.period import Clock, SystemClock
 from relay.policies import Policies, load_policies
+from relay.proxy import ProxyPolicy
 from relay.quota import QuotaStore
 from relay.reload import reload_policies
 from relay.routes import RouteUpstreams
@@ -154,7 +156,13 @@ class RelayApp:
             accounts=self.accounts,
             services=Services(quota=self.quota, events=self.events, routes=self.routes,
                               policies=self.policies, max_recipients=settings.max_recipients),
-            clock=self.clock, hostname=settings.hostname, default_tz=settings.default_tz)
+            clock=self.clock, hostname=settings.hostname, default_tz=settings.default_tz,
+            throttle=AuthThrottle(redis, per_client=settings.auth_max_failures_per_ip,
+                                  per_login=settings.auth_max_failures_per_login,
+                                  window=settings.auth_failure_window))
+        # One count of open connections for every listener of this process.
+        self.connections = ConnectionLimiter(total=settings.max_connections,
+                                             per_client=settings.max_connections_per_ip)
         self._servers: list[asyncio.Server] = []
         self._sockets = dict(sockets or {})
         self._sessions = SessionTracker()
@@ -189,7 +197,15 @@ class RelayApp:
             return self._sessions.track(make_factory(
                 self.handler, hostname=s.hostname, data_size_limit=s.max_message_size,
                 idle_timeout=s.idle_timeout, tls_context=tls,
-                allow_plaintext_auth=s.allow_plaintext_auth, implicit_tls=implicit_tls))
+                allow_plaintext_auth=s.allow_plaintext_auth, implicit_tls=implicit_tls,
+                connections=self.connections,
+                # PROXY cannot precede implicit TLS (settings refuse both).
+                proxy=None if implicit_tls else proxy,
+                transaction_timeout=s.transaction_timeout))
+        proxy = (ProxyPolicy(s.trusted_proxies, s.proxy_protocol_timeout)
+                 if s.proxy_protocol else None)
+        if proxy is not None:
+            log.info("proxy_protocol.enabled", trusted=[str(n) for n in s.trusted_proxies])
         try:
             self._servers.append(await listen(factory(False), s.listen,
                                               sock=self._sockets.get("listen")))

@@ -9,6 +9,10 @@ module writes a reply string.
     │   ├── AuthUnavailableError        454 4.7.0  credentials could not be checked now
     │   ├── PlanMisconfiguredError      451 4.3.5  the user's plan is not in plans.toml
     │   ├── TooManyRecipientsError      452 4.5.3  more recipients than one message may carry
+    │   ├── TooManyConnectionsError     421 4.7.0  over max_connections(_per_ip); then closed
+    │   ├── UntrustedPeerError          421 4.7.0  PROXY protocol on, peer not a trusted proxy
+    │   ├── AuthThrottledError          454 4.7.0  too many AUTH failures (address or login)
+    │   ├── SessionTimeoutError         421 4.4.2  idle or transaction timeout; then closed
     │   ├── UpstreamTemporaryError      4xx        the upstream said 4xx, or could not be reached
     │   │   └── UpstreamUnavailableError 451 4.4.1 connection, TLS or login to the upstream failed
     │   ├── InternalError               451 4.3.0  a bug: logged with its traceback, never shown
@@ -107,6 +111,56 @@ class TooManyRecipientsError(TemporaryError):
     code = 452
     status = "4.5.3"
     text = "Too many recipients for one message"
+
+
+class TooManyConnectionsError(TemporaryError):
+    """The connection would exceed a connection limit (``scope``: "ip" or "total").
+
+    RFC 5321 §3.1: a server that cannot serve a connection answers 421 and closes it; the
+    client retries later, which is what a burst over the limit should do."""
+
+    code = 421
+    status = "4.7.0"
+    text = "Too many connections, try again later"
+
+    def __init__(self, scope: str = "total", limit: int = 0) -> None:
+        self.scope = scope
+        self.limit = limit
+        super().__init__("Too many connections from your address, try again later"
+                         if scope == "ip" else None)
+
+
+class UntrustedPeerError(TemporaryError):
+    """PROXY protocol is on and the peer is not a trusted load balancer.
+
+    Temporary on purpose: a wrong trusted-proxy list must make clients retry, not bounce."""
+
+    code = 421
+    status = "4.7.0"
+    text = "Connection not accepted from this address"
+
+
+class AuthThrottledError(TemporaryError):
+    """Too many failed AUTH attempts from the client's address or for the login, within the
+    window (``scope``: "ip" or "login"). RFC 4954 §6: 454 is a temporary AUTH failure."""
+
+    code = 454
+    status = "4.7.0"
+    text = "Too many failed authentication attempts, try again later"
+
+    def __init__(self, scope: str = "ip", failures: int = 0) -> None:
+        self.scope = scope
+        self.failures = failures
+        super().__init__()
+
+
+class SessionTimeoutError(TemporaryError):
+    """The client was silent too long, or a transaction (MAIL to the end of DATA) took too
+    long. RFC 5321 §4.5.3.2: the server may close on timeout; 421 tells the client why."""
+
+    code = 421
+    status = "4.4.2"
+    text = "Timeout, closing connection"
 
 
 class InternalError(TemporaryError):

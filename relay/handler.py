@@ -14,6 +14,7 @@ from base64 import b64decode
 from typing import TYPE_CHECKING
 
 import structlog
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, AuthResult
 
 from relay import errors
@@ -21,11 +22,13 @@ from relay.accounts import AccountStore, Principal
 from relay.auth import Authenticator
 from relay.errors import (
     AuthRequiredError,
+    AuthThrottledError,
     InternalError,
     RelayError,
     ShuttingDownError,
     StoreUnavailableError,
 )
+from relay.limits import AuthThrottle
 from relay.message import received_header
 from relay.period import Clock, UnknownTimeZoneError, period_at, zone
 from relay.routing import choose_route
@@ -39,8 +42,9 @@ log = structlog.get_logger()
 
 class RelayHandler:
     def __init__(self, *, accounts: AccountStore, services: Services, clock: Clock,
-                 hostname: str, default_tz: str) -> None:
+                 hostname: str, default_tz: str, throttle: AuthThrottle | None = None) -> None:
         self.accounts = accounts
+        self.throttle = throttle
         # Replaced whole on reload; a transaction keeps the services (and so the Policies)
         # it started with.
         self.services = services
@@ -90,18 +94,46 @@ class RelayHandler:
                      password: bytes) -> AuthResult:
         session_log = server.session_log
         shown = login.decode("utf-8", "replace")[:100]
+        client = server.client_ip or "unknown"  # the real client, after PROXY
+        throttle = self.throttle
         try:
+            earlier = await throttle.check(client, login) if throttle is not None else 0
             principal = await self._auth.authenticate(login, password)
+        except AuthThrottledError as exc:
+            # Refused without looking at the password: a guesser learns nothing more.
+            session_log.warning("auth.throttled", mechanism=mechanism, login=shown,
+                                scope=exc.scope, failures=exc.failures, smtp_code=exc.code)
+            return AuthResult(success=False, handled=False, message=exc.reply)
         except StoreUnavailableError:
             session_log.warning("auth.unavailable", mechanism=mechanism, login=shown)
             return AuthResult(success=False, handled=False, message=errors.AUTH_TEMPORARY)
         if principal is None:
-            session_log.warning("auth.failed", mechanism=mechanism, login=shown, smtp_code=535)
+            counts: dict[str, int] = {}
+            if throttle is not None:
+                try:
+                    by_client, by_login = await throttle.record_failure(client, login)
+                    counts = {"failures_ip": by_client, "failures_login": by_login}
+                except StoreUnavailableError:
+                    session_log.warning("auth.throttle_unavailable", login=shown)
+            session_log.warning("auth.failed", mechanism=mechanism, login=shown, smtp_code=535,
+                                **counts)
             return AuthResult(success=False, handled=False, message=errors.AUTH_INVALID)
+        if earlier and throttle is not None:
+            # The owner got in: forget the login's failures (the client's stay counted).
+            try:
+                await throttle.record_success(login)
+            except StoreUnavailableError:
+                session_log.warning("auth.throttle_unavailable", login=shown)
         session_log.info("auth.succeeded", mechanism=mechanism, login=principal.login,
                          app=principal.app)
         return AuthResult(success=True, handled=False, auth_data=principal,
                           message=errors.AUTH_SUCCESS)
+
+    # -- PROXY protocol (a trusted balancer's header, before the greeting) ------------------
+    async def handle_PROXY(self, server: RelaySMTP, session: RelaySession,
+                           envelope: RelayEnvelope, proxy_data: ProxyData) -> bool:
+        """True accepts the connection; server.py takes the real client from the header."""
+        return server.accept_proxy(proxy_data)
 
     # -- the transaction ---------------------------------------------------------------------
     async def handle_MAIL(self, server: RelaySMTP, session: RelaySession,

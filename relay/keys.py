@@ -78,3 +78,15 @@ def attempts(event_id: str) -> str:
 def route_credentials(user_id: str, route: str) -> str:
     """Hash: username, secret (Fernet ciphertext) of the user's own credentials for a route."""
     return f"{PREFIX}:cred:{{{user_id}}}:{route}"
+
+
+def auth_failures_client(client: str) -> str:
+    """String counter with a TTL: failed AUTH attempts from one client address (an IPv6
+    client by its /64) in the current throttling window."""
+    return f"{PREFIX}:authfail:ip:{{{client}}}"
+
+
+def auth_failures_login(digest: str) -> str:
+    """String counter with a TTL: failed AUTH attempts for one login (a digest of the
+    lower-cased login, so any bytes a client sends make a short, safe key)."""
+    return f"{PREFIX}:authfail:login:{{{digest}}}"

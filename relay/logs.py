@@ -58,3 +58,6 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
     # it. Its errors still reach stderr.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+    # Its PROXY parser warns on "mail.debug" for every bad header; server.py logs those as
+    # proxy.refused, with the session's fields.
+    logging.getLogger("mail.debug").setLevel(logging.ERROR)

@@ -5,11 +5,19 @@ hangs a ``Transaction`` on the envelope, and retires an unfinished transaction w
 aiosmtpd drops its envelope (RSET, HELO/EHLO, STARTTLS, end of DATA) or the connection ends.
 Served with ``loop.create_server`` on the relay's own loop (not aiosmtpd's threaded
 Controller), so the Redis client and the upstream pool share one event loop.
+
+Before the greeting it admits the connection: with PROXY protocol on, only a trusted
+balancer may connect and its header names the real client (``proxy.py``); then the
+connection limits apply to that client (``limits.py``). A refusal is a 421 in place of the
+greeting. It also owns the timers: aiosmtpd's idle timer, capped by a per-transaction
+deadline, answering 421 4.4.2 when either runs out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import functools
 import re
 import secrets
 import socket
@@ -20,7 +28,15 @@ import structlog
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from relay import errors
+from relay.errors import (
+    RelayError,
+    SessionTimeoutError,
+    TooManyConnectionsError,
+    UntrustedPeerError,
+)
 from relay.handler import RelayHandler
+from relay.limits import ConnectionLimiter, client_key
+from relay.proxy import ProxyHeaderError, ProxyPolicy, client_from_header, normalize_ip
 from relay.settings import Endpoint
 from relay.smtpdata import DataProblem, read_data
 from relay.transaction import Transaction
@@ -53,13 +69,32 @@ class RelayEnvelope(Envelope):
 
 
 class RelaySMTP(SMTP):
-    def __init__(self, handler: RelayHandler, *, implicit_tls: bool, **kwargs: Any) -> None:
+    def __init__(self, handler: RelayHandler, *, implicit_tls: bool,
+                 connections: ConnectionLimiter | None = None, proxy: ProxyPolicy | None = None,
+                 transaction_timeout: float = 600.0, **kwargs: Any) -> None:
         self.session_id = secrets.token_hex(6)
         self.session_log: structlog.typing.FilteringBoundLogger = log.bind(
             session_id=self.session_id)
         self._relay_handler = handler
         self._implicit_tls = implicit_tls
-        super().__init__(handler, **kwargs)
+        # -- client protections (relay/limits.py, relay/proxy.py) --
+        # The real client: the socket's peer, or the source a trusted PROXY header names.
+        # Logs, connection limits and AUTH throttling all use it.
+        self.client_ip: str | None = None
+        self._client_peer: tuple[str, int] | None = None  # session.peer again after STARTTLS
+        self._peer_port: int | None = None
+        self._connections = connections or ConnectionLimiter(total=0, per_client=0)
+        self._counted_as: str | None = None  # the client key this connection holds
+        self._refusal: RelayError | None = None  # answered instead of the greeting
+        self._proxy = proxy
+        self._proxy_phase = _ProxyPhase.OFF if proxy is None else _ProxyPhase.WAITING
+        self._proxy_bytes = 0  # bytes seen before the header was complete
+        self._quiet = False  # the balancer's own connection (a health check): debug logs only
+        self._transaction_timeout = transaction_timeout
+        self._txn_deadline: float | None = None  # loop time when the open transaction ends
+        self._timer_kind = "idle"
+        super().__init__(handler, proxy_protocol_timeout=proxy.timeout if proxy else None,
+                         **kwargs)
 
     @property
     def tls_active(self) -> bool:
@@ -70,6 +105,10 @@ class RelaySMTP(SMTP):
 
     def _create_envelope(self) -> RelayEnvelope:
         self._retire("reset")
+        if self._txn_deadline is not None:
+            # The transaction is over: its deadline no longer applies; a fresh idle period.
+            self._txn_deadline = None
+            self._reset_timeout()
         return RelayEnvelope()
 
     def _retire(self, reason: str) -> None:
@@ -127,25 +166,194 @@ class RelaySMTP(SMTP):
         super().connection_made(transport)
         if first:
             peer = transport.get_extra_info("peername")
-            self.session_log = self.session_log.bind(peer=peer[0] if peer else None)
-            self.session_log.info("session.opened", tls=self._implicit_tls)
+            self.client_ip = normalize_ip(peer[0]) if peer else None
+            self._peer_port = int(peer[1]) if peer else None
+            self.session_log = self.session_log.bind(peer=self.client_ip)
+            if self._proxy is None:
+                self._refusal = self._admit()
+            elif self._proxy.trusts(self.client_ip):
+                # aiosmtpd now reads the PROXY header, then calls handle_PROXY.
+                self.session_log.debug("proxy.waiting")
+            else:
+                self._proxy_phase = _ProxyPhase.DONE
+                self._refusal = UntrustedPeerError()
+                self.session_log.warning("proxy.untrusted", smtp_code=self._refusal.code)
         elif self.tls_active:
-            self.session_log.info("session.starttls")
+            if self._client_peer is not None and self.session is not None:
+                # aiosmtpd starts a new Session after STARTTLS, with the balancer as its peer.
+                # aiosmtpd types peer as str; it holds the (host, port) tuple asyncio gives.
+                self.session.peer = self._client_peer  # type: ignore[assignment]
+            self._log("session.starttls")
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
         self._retire("disconnect")
-        self.session_log.info("session.closed")
+        if self._proxy_phase is _ProxyPhase.WAITING:
+            self._proxy_phase = _ProxyPhase.DONE
+            self._log_missing_header()
+        if self._counted_as is not None:
+            self._connections.release(self._counted_as)
+            self._counted_as = None
+            self._log("session.closed")
+
+    def eof_received(self) -> bool | None:
+        keep_open = super().eof_received()  # cancels aiosmtpd's connection task
+        if self._proxy_phase is _ProxyPhase.WAITING:
+            # aiosmtpd would keep a half-closed connection until the PROXY timeout; the
+            # balancer is gone, so end it now.
+            self._proxy_phase = _ProxyPhase.DONE
+            self._log_missing_header()
+            return False
+        return keep_open
+
+    def data_received(self, data: bytes) -> None:
+        if self._proxy_phase is _ProxyPhase.WAITING:
+            self._proxy_bytes += len(data)
+        super().data_received(data)
+
+    # -- admission: connection limits, PROXY ------------------------------------------------
+    def _log(self, event: str, **fields: Any) -> None:
+        """Session life-cycle lines; at debug for the balancer's own (health check) sessions."""
+        if self._quiet:
+            self.session_log.debug(event, **fields)
+        else:
+            self.session_log.info(event, **fields)
+
+    def _admit(self) -> RelayError | None:
+        """Count the connection against the limits, now that the client is known."""
+        key = client_key(self.client_ip or "unknown")
+        try:
+            self._connections.acquire(key)
+        except TooManyConnectionsError as exc:
+            self.session_log.warning("session.refused", reason="too_many_connections",
+                                     scope=exc.scope, limit=exc.limit, smtp_code=exc.code)
+            return exc
+        self._counted_as = key
+        self._log("session.opened", tls=self._implicit_tls)
+        return None
+
+    def _refuse(self, error: RelayError) -> None:
+        """Answer ``error`` in place of the greeting and close (RFC 5321 §3.1: 421 then
+        close)."""
+        self._write_reply(error)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _write_reply(self, error: RelayError) -> None:
+        # Written directly, not with push(): there is nothing to wait for, and the
+        # connection may already be going away.
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(error.reply.encode("ascii") + b"\r\n")
+
+    async def _handle_client(self) -> None:
+        # aiosmtpd's connection task: refuse here rather than greet, when admission failed.
+        if self._refusal is not None:
+            self._refuse(self._refusal)
+            return
+        await super()._handle_client()
+
+    def accept_proxy(self, data: Any) -> bool:
+        """Called by ``handle_PROXY`` with a well-formed header from a trusted balancer: take
+        the client it names (or keep the balancer's own address for LOCAL/UNKNOWN), then
+        apply the connection limits. False closes the connection."""
+        self._proxy_phase = _ProxyPhase.DONE
+        balancer = self.client_ip
+        try:
+            client = client_from_header(data)
+        except ProxyHeaderError as exc:
+            self.session_log.warning("proxy.refused", reason=str(exc), version=data.version)
+            return False
+        if client is None or (client.ip, client.port) == (balancer, self._peer_port):
+            # The balancer speaks for itself: a health check. HAProxy's v2 checks say LOCAL;
+            # its v1 checks name the check connection's own endpoints. Keep its address, log
+            # quietly.
+            self._quiet = True
+            self.session_log = self.session_log.bind(proxy="local")
+        else:
+            self.client_ip = client.ip
+            self._client_peer = (client.ip, client.port)
+            if self.session is not None:  # the Received: header names the client
+                # aiosmtpd types peer as str; it holds the (host, port) tuple asyncio gives.
+                self.session.peer = self._client_peer  # type: ignore[assignment]
+            self.session_log = self.session_log.bind(peer=client.ip, proxy=balancer)
+        refusal = self._admit()
+        if refusal is not None:
+            self._refuse(refusal)
+            return False
+        return True
+
+    def _log_missing_header(self) -> None:
+        """The connection ended before a usable PROXY header: say why."""
+        data = self.session.proxy_data if self.session is not None else None
+        if data is not None:  # aiosmtpd parsed something invalid and closed
+            self.session_log.warning("proxy.refused", reason=data.error or "invalid header",
+                                     version=data.version)
+        elif self._proxy_bytes:
+            self.session_log.warning("proxy.refused",
+                                     reason="connection closed inside the PROXY header")
+        else:
+            # Connect and close without a byte: a balancer's plain TCP health check.
+            self.session_log.debug("proxy.closed_without_header")
+
+    # -- timeouts -----------------------------------------------------------------------------
+    @functools.wraps(SMTP.smtp_MAIL)  # keeps aiosmtpd's HELP text for MAIL
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await super().smtp_MAIL(arg)
+        envelope = self.envelope
+        if (self._txn_deadline is None and isinstance(envelope, RelayEnvelope)
+                and envelope.txn is not None):
+            # A transaction began: from here to the end of DATA it has transaction_timeout,
+            # however busy the client keeps the connection.
+            self._txn_deadline = self.loop.time() + self._transaction_timeout
+            self._reset_timeout()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd arms one timer at each command (and for the PROXY header): the idle
+        # timeout, which also bounds each command (a DATA body included). An open transaction
+        # caps it at the transaction's deadline.
+        seconds = duration or self._timeout_duration
+        kind = "proxy" if self._proxy_phase is _ProxyPhase.WAITING else "idle"
+        if self._txn_deadline is not None:
+            left = self._txn_deadline - self.loop.time()
+            if left < seconds:
+                seconds, kind = max(left, 0.001), "transaction"
+        self._timer_kind = kind
+        super()._reset_timeout(seconds)
+
+    def _timeout_cb(self) -> None:
+        if self._timer_kind == "proxy":
+            self._proxy_phase = _ProxyPhase.DONE
+            self.session_log.warning("proxy.refused", reason="no PROXY header in time",
+                                     seconds=self._proxy.timeout if self._proxy else None)
+        else:
+            error = SessionTimeoutError()
+            self._log("session.timeout", timeout=self._timer_kind, smtp_code=error.code)
+            self._write_reply(error)
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+
+class _ProxyPhase(enum.Enum):
+    OFF = "off"  # PROXY protocol not in use on this listener
+    WAITING = "waiting"  # trusted peer, header not yet accepted
+    DONE = "done"  # accepted, refused or given up
 
 
 def make_factory(handler: RelayHandler, *, hostname: str, data_size_limit: int,
                  idle_timeout: float, tls_context: ssl.SSLContext | None,
-                 allow_plaintext_auth: bool, implicit_tls: bool) -> Any:
-    """A protocol factory for ``loop.create_server``."""
+                 allow_plaintext_auth: bool, implicit_tls: bool,
+                 connections: ConnectionLimiter | None = None,
+                 proxy: ProxyPolicy | None = None,
+                 transaction_timeout: float = 600.0) -> Any:
+    """A protocol factory for ``loop.create_server``. ``connections`` is shared by every
+    listener of the process; ``proxy`` turns the PROXY protocol on."""
     def factory() -> RelaySMTP:
         return RelaySMTP(
             handler,
             implicit_tls=implicit_tls,
+            connections=connections,
+            proxy=proxy,
+            transaction_timeout=transaction_timeout,
             hostname=hostname,  # explicit, or aiosmtpd would call socket.getfqdn() (DNS)
             ident=IDENT,
             data_size_limit=data_size_limit,

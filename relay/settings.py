@@ -23,6 +23,8 @@ from urllib.parse import unquote, urlsplit
 
 from relay.period import UnknownTimeZoneError, zone
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 class SettingsError(ValueError):
     """A setting is missing, unknown or malformed; the message names source and key."""
@@ -147,6 +149,17 @@ class Settings:
     drain_timeout: float = 30.0
     workers: int | None = None
     event_loop: str = "auto"
+    # PROXY protocol from trusted load balancers, and the client protections (relay/proxy.py,
+    # relay/limits.py). Limits of 0 are off.
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    proxy_protocol_timeout: float = 10.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 200
+    auth_max_failures_per_ip: int = 30
+    auth_max_failures_per_login: int = 10
+    auth_failure_window: float = 600.0
+    transaction_timeout: float = 600.0
     # RELAY_ROUTE_<NAME>_URL: the upstream of each route with upstream = "setting".
     route_urls: Mapping[str, UpstreamTarget] = field(default_factory=dict)
 
@@ -175,6 +188,25 @@ def _positive_int(value: str) -> int:
     if number <= 0:
         raise ValueError(f"must be a positive integer, got {number}")
     return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must be 0 (off) or a positive integer, got {number}")
+    return number
+
+
+def _networks(value: str) -> tuple[IPNetwork, ...]:
+    """Comma- or space-separated addresses and CIDR networks (``10.0.0.0/8, 192.0.2.7``)."""
+    found: list[IPNetwork] = []
+    for item in value.replace(",", " ").split():
+        try:
+            found.append(ipaddress.ip_network(item))
+        except ValueError as exc:
+            # ip_network's own message ("... has host bits set") names the mistake.
+            raise ValueError(f"not an address or CIDR network: {exc}") from None
+    return tuple(found)
 
 
 def _positive_float(value: str) -> float:
@@ -279,6 +311,15 @@ _PARSERS: dict[str, Any] = {
     "drain_timeout": _non_negative_float,
     "workers": _workers,
     "event_loop": _choice("auto", "asyncio", "uvloop"),
+    "proxy_protocol": _bool,
+    "trusted_proxies": _networks,
+    "proxy_protocol_timeout": _positive_float,
+    "max_connections": _non_negative_int,
+    "max_connections_per_ip": _non_negative_int,
+    "auth_max_failures_per_ip": _non_negative_int,
+    "auth_max_failures_per_login": _non_negative_int,
+    "auth_failure_window": _positive_float,
+    "transaction_timeout": _positive_float,
 }
 # Settings that hold secrets: never echoed back in an error message.
 _SECRET = {"redis_url", "upstream_url", "notify_webhook_secret", "admin_token",
@@ -361,6 +402,17 @@ def _checked(settings: Settings) -> Settings:
         raise SettingsError("notify_webhook_url, notify_webhook_secret: set both or neither")
     if (settings.timeline_webhook_url is None) != (settings.timeline_webhook_secret is None):
         raise SettingsError("timeline_webhook_url, timeline_webhook_secret: set both or neither")
+    if settings.proxy_protocol and not settings.trusted_proxies:
+        raise SettingsError("proxy_protocol: needs trusted_proxies, the load balancers' "
+                            "addresses or networks (every other peer is refused)")
+    if settings.trusted_proxies and not settings.proxy_protocol:
+        raise SettingsError("trusted_proxies: set, but proxy_protocol is off; turn it on or "
+                            "remove trusted_proxies")
+    if settings.proxy_protocol and settings.smtps_listen is not None:
+        # asyncio's TLS listener handshakes before the protocol sees a byte, but the PROXY
+        # header comes first, in clear: the two cannot share a listener.
+        raise SettingsError("proxy_protocol: not supported with smtps_listen (the PROXY header "
+                            "precedes the TLS handshake); offer STARTTLS on listen only")
     if settings.redis_url is not None:
         try:
             scheme = urlsplit(settings.redis_url).scheme

@@ -37,8 +37,6 @@ COMMAND_RELAY = Path(sys.executable).with_name("command-relay")
 # test_pending_settings_are_still_pending fails: delete it here, and the checks cover it too.
 PENDING_SETTINGS = frozenset({
     "RELAY_METRICS_LISTEN",
-    "RELAY_PROXY_PROTOCOL",
-    "RELAY_TRUSTED_PROXIES",
 })
 # Defaults of pending settings, as agreed (common brief); used only while they are pending.
 PENDING_DEFAULTS = {"RELAY_METRICS_LISTEN": "127.0.0.1:9465", "RELAY_DRAIN_TIMEOUT": "30"}

@@ -251,7 +251,9 @@ def test_relay_error_classes_cover_the_tree() -> None:
     assert {"StoreUnavailableError", "AuthUnavailableError", "PlanMisconfiguredError",
             "TooManyRecipientsError", "UpstreamTemporaryError", "UpstreamUnavailableError",
             "InternalError", "AuthRequiredError", "SenderNotAllowedError",
-            "UnknownSenderError", "UserDisabledError", "UpstreamPermanentError"} <= names
+            "UnknownSenderError", "UserDisabledError", "UpstreamPermanentError",
+            "TooManyConnectionsError", "UntrustedPeerError", "AuthThrottledError",
+            "SessionTimeoutError"} <= names
 
 
 def test_relay_error_instance_refinement_does_not_leak_to_class() -> None:

@@ -25,7 +25,7 @@ from relay.transaction import Services
 from relay.upstream import CaptureUpstream
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
-EXPECTED = {"handle_MAIL", "handle_RCPT", "handle_DATA", "handle_exception",
+EXPECTED = {"handle_MAIL", "handle_RCPT", "handle_DATA", "handle_exception", "handle_PROXY",
             "auth_PLAIN", "auth_LOGIN"}
 # Parameters after ``self``, in the order aiosmtpd passes them.
 SIGNATURES = {
@@ -33,6 +33,7 @@ SIGNATURES = {
     "handle_RCPT": ["server", "session", "envelope", "address", "rcpt_options"],
     "handle_DATA": ["server", "session", "envelope"],
     "handle_exception": ["error"],
+    "handle_PROXY": ["server", "session", "envelope", "proxy_data"],
     "auth_PLAIN": ["server", "args"],
     "auth_LOGIN": ["server", "args"],
 }
@@ -50,7 +51,7 @@ def make_handler(redis_client: aioredis.Redis, tmp_path: Path) -> RelayHandler:
 
 
 def test_handler_hook_names_exact() -> None:
-    """hook_names() is exactly the four handle_ hooks and two AUTH mechanisms we implement."""
+    """hook_names() is exactly the five handle_ hooks and two AUTH mechanisms we implement."""
     assert hook_names() == EXPECTED
 
 
@@ -79,7 +80,7 @@ async def test_handler_hooks_found_by_aiosmtpd(redis_client: aioredis.Redis,
     assert isinstance(smtp, AiosmtpdSMTP)
     # aiosmtpd strips "handle_" and calls hooks by command name (MAIL, RCPT, DATA).
     hooks = smtp._handle_hooks
-    assert set(hooks) == {"MAIL", "RCPT", "DATA", "exception"}
+    assert set(hooks) == {"MAIL", "RCPT", "DATA", "exception", "PROXY"}
     for command, hook in hooks.items():
         assert hook.__self__ is handler, command
         assert hook.__func__ is getattr(RelayHandler, f"handle_{command}"), command

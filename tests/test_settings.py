@@ -445,3 +445,88 @@ def test_upstream_target_str_and_repr_mask_password() -> None:
     assert str(target) == "smtp+starttls://apikey:***@mail.example.test:587"
     assert SECRET not in repr(target)
     assert str(UpstreamTarget("::1", 465, "implicit")) == "smtps://[::1]:465"
+
+
+# -- PROXY protocol and client protections ---------------------------------------------------
+def test_load_settings_protection_defaults() -> None:
+    """PROXY is off by default; the client protections are on with documented defaults."""
+    settings = load_settings(environ={})
+    assert settings.proxy_protocol is False
+    assert settings.trusted_proxies == ()
+    assert settings.proxy_protocol_timeout == 10.0
+    assert (settings.max_connections, settings.max_connections_per_ip) == (1000, 200)
+    assert (settings.auth_max_failures_per_ip, settings.auth_max_failures_per_login) == (30, 10)
+    assert settings.auth_failure_window == 600.0
+    assert settings.transaction_timeout == 600.0
+
+
+def test_load_settings_parses_protection_variables() -> None:
+    """Every PROXY and protection variable is read; trusted_proxies takes addresses and CIDR
+    networks separated by commas and/or spaces; 0 turns a limit off."""
+    settings = load_settings(environ={
+        "RELAY_PROXY_PROTOCOL": "on",
+        "RELAY_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7  2001:db8::/32",
+        "RELAY_PROXY_PROTOCOL_TIMEOUT": "3.5",
+        "RELAY_MAX_CONNECTIONS": "0",
+        "RELAY_MAX_CONNECTIONS_PER_IP": "25",
+        "RELAY_AUTH_MAX_FAILURES_PER_IP": "0",
+        "RELAY_AUTH_MAX_FAILURES_PER_LOGIN": "4",
+        "RELAY_AUTH_FAILURE_WINDOW": "900",
+        "RELAY_TRANSACTION_TIMEOUT": "120",
+    })
+    assert settings.proxy_protocol is True
+    assert [str(network) for network in settings.trusted_proxies] == \
+        ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]
+    assert settings.proxy_protocol_timeout == 3.5
+    assert (settings.max_connections, settings.max_connections_per_ip) == (0, 25)
+    assert (settings.auth_max_failures_per_ip, settings.auth_max_failures_per_login) == (0, 4)
+    assert settings.auth_failure_window == 900.0
+    assert settings.transaction_timeout == 120.0
+
+
+def test_load_settings_protections_from_toml(tmp_path: Path) -> None:
+    """The same keys work in the TOML file (trusted_proxies as one string)."""
+    path = write_toml(tmp_path, 'proxy_protocol = true\ntrusted_proxies = "10.1.0.0/16"\n'
+                                "max_connections_per_ip = 50\n")
+    settings = load_settings(environ={}, config_file=path)
+    assert settings.proxy_protocol is True
+    assert [str(n) for n in settings.trusted_proxies] == ["10.1.0.0/16"]
+    assert settings.max_connections_per_ip == 50
+
+
+@pytest.mark.parametrize(("var", "value"), [
+    ("RELAY_TRUSTED_PROXIES", "10.0.0.1/8"),  # host bits set: a typo for 10.0.0.0/8?
+    ("RELAY_TRUSTED_PROXIES", "lb.internal"),
+    ("RELAY_TRUSTED_PROXIES", "10.0.0.0/33"),
+    ("RELAY_PROXY_PROTOCOL", "sometimes"),
+    ("RELAY_PROXY_PROTOCOL_TIMEOUT", "0"),
+    ("RELAY_MAX_CONNECTIONS", "-1"),
+    ("RELAY_MAX_CONNECTIONS_PER_IP", "many"),
+    ("RELAY_AUTH_MAX_FAILURES_PER_IP", "-3"),
+    ("RELAY_AUTH_MAX_FAILURES_PER_LOGIN", "2.5"),
+    ("RELAY_AUTH_FAILURE_WINDOW", "0"),
+    ("RELAY_TRANSACTION_TIMEOUT", "-1"),
+])
+def test_load_settings_bad_protection_value_names_the_key(var: str, value: str) -> None:
+    """A malformed PROXY or protection value is refused, naming the setting."""
+    environ = {var: value}
+    if var != "RELAY_PROXY_PROTOCOL":
+        environ.setdefault("RELAY_PROXY_PROTOCOL", "1")
+        environ.setdefault("RELAY_TRUSTED_PROXIES", "10.0.0.0/8")
+    with pytest.raises(SettingsError) as info:
+        load_settings(environ=environ)
+    assert var.removeprefix("RELAY_").lower() in str(info.value)
+
+
+@pytest.mark.parametrize(("environ", "named"), [
+    ({"RELAY_PROXY_PROTOCOL": "1"}, "trusted_proxies"),
+    ({"RELAY_TRUSTED_PROXIES": "10.0.0.0/8"}, "proxy_protocol"),
+    ({"RELAY_PROXY_PROTOCOL": "1", "RELAY_TRUSTED_PROXIES": "10.0.0.0/8",
+      "RELAY_SMTPS_LISTEN": "0.0.0.0:465"}, "smtps_listen"),
+])
+def test_load_settings_proxy_protocol_cross_checks(environ: dict[str, str], named: str) -> None:
+    """PROXY needs trusted proxies (and the reverse), and cannot share a process with an
+    implicit-TLS listener."""
+    with pytest.raises(SettingsError) as info:
+        load_settings(environ=environ)
+    assert named in str(info.value)
