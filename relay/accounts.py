@@ -14,15 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import redis.asyncio as aioredis
-
 from relay import keys
 from relay.errors import (
     SenderNotAllowedError,
     UnknownSenderError,
     UserDisabledError,
 )
-from relay.store import store_errors
+from relay.store import RedisClient, store_errors
 
 PREFERENCE_PREFIX = "route:"
 ACTIVE = "active"
@@ -137,7 +135,7 @@ def _user_from(user_id: str, record: dict[str, str], senders: set[str]) -> User:
 class AccountStore:
     """Reads and writes users and apps. Redis errors surface as StoreUnavailableError."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
 
     # -- users ---------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
 import structlog
 
 from relay.accounts import AccountStore
@@ -32,7 +31,7 @@ from relay.quota import QuotaStore
 from relay.routes import RouteUpstreams
 from relay.server import listen, make_factory
 from relay.settings import Settings
-from relay.store import connect_redis
+from relay.store import REDIS_ERRORS, RedisClient, close_redis, connect_redis
 from relay.tlsconfig import ensure_dev_certificate, server_context
 from relay.transaction import Services
 from relay.upstream import CaptureUpstream, SmtpUpstream, Upstream
@@ -45,8 +44,9 @@ class StartupError(RuntimeError):
 
 
 @asynccontextmanager
-async def redis_for(settings: Settings, *, share: bool) -> AsyncIterator[aioredis.Redis]:
-    """The configured Redis, or the embedded development one (started and stopped here)."""
+async def redis_for(settings: Settings, *, share: bool) -> AsyncIterator[RedisClient]:
+    """The configured Redis (one server, a Sentinel-managed master or a Cluster: see
+    redisconf.py), or the embedded development one (started and stopped here)."""
     embedded: EmbeddedRedis | None = None
     if settings.redis_url:
         url = settings.redis_url
@@ -58,22 +58,23 @@ async def redis_for(settings: Settings, *, share: bool) -> AsyncIterator[aioredi
         if embedded.owned:
             log.warning("dev.embedded_redis", url=url, directory=str(embedded.directory),
                         note="development default: set RELAY_REDIS_URL in production")
-    client = connect_redis(url, timeout=settings.redis_timeout)
+    client = connect_redis(url, timeout=settings.redis_timeout,
+                           wait_replicas=settings.redis_wait_replicas)
     try:
         yield client
     finally:
-        await client.aclose()
+        await close_redis(client)
         if embedded is not None:
             await embedded.stop()
 
 
-async def wait_for_redis(client: aioredis.Redis, seconds: float) -> None:
+async def wait_for_redis(client: RedisClient, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while True:
         try:
             await client.ping()
             return
-        except (aioredis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             if time.monotonic() > deadline:
                 raise StartupError(f"Redis not reachable: {exc}") from None
             await asyncio.sleep(0.2)
@@ -110,7 +111,7 @@ def make_routes(settings: Settings, policies: Policies, default: Upstream,
 class RelayApp:
     """The running relay. ``async with RelayApp(...)`` starts it; leaving stops it."""
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, *,
+    def __init__(self, settings: Settings, redis: RedisClient, *,
                  clock: Clock | None = None, policies: Policies | None = None) -> None:
         self.settings = settings
         self.redis = redis
