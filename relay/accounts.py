@@ -14,15 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import redis.asyncio as aioredis
-
 from relay import keys
 from relay.errors import (
     SenderNotAllowedError,
     UnknownSenderError,
     UserDisabledError,
 )
-from relay.store import store_errors
+from relay.store import RedisClient, store_errors
 
 PREFERENCE_PREFIX = "route:"
 ACTIVE = "active"
@@ -140,7 +138,7 @@ class AccountStore:
     # Bound on the sender -> user id hints kept per process (about 100 bytes each).
     SENDER_HINTS = 50_000
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
         # Which user owned a sender address when last looked up. Only a hint, to save the
         # index lookup on an app's MAIL FROM: it is used only if the user record, read fresh

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 
 from relay import events
@@ -22,6 +21,7 @@ from relay.period import Clock, UnknownTimeZoneError, zone
 from relay.policies import Policies
 from relay.quota import QuotaStore
 from relay.routing import Route, choose_route
+from relay.store import RedisClient
 from relay.subscriptions import PlanChangeError, SubscriptionStore, terms_in_force
 from relay.usage import usage_report, user_period
 
@@ -44,7 +44,7 @@ def user_view(user: User, policies: Policies, period: str) -> dict[str, Any]:
 
 
 class Admin:
-    def __init__(self, redis: aioredis.Redis, policies: Policies, clock: Clock,
+    def __init__(self, redis: RedisClient, policies: Policies, clock: Clock,
                  default_tz: str, credentials: CredentialStore | None = None) -> None:
         self.credentials = credentials
         self.accounts = AccountStore(redis)

@@ -21,7 +21,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import redis.asyncio as aioredis
 import structlog
 
 from relay.accounts import AccountStore
@@ -43,7 +42,7 @@ from relay.reload import reload_policies
 from relay.routes import RouteUpstreams
 from relay.server import listen, make_factory
 from relay.settings import Settings
-from relay.store import connect_redis
+from relay.store import REDIS_ERRORS, RedisClient, close_redis, connect_redis
 from relay.tlsconfig import ensure_dev_certificate, server_context
 from relay.transaction import Services
 from relay.upstream import CaptureUpstream, SmtpUpstream, Upstream
@@ -78,23 +77,25 @@ async def redis_url_for(settings: Settings, *, share: bool) -> AsyncIterator[str
 
 
 @asynccontextmanager
-async def redis_for(settings: Settings, *, share: bool) -> AsyncIterator[aioredis.Redis]:
-    """The configured Redis, or the embedded development one (started and stopped here)."""
+async def redis_for(settings: Settings, *, share: bool) -> AsyncIterator[RedisClient]:
+    """The configured Redis (one server, a Sentinel-managed master or a Cluster: see
+    redisconf.py), or the embedded development one (started and stopped here)."""
     async with redis_url_for(settings, share=share) as url:
-        client = connect_redis(url, timeout=settings.redis_timeout)
+        client = connect_redis(url, timeout=settings.redis_timeout,
+                               wait_replicas=settings.redis_wait_replicas)
         try:
             yield client
         finally:
-            await client.aclose()
+            await close_redis(client)
 
 
-async def wait_for_redis(client: aioredis.Redis, seconds: float) -> None:
+async def wait_for_redis(client: RedisClient, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while True:
         try:
             await client.ping()
             return
-        except (aioredis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             if time.monotonic() > deadline:
                 raise StartupError(f"Redis not reachable: {exc}") from None
             await asyncio.sleep(0.2)
@@ -138,7 +139,7 @@ class RelayApp:
     configured addresses itself.
     """
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, *,
+    def __init__(self, settings: Settings, redis: RedisClient, *,
                  clock: Clock | None = None, policies: Policies | None = None,
                  sockets: Mapping[str, socket.socket] | None = None) -> None:
         self.settings = settings

@@ -12,13 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis.asyncio as aioredis
 import structlog
 from cryptography.fernet import Fernet, InvalidToken
 
 from relay import keys
 from relay.errors import TemporaryError
-from relay.store import store_errors
+from relay.store import RedisClient, store_errors
 
 log = structlog.get_logger()
 
@@ -55,7 +54,7 @@ class CredentialStore:
     """``key`` is the Fernet key, or a function giving it, called on first use (so that a
     command that never touches credentials never creates a development key file)."""
 
-    def __init__(self, redis: aioredis.Redis, key: bytes | Callable[[], bytes]) -> None:
+    def __init__(self, redis: RedisClient, key: bytes | Callable[[], bytes]) -> None:
         self._redis = redis
         self._key = key
         self._cipher: Fernet | None = None

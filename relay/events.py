@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-import redis.asyncio as aioredis
 import structlog
 
 from relay import keys
 from relay.errors import StoreUnavailableError
-from relay.store import store_errors
+from relay.store import RedisClient, store_errors
 
 log = structlog.get_logger()
 
@@ -95,7 +94,7 @@ class DeadLetter:
 
 
 class EventLog:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
 
     async def publish(self, event: Event) -> str:

@@ -21,13 +21,12 @@ import hashlib
 import ipaddress
 from collections import Counter
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from relay import keys
 from relay.errors import AuthThrottledError, TooManyConnectionsError
 from relay.scripts import lua_source
-from relay.store import store_errors
+from relay.store import RedisClient, store_errors
 
 
 def client_key(ip: str) -> str:
@@ -83,7 +82,7 @@ def login_digest(login: bytes) -> str:
 class AuthThrottle:
     """Failed AUTH attempts per client and per login, in Redis, within a window."""
 
-    def __init__(self, redis: aioredis.Redis, *, per_client: int, per_login: int,
+    def __init__(self, redis: RedisClient, *, per_client: int, per_login: int,
                  window: float) -> None:
         self._redis = redis
         self.per_client = per_client

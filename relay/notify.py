@@ -25,7 +25,6 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import cast
 
-import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
@@ -34,7 +33,7 @@ from relay.channels import Channel, DeliveryError
 from relay.errors import StoreUnavailableError
 from relay.events import Event, EventLog
 from relay.policies import Notifications
-from relay.store import store_errors
+from relay.store import RedisClient, store_errors
 
 log = structlog.get_logger()
 
@@ -55,7 +54,7 @@ def consumer_name() -> str:
 
 
 class Notifier:
-    def __init__(self, redis: aioredis.Redis, channels: Mapping[str, Channel],
+    def __init__(self, redis: RedisClient, channels: Mapping[str, Channel],
                  policy: Notifications, *, consumer: str | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  jitter: Callable[[], float] = random.random) -> None:

@@ -1,8 +1,14 @@
 """The monthly quota: reserve, commit, refund, read usage (STYLE §1 steps 5 and 7, §6).
 
 Each operation is one Lua script in ``relay/lua/``, registered once; redis-py re-sends the
-body after a NOSCRIPT (a restarted Redis). The script is the unit of atomicity: no
-WATCH/MULTI loops. Redis errors surface as StoreUnavailableError (fail closed).
+body after a NOSCRIPT (a restarted Redis, a promoted replica, a new Cluster node). The script
+is the unit of atomicity: no WATCH/MULTI loops; its keys share the user's hash tag, so it runs
+on one Cluster node. Redis errors surface as StoreUnavailableError (fail closed).
+
+With replicas to wait for (``RELAY_REDIS_WAIT_REPLICAS``), a reservation counts as made only
+once that many replicas acknowledged it: one that is not acknowledged in time is given back
+and the recipient gets a 451. A unit the client is told 250 for is then on that many
+replicas, so a failover promoting one of them cannot lose it (README, Scaling out).
 """
 
 from __future__ import annotations
@@ -10,12 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-import redis.asyncio as aioredis
+import structlog
 from redis.commands.core import AsyncScript
 
 from relay import keys
+from relay.errors import StoreUnavailableError
 from relay.scripts import lua_source
-from relay.store import store_errors
+from relay.store import RedisClient, durability, eval_replicated, store_errors
+
+log = structlog.get_logger()
 
 # Usage hashes are kept ~13 months for the usage history, then expire by themselves.
 USAGE_TTL_SECONDS = 400 * 24 * 3600
@@ -67,7 +76,7 @@ class Usage:
 
 
 class QuotaStore:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
         self._reserve: AsyncScript = redis.register_script(lua_source("reserve.lua"))
         self._commit: AsyncScript = redis.register_script(lua_source("commit.lua"))
@@ -81,16 +90,39 @@ class QuotaStore:
 
         Idempotent per (txn_id, rcpt_no). Raises StoreUnavailableError.
         """
-        numbers = " ".join(str(n) for n in (rcpt_no if isinstance(rcpt_no, list)
-                                            else [rcpt_no]))
+        numbers = [rcpt_no] if isinstance(rcpt_no, int) else rcpt_no
+        script_keys = [keys.user(user_id), keys.usage(user_id, period),
+                       keys.reservations(user_id, txn_id)]
+        args: list[str | int] = [" ".join(str(n) for n in numbers), USAGE_TTL_SECONDS,
+                                 RESERVATION_TTL_SECONDS, period, thresholds, *plan_limits]
+        wanted = durability(self._redis)
+        replicated = True
         with store_errors():
-            status, used, limit, crossed = await self._reserve(
-                keys=[keys.user(user_id), keys.usage(user_id, period),
-                      keys.reservations(user_id, txn_id)],
-                args=[numbers, USAGE_TTL_SECONDS, RESERVATION_TTL_SECONDS, period, thresholds,
-                      *plan_limits],
-            )
-        return Reservation(ReserveStatus(int(status)), int(used), int(limit), int(crossed))
+            if wanted.replicas:
+                raw, replicated = await eval_replicated(self._redis, self._reserve,
+                                                        script_keys, args, wanted)
+            else:
+                raw = await self._reserve(keys=script_keys, args=args)
+        status, used, limit, crossed = (int(v) for v in raw)
+        result = Reservation(ReserveStatus(status), used, limit, crossed)
+        if not replicated and result.status in {ReserveStatus.RESERVED,
+                                                ReserveStatus.ALREADY_RESERVED}:
+            await self._give_back_unreplicated(user_id, period, txn_id, numbers, result)
+        return result
+
+    async def _give_back_unreplicated(self, user_id: str, period: str, txn_id: str,
+                                      numbers: list[int], result: Reservation) -> None:
+        """The units are on the master only: refund them (a failover may have lost both the
+        reservation and this refund, which leaves the count as it was) and refuse with a
+        451, so the client retries once a replica is back. A threshold the units crossed
+        stays marked on the master; its notice is not sent (logged here)."""
+        log.warning("quota.unreplicated", user_id=user_id, txn_id=txn_id, units=len(numbers),
+                    used=result.used, limit=result.limit, crossed=result.crossed)
+        try:
+            await self.refund(user_id, period, txn_id, numbers)
+        except StoreUnavailableError:
+            pass  # counted high until the transaction's own refund: never low
+        raise StoreUnavailableError()
 
     async def commit(self, user_id: str, period: str, txn_id: str,
                      route: str = "command") -> Settlement:

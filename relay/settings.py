@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from relay.period import UnknownTimeZoneError, zone
+from relay.redisconf import CLUSTER, RedisUrlError, parse_redis_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -98,7 +99,7 @@ def parse_endpoint(value: str) -> Endpoint:
     return Endpoint("127.0.0.1" if host == "localhost" else host, int(port_text))
 
 
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_)?password=)[^&#]*", re.IGNORECASE)
 
 
 def _mask_url(url: str | None) -> str | None:
@@ -110,7 +111,8 @@ def _mask_url(url: str | None) -> str | None:
         return "***"
     if parts.password is not None:
         url = url.replace(f":{parts.password}@", ":***@", 1)
-    # redis-py also takes the password as a query parameter (?password=…).
+    # redis-py also takes the password as a query parameter (?password=…), and a Sentinel
+    # URL the sentinels' own (?sentinel_password=…).
     return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
@@ -135,6 +137,7 @@ class Settings:
     upstream_tls_verify: bool = True
     upstream_ca_file: Path | None = None
     redis_timeout: float = 2.0
+    redis_wait_replicas: int = 0
     log_format: str = "auto"
     log_level: str = "info"
     notify_webhook_url: str | None = None
@@ -299,6 +302,7 @@ _PARSERS: dict[str, Any] = {
     "upstream_tls_verify": _bool,
     "upstream_ca_file": Path,
     "redis_timeout": _positive_float,
+    "redis_wait_replicas": _non_negative_int,
     "log_format": _choice("auto", "json", "console"),
     "log_level": _choice("debug", "info", "warning", "error"),
     "notify_webhook_url": _http_url,
@@ -415,10 +419,16 @@ def _checked(settings: Settings) -> Settings:
                             "precedes the TLS handshake); offer STARTTLS on listen only")
     if settings.redis_url is not None:
         try:
-            scheme = urlsplit(settings.redis_url).scheme
-        except ValueError:
-            # urlsplit's message is harmless, but say nothing of the URL: it may hold a secret.
-            raise SettingsError("redis_url: not a valid URL") from None
-        if scheme not in {"redis", "rediss", "unix"}:
-            raise SettingsError(f"redis_url: scheme must be redis, rediss or unix, got {scheme!r}")
+            target = parse_redis_url(settings.redis_url)
+        except RedisUrlError as exc:
+            # The message names the problem, never the URL: it may hold a secret.
+            raise SettingsError(f"redis_url: {exc}") from None
+        if settings.redis_wait_replicas and target.kind == CLUSTER:
+            raise SettingsError(
+                "redis_wait_replicas: not supported with redis+cluster:// (redis-py cannot "
+                "run WAIT on the connection that made the write); set min-replicas-to-write "
+                "on the cluster's masters instead (README, Scaling out)")
+    elif settings.redis_wait_replicas:
+        raise SettingsError("redis_wait_replicas: the embedded development Redis has no "
+                            "replicas; set RELAY_REDIS_URL too")
     return settings

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from relay import keys
@@ -27,7 +26,7 @@ from relay.accounts import User
 from relay.period import Period
 from relay.policies import Policies
 from relay.scripts import lua_source
-from relay.store import store_errors
+from relay.store import RedisClient, store_errors
 
 
 class PlanChangeError(ValueError):
@@ -81,7 +80,7 @@ def _int_or_none(text: str) -> int | None:
 
 
 class SubscriptionStore:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
         self._change: AsyncScript = redis.register_script(lua_source("plan_change.lua"))
 

@@ -530,3 +530,46 @@ def test_load_settings_proxy_protocol_cross_checks(environ: dict[str, str], name
     with pytest.raises(SettingsError) as info:
         load_settings(environ=environ)
     assert named in str(info.value)
+# -- Redis topologies (redisconf.py) -----------------------------------------------------------
+@pytest.mark.parametrize("url", [
+    "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/relaymaster",
+    "rediss+sentinel://10.0.0.1/relaymaster/1?ssl_ca_certs=/etc/ca.pem",
+    "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+    "rediss+cluster://10.0.0.1:7000",
+])
+def test_load_settings_accepts_sentinel_and_cluster_urls(url: str) -> None:
+    """Sentinel and Cluster URL forms are accepted as RELAY_REDIS_URL."""
+    assert load_settings(environ={"RELAY_REDIS_URL": url}).redis_url == url
+
+
+def test_load_settings_bad_sentinel_url_names_the_problem() -> None:
+    """A Sentinel URL without its service name is refused, saying what is missing."""
+    with pytest.raises(SettingsError, match=r"redis_url: .*service name"):
+        load_settings(environ={"RELAY_REDIS_URL": f"redis+sentinel://:{SECRET}@127.0.0.1"})
+
+
+def test_load_settings_redis_wait_replicas() -> None:
+    """redis_wait_replicas: 0 by default, a count with a single server or Sentinel; refused
+    with a Cluster URL, without RELAY_REDIS_URL, and when negative."""
+    assert load_settings(environ={}).redis_wait_replicas == 0
+    settings = load_settings(environ={"RELAY_REDIS_URL": "redis+sentinel://127.0.0.1/m",
+                                      "RELAY_REDIS_WAIT_REPLICAS": "1"})
+    assert settings.redis_wait_replicas == 1
+    with pytest.raises(SettingsError, match="redis_wait_replicas: not supported with redis"):
+        load_settings(environ={"RELAY_REDIS_URL": "redis+cluster://127.0.0.1:7000",
+                               "RELAY_REDIS_WAIT_REPLICAS": "1"})
+    with pytest.raises(SettingsError, match="redis_wait_replicas: the embedded"):
+        load_settings(environ={"RELAY_REDIS_WAIT_REPLICAS": "1"})
+    with pytest.raises(SettingsError, match="redis_wait_replicas"):
+        load_settings(environ={"RELAY_REDIS_URL": "redis://127.0.0.1/0",
+                               "RELAY_REDIS_WAIT_REPLICAS": "-1"})
+
+
+def test_settings_repr_masks_sentinel_passwords() -> None:
+    """The master's and the sentinels' passwords are both masked in a Sentinel URL."""
+    settings = load_settings(environ={"RELAY_REDIS_URL": (
+        f"redis+sentinel://relay:{SECRET}@127.0.0.1:26379,127.0.0.1:26380/m"
+        f"?sentinel_password={SECRET}")})
+    shown = repr(settings)
+    assert SECRET not in shown
+    assert "127.0.0.1:26380/m" in shown and "sentinel_password=***" in shown

@@ -53,6 +53,9 @@ for number in string.gmatch(ARGV[1], '%d+') do
   end
 end
 if #fresh == 0 then
+  -- A retry of a reservation already made. Touch the key anyway: the script is then a
+  -- write, replicated like one, so a WAIT after it also covers the original reservation.
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
   return {2, used, limit, 0}
 end
 if used + #fresh > limit then

@@ -1,0 +1,285 @@
+"""Redis Cluster: a real 3-master cluster on loopback (the suite's redis-server binary) with
+``redis+cluster://`` settings. Two ``command-relay serve`` processes share one exact count
+per user, on users whose keys live on different masters; every store's multi-key step (Lua
+scripts, pipelines across slots, multi-key DEL) works on the cluster; the CLI too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+from cryptography.fernet import Fernet
+from redis.asyncio.cluster import RedisCluster
+from redis.cluster import key_slot
+
+from relay import keys
+from relay.accounts import AccountStore
+from relay.admin import Admin, AdminError
+from relay.channels import DeliveryError
+from relay.credentials import CredentialStore, RouteCredentials
+from relay.events import THRESHOLD, Event, EventLog, new_event
+from relay.notify import Notifier
+from relay.period import SystemClock
+from relay.policies import load_policies
+from relay.quota import QuotaStore, ReserveStatus
+from relay.store import close_redis, connect_redis
+from tests.conftest import (
+    PASSWORD,
+    POLICIES,
+    CapturingUpstream,
+    add_user,
+    message,
+    wait_for,
+)
+from tests.redis_topology import RedisClusterNodes, RelayProcess
+
+# Long enough for two relay processes to start and 80 sessions to finish on a loaded machine.
+pytestmark = pytest.mark.timeout(180)
+
+PLANS: list[str | int] = load_policies(POLICIES).plan_limits()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    nodes = RedisClusterNodes(tmp_path_factory.mktemp("cluster"))
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture
+async def cluster_client(cluster: RedisClusterNodes) -> AsyncIterator[RedisCluster]:
+    client = connect_redis(cluster.url, timeout=5)
+    assert isinstance(client, RedisCluster)
+    await client.flushall()  # every master (redis-py sends FLUSHALL to all primaries)
+    yield client
+    await close_redis(client)
+
+
+async def owner(client: RedisCluster, key: str) -> str:
+    return str(client.get_node_from_key(key).name)
+
+
+async def ids_on_distinct_masters(client: RedisCluster, count: int) -> list[str]:
+    """User ids whose keys live on ``count`` different masters."""
+    await client.initialize()
+    chosen: dict[str, str] = {}
+    for n in range(1000):
+        user_id = f"u-{n:04d}"
+        node = await owner(client, keys.user(user_id))
+        chosen.setdefault(node, user_id)
+        if len(chosen) == count:
+            return list(chosen.values())
+    raise AssertionError("no spread of user ids over the masters")
+
+
+# -- the keys -----------------------------------------------------------------------------------
+def test_cluster_every_key_of_one_user_is_in_one_slot() -> None:
+    """Every per-user key (the ones a Lua script or a pipeline combines) hashes to the
+    user's slot, whatever the user id."""
+    for user_id in ("u-1", "u-0a1b2c3d4e", "agent_7", "x"):
+        slots = {key_slot(k.encode()) for k in (
+            keys.user(user_id), keys.user_senders(user_id), keys.usage(user_id, "2026-11"),
+            keys.usage(user_id, "2027-01"), keys.reservations(user_id, "t1"),
+            keys.reservations(user_id, "t2"), keys.audit(user_id),
+            keys.route_credentials(user_id, "mailchimp"))}
+        assert slots == {key_slot(user_id.encode())}
+
+
+# -- two relay processes, one exact count ---------------------------------------------------------
+async def test_cluster_two_relay_processes_take_exactly_the_limit(
+        cluster: RedisClusterNodes, cluster_client: RedisCluster, upstream: CapturingUpstream,
+        tmp_path: Path) -> None:
+    """Two `serve` processes on a 3-master cluster, 40 concurrent SMTP sessions per user (two
+    recipients each, alternating relays) for two users on different masters, limits 15 and
+    9: exactly 15 and 9 recipients are accepted, reach the upstream, and are counted."""
+    accounts = AccountStore(cluster_client)
+    first_id, second_id = await ids_on_distinct_masters(cluster_client, 2)
+    limits = {"a@kw.test": 15, "b@kw.test": 9}
+    await add_user(accounts, "a@kw.test", limit=15, user_id=first_id)
+    await add_user(accounts, "b@kw.test", limit=9, user_id=second_id)
+
+    settings = {"RELAY_REDIS_URL": cluster.url,
+                "RELAY_UPSTREAM_URL": f"smtp://127.0.0.1:{upstream.port}"}
+    relays = [RelayProcess(tmp_path, name, **settings) for name in ("relay1", "relay2")]
+    try:
+        for relay in relays:
+            await asyncio.to_thread(relay.wait_listening)
+
+        async def send(relay: RelayProcess, sender: str, i: int) -> int:
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False,
+                                     local_hostname="client.test", timeout=60)
+            async with client:
+                await client.login(sender, PASSWORD)
+                try:
+                    errors, _ = await client.sendmail(
+                        sender, [f"x{i}@example.test", f"y{i}@example.test"], message(sender))
+                except aiosmtplib.SMTPRecipientsRefused as refused:
+                    assert {r.code for r in refused.recipients} == {550}
+                    return 0
+            assert all(error.code == 550 for error in errors.values()), errors
+            return 2 - len(errors)
+
+        tasks = [send(relays[i % 2], sender, i) for sender in limits for i in range(40)]
+        accepted = await asyncio.gather(*tasks)
+        per_user = {sender: sum(accepted[n * 40:(n + 1) * 40])
+                    for n, sender in enumerate(limits)}
+        assert per_user == limits
+        delivered = {sender: sum(len(m.rcpt_tos) for m in upstream.messages
+                                 if m.mail_from == sender) for sender in limits}
+        assert delivered == limits
+        quota = QuotaStore(cluster_client)
+        for user_id, limit in ((first_id, 15), (second_id, 9)):
+            usage = await quota.usage(user_id, current_period())
+            assert (usage.used, usage.delivered) == (limit, limit)
+        # Both relays took part: each accepted some of the recipients.
+        for relay in relays:
+            assert "rcpt.accepted" in log_events(relay.log)
+    finally:
+        for relay in relays:
+            await asyncio.to_thread(relay.stop)
+    for relay in relays:
+        assert relay.process.returncode == 0, relay.log
+        assert "Traceback" not in relay.log
+
+
+def current_period() -> str:
+    return datetime.now(UTC).strftime("%Y-%m")
+
+
+def log_events(text: str) -> set[str]:
+    return {json.loads(line)["event"] for line in text.splitlines() if line.startswith("{")}
+
+
+# -- every store on the cluster -----------------------------------------------------------------
+async def test_cluster_quota_scripts_run_on_each_master_and_reload_after_script_flush(
+        cluster_client: RedisCluster) -> None:
+    """reserve/commit/refund run on the master owning each user (loading the script there on
+    first use), and again after every master forgot its scripts (SCRIPT FLUSH)."""
+    accounts = AccountStore(cluster_client)
+    quota = QuotaStore(cluster_client)
+    ids = await ids_on_distinct_masters(cluster_client, 3)
+    for n, user_id in enumerate(ids):
+        await add_user(accounts, f"agent{n}@kw.test", limit=2, user_id=user_id)
+    for round_no in range(2):
+        for user_id in ids:
+            txn = f"t{round_no}"
+            assert (await quota.reserve(user_id, "2026-11", txn, 1, PLANS)).status \
+                is ReserveStatus.RESERVED
+            assert (await quota.refund(user_id, "2026-11", txn, [1])).units == 1
+            assert (await quota.reserve(user_id, "2026-11", txn, [2, 3], PLANS)).status \
+                is ReserveStatus.RESERVED
+            assert (await quota.commit(user_id, "2026-11", txn)).units == 2
+            assert (await quota.reserve(user_id, "2026-11", txn, 4, PLANS)).status \
+                is ReserveStatus.OVER_LIMIT
+            await cluster_client.delete(keys.usage(user_id, "2026-11"))
+        await cluster_client.script_flush()  # on every master
+    assert len({await owner(cluster_client, keys.user(u)) for u in ids}) == 3
+
+
+class Recording:
+    """A notification channel that records what it is given and fails on request."""
+
+    def __init__(self, name: str, fail: bool = False) -> None:
+        self.name = name
+        self.fail = fail
+        self.delivered: list[Event] = []
+
+    async def deliver(self, event: Event) -> None:
+        if self.fail:
+            raise DeliveryError("refused", permanent=True)
+        self.delivered.append(event)
+
+
+async def test_cluster_admin_events_notifier_and_credentials(
+        cluster_client: RedisCluster, tmp_path: Path) -> None:
+    """Admin operations (add with senders, a refused add rolled back across slots, disable,
+    plan change, usage, history), the event stream with the notifier's group, acks and dead
+    letters re-queued, and sealed credentials: all on the cluster."""
+    policies = load_policies(POLICIES)
+    credentials = CredentialStore(cluster_client, Fernet.generate_key())
+    admin = Admin(cluster_client, policies, SystemClock(), "UTC", credentials)
+    one = await admin.add_user("one@kw.test", senders=("one@other.test",), password="pw-one")
+    # The second user's claim collides on its last address: the addresses it claimed first
+    # (other slots) are released again by one multi-key DEL across slots.
+    with pytest.raises(AdminError, match="already belongs"):
+        await admin.add_user("two@kw.test", senders=("aaa@kw.test", "one@other.test"))
+    assert await admin.accounts.find_user("aaa@kw.test") is None
+    assert await admin.accounts.find_user("two@kw.test") is None
+    assert (await admin.find("one@other.test")).id == one.id
+    assert not (await admin.set_status(one.email, active=False)).active
+    assert (await admin.set_status(one.email, active=True)).active
+
+    change = await admin.change_plan(one.email, "pro", by="test")
+    assert (change["outcome"], change["new_limit"]) == ("upgrade", 25000)
+    assert [h["new_plan"] for h in await admin.plan_history(one.email)] == ["pro"]
+    report = await admin.usage(one.email)
+    assert (report["plan"], report["used"], len(report["history"])) == ("pro", 0, 6)
+    assert [r["email"] for r in await admin.usage_all()] == ["one@kw.test"]
+
+    await admin.save_credentials(one.email, "mailchimp", "mc-user", "mc-secret")
+    loaded = await credentials.load(one.id, "mailchimp")
+    assert loaded == RouteCredentials("mc-user", "mc-secret")
+
+    log = EventLog(cluster_client)
+    good = new_event(THRESHOLD, one.id, email=one.email, percent=80)
+    await log.publish(good)
+    kinds = [e.kind for _, e in await log.recent(10)]
+    assert kinds == ["plan.changed", THRESHOLD]
+
+    policy = policies.notifications
+    in_app, email = Recording("in_app"), Recording("email", fail=True)
+    worker = Notifier(cluster_client, {"in_app": in_app, "email": email}, policy,
+                      consumer="n1")
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await wait_for(lambda: len(in_app.delivered) == 2, 20)
+        await wait_for(lambda: _dead_count(log, 1), 20)
+        email.fail = False
+        assert await log.retry(None) == 1  # re-queued for the channel that failed
+        await wait_for(lambda: len(email.delivered) == 1, 20)
+    finally:
+        stop.set()
+        await task
+    assert email.delivered[0].id == good.id
+    assert await log.dead() == []
+
+
+async def _dead_count(log: EventLog, count: int) -> bool:
+    return len(await log.dead()) == count
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+async def test_cluster_cli_check_config_users_and_usage(cluster: RedisClusterNodes,
+                                                        cluster_client: RedisCluster,
+                                                        tmp_path: Path) -> None:
+    """`check-config`, `users add` and `usage --all` run against a redis+cluster:// URL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(RELAY_REDIS_URL=cluster.url, RELAY_POLICIES_DIR=str(POLICIES),
+               RELAY_STATE_DIR=str(tmp_path / "state"))
+
+    def run(*args: str, stdin: str = "") -> str:
+        result = subprocess.run([sys.executable, "-m", "relay", *args], env=env, input=stdin,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+        return result.stdout
+
+    await asyncio.to_thread(run, "check-config")
+    await asyncio.to_thread(run, "users", "add", "cli@kw.test", "--password-stdin",
+                            stdin="a-long-password\n")
+    listing = await asyncio.to_thread(run, "usage", "--all", "--json")
+    assert "cli@kw.test" in listing
+    user = await AccountStore(cluster_client).find_user("cli@kw.test")
+    assert user is not None and user.plan == "free"
