@@ -167,6 +167,8 @@ class Bench:
             "RELAY_HOSTNAME": "relay.bench.invalid",
             "RELAY_LOG_FORMAT": "json",
             "RELAY_LOG_LEVEL": "info",
+            # Metrics on, as in production, on a port of its own (9465 may be taken).
+            "RELAY_METRICS_LISTEN": f"{HOST}:0",
         }
         if needed > DEFAULT_MAX_MESSAGE_SIZE:
             relay_env["RELAY_MAX_MESSAGE_SIZE"] = str(needed)

@@ -7,6 +7,7 @@ WATCH/MULTI loops. Redis errors surface as StoreUnavailableError (fail closed).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -14,6 +15,8 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from relay import keys
+from relay.errors import StoreUnavailableError
+from relay.metrics import RelayMetrics, detached
 from relay.scripts import lua_source
 from relay.store import store_errors
 
@@ -67,11 +70,20 @@ class Usage:
 
 
 class QuotaStore:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, metrics: RelayMetrics | None = None) -> None:
         self._redis = redis
         self._reserve: AsyncScript = redis.register_script(lua_source("reserve.lua"))
         self._commit: AsyncScript = redis.register_script(lua_source("commit.lua"))
         self._refund: AsyncScript = redis.register_script(lua_source("refund.lua"))
+        m = self._metrics = metrics or detached()
+        self._reserved = {status: m.reservations(status.name.lower()) for status in ReserveStatus}
+        self._reserve_failed = m.reservations("error")
+        self._seconds = {step: m.redis_seconds(step) for step in ("reserve", "commit", "refund",
+                                                                  "tally")}
+        self._errors = {step: m.redis_errors(step) for step in self._seconds}
+
+    def _observe(self, step: str, started: float) -> None:
+        self._seconds[step].observe(time.perf_counter() - started)
 
     async def reserve(self, user_id: str, period: str, txn_id: str, rcpt_no: int | list[int],
                       plan_limits: list[str | int], thresholds: str = "") -> Reservation:
@@ -81,34 +93,57 @@ class QuotaStore:
 
         Idempotent per (txn_id, rcpt_no). Raises StoreUnavailableError.
         """
+        units = len(rcpt_no) if isinstance(rcpt_no, list) else 1
         numbers = " ".join(str(n) for n in (rcpt_no if isinstance(rcpt_no, list)
                                             else [rcpt_no]))
-        with store_errors():
-            status, used, limit, crossed = await self._reserve(
-                keys=[keys.user(user_id), keys.usage(user_id, period),
-                      keys.reservations(user_id, txn_id)],
-                args=[numbers, USAGE_TTL_SECONDS, RESERVATION_TTL_SECONDS, period, thresholds,
-                      *plan_limits],
-            )
-        return Reservation(ReserveStatus(int(status)), int(used), int(limit), int(crossed))
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                status, used, limit, crossed = await self._reserve(
+                    keys=[keys.user(user_id), keys.usage(user_id, period),
+                          keys.reservations(user_id, txn_id)],
+                    args=[numbers, USAGE_TTL_SECONDS, RESERVATION_TTL_SECONDS, period,
+                          thresholds, *plan_limits],
+                )
+        except StoreUnavailableError:
+            self._errors["reserve"].inc()
+            self._reserve_failed.inc(units)
+            raise
+        self._observe("reserve", started)
+        result = Reservation(ReserveStatus(int(status)), int(used), int(limit), int(crossed))
+        self._reserved[result.status].inc(units)
+        return result
 
     async def commit(self, user_id: str, period: str, txn_id: str,
                      route: str = "command") -> Settlement:
         """Make every open reservation of ``txn_id`` final, counted under ``route``.
         Idempotent."""
-        with store_errors():
-            units, used = await self._commit(
-                keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],
-                args=[route])
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                units, used = await self._commit(
+                    keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],
+                    args=[route])
+        except StoreUnavailableError:
+            self._errors["commit"].inc()
+            raise
+        self._observe("commit", started)
+        self._metrics.units_committed.inc(int(units))
         return Settlement(int(units), int(used))
 
     async def tally(self, user_id: str, period: str, route: str, units: int) -> None:
         """Count ``units`` sent through an uncounted route (shown in usage, never limited)."""
-        with store_errors():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(keys.usage(user_id, period), f"route:{route}", units)
-                pipe.expire(keys.usage(user_id, period), USAGE_TTL_SECONDS)
-                await pipe.execute()
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.hincrby(keys.usage(user_id, period), f"route:{route}", units)
+                    pipe.expire(keys.usage(user_id, period), USAGE_TTL_SECONDS)
+                    await pipe.execute()
+        except StoreUnavailableError:
+            self._errors["tally"].inc()
+            raise
+        self._observe("tally", started)
 
     async def refund(self, user_id: str, period: str, txn_id: str,
                      rcpt_nos: list[int] | None = None) -> Settlement:
@@ -117,10 +152,17 @@ class QuotaStore:
         if rcpt_nos is not None and not rcpt_nos:
             # An empty list refunds nothing; the script would read "no ARGV" as "all".
             return Settlement(0, (await self.usage(user_id, period)).used)
-        with store_errors():
-            units, used = await self._refund(
-                keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],
-                args=rcpt_nos or [])
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                units, used = await self._refund(
+                    keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],
+                    args=rcpt_nos or [])
+        except StoreUnavailableError:
+            self._errors["refund"].inc()
+            raise
+        self._observe("refund", started)
+        self._metrics.units_refunded.inc(int(units))
         return Settlement(int(units), int(used))
 
     async def usage(self, user_id: str, period: str) -> Usage:

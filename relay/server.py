@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from prometheus_client import Gauge
 
 from relay.handler import RelayHandler
 from relay.settings import Endpoint
@@ -46,6 +47,8 @@ class RelaySMTP(SMTP):
             session_id=self.session_id)
         self._relay_handler = handler
         self._implicit_tls = implicit_tls
+        self._listener = "smtps" if implicit_tls else "starttls"
+        self._open_gauge: Gauge | None = None  # the gauge this connection was counted in
         super().__init__(handler, **kwargs)
 
     @property
@@ -68,6 +71,10 @@ class RelaySMTP(SMTP):
         first = self.transport is None
         super().connection_made(transport)
         if first:
+            metrics = self._relay_handler.services.metrics
+            metrics.connections(self._listener).inc()
+            self._open_gauge = metrics.connections_open(self._listener)
+            self._open_gauge.inc()
             peer = transport.get_extra_info("peername")
             self.session_log = self.session_log.bind(peer=peer[0] if peer else None)
             self.session_log.info("session.opened", tls=self._implicit_tls)
@@ -75,6 +82,9 @@ class RelaySMTP(SMTP):
             self.session_log.info("session.starttls")
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._open_gauge is not None:
+            self._open_gauge.dec()
+            self._open_gauge = None
         super().connection_lost(error)
         self._retire("disconnect")
         self.session_log.info("session.closed")

@@ -142,6 +142,9 @@ class Settings:
     timeline_webhook_url: str | None = None
     timeline_webhook_secret: str | None = field(default=None, repr=False)
     credentials_key: str | None = field(default=None, repr=False)
+    # /metrics, /healthz and /readyz of serve and of the notifier; None = no listener.
+    metrics_listen: Endpoint | None = Endpoint("127.0.0.1", 9465)
+    notifier_metrics_listen: Endpoint | None = Endpoint("127.0.0.1", 9466)
     # RELAY_ROUTE_<NAME>_URL: the upstream of each route with upstream = "setting".
     route_urls: Mapping[str, UpstreamTarget] = field(default_factory=dict)
 
@@ -216,6 +219,11 @@ def _secret(value: str) -> str:
     return value
 
 
+def _optional_endpoint(value: str) -> Endpoint | None:
+    # An empty value turns the listener off.
+    return parse_endpoint(value) if value.strip() else None
+
+
 def _fernet_key(value: str) -> str:
     try:
         raw = base64.urlsafe_b64decode(value.encode())
@@ -258,6 +266,8 @@ _PARSERS: dict[str, Any] = {
     "timeline_webhook_url": _http_url,
     "timeline_webhook_secret": _secret,
     "credentials_key": _fernet_key,
+    "metrics_listen": _optional_endpoint,
+    "notifier_metrics_listen": _optional_endpoint,
 }
 # Settings that hold secrets: never echoed back in an error message.
 _SECRET = {"redis_url", "upstream_url", "notify_webhook_secret", "admin_token",
@@ -315,7 +325,8 @@ def load_settings(environ: Mapping[str, str] | None = None,
             if key.startswith("test_"):
                 continue
             raise SettingsError(f"environment: {var}: unknown setting")
-        if raw == "" and key not in {"allow_plaintext_auth"}:
+        if raw == "" and key not in {"allow_plaintext_auth", "metrics_listen",
+                                     "notifier_metrics_listen"}:
             continue
         values[key] = _parse(key, raw, "environment")
 

@@ -120,8 +120,9 @@ class Serve:
         self.workdir = workdir
         self.stdout_path = workdir / f"{name}.out"
         self.stderr_path = workdir / f"{name}.err"
+        # An ephemeral metrics port: tests run in parallel, the default 9465 is one port.
         env = env_for(state, RELAY_LISTEN=f"127.0.0.1:{self.port}",
-                      RELAY_ALLOW_PLAINTEXT_AUTH="1")
+                      RELAY_ALLOW_PLAINTEXT_AUTH="1", RELAY_METRICS_LISTEN="127.0.0.1:0")
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "relay", "serve"], env=env, cwd=workdir,
