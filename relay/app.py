@@ -124,7 +124,8 @@ class RelayApp:
         routes = self.policies.routing.routes
         self.metrics = RelayMetrics(
             routes=routes, pools=["default", *(r.name for r in routes.values()
-                                               if r.upstream == "setting")])
+                                               if r.upstream == "setting")],
+            failovers=[(r.name, r.failover) for r in routes.values() if r.failover])
         self.accounts = AccountStore(redis)
         self.quota = QuotaStore(redis, self.metrics)
         self.events = EventLog(redis, self.metrics)

@@ -57,6 +57,9 @@ REDIS_STEPS = ("resolve_sender", "reserve", "commit", "refund", "tally", "publis
 UPSTREAM_STEPS = ("connect", "mail", "rcpt", "data")
 REPLY_CLASSES = ("2xx", "4xx", "5xx", "error")
 NOTIFY_OUTCOMES = ("delivered", "dead_lettered")
+# transaction.py's _log_unreconciled reasons: its own, and the abort reasons of server.py.
+UNRECONCILED_REASONS = ("upstream_no_reply", "commit_failed", "refund_failed", "reset",
+                        "disconnect")
 
 # Buckets in seconds (bytes for sizes), chosen around what each step costs on loopback and in
 # production: Redis in well under a millisecond, an upstream command in milliseconds to
@@ -202,7 +205,8 @@ class RelayMetrics:
     """Every metric of the SMTP relay, in one registry."""
 
     def __init__(self, *, routes: Iterable[str] = ("command",),
-                 pools: Iterable[str] = ("default",)) -> None:
+                 pools: Iterable[str] = ("default",),
+                 failovers: Iterable[tuple[str, str]] = ()) -> None:
         self.registry = r = _registry()
         routes = [*routes, "none"]
         self.health = HealthGauges(r)
@@ -260,7 +264,8 @@ class RelayMetrics:
             "refused upstream, failed messages, RSET and disconnects.", registry=r)
         self.unreconciled = Children(Counter(
             "relay_quota_unreconciled_total", "Transactions whose count may be high (the log's "
-            "quota.unreconciled), by reason.", ["reason"], registry=r))
+            "quota.unreconciled), by reason.", ["reason"], registry=r),
+            [(reason,) for reason in UNRECONCILED_REASONS])
         self.redis_seconds = Children(Histogram(
             "relay_redis_duration_seconds", "Time of one Redis step on the SMTP path.",
             ["step"], buckets=REDIS_BUCKETS, registry=r), [(s,) for s in REDIS_STEPS])
@@ -275,7 +280,8 @@ class RelayMetrics:
 
         self.failovers = Children(Counter(
             "relay_route_failovers_total", "Transactions sent through a route's failover "
-            "because its upstream could not be reached.", ["route", "failover"], registry=r))
+            "because its upstream could not be reached.", ["route", "failover"], registry=r),
+            failovers)
         self._upstream_replies = Children(Counter(
             "relay_upstream_replies_total", "Upstream answers by pool, step (connect, mail, "
             "rcpt, data) and class (2xx, 4xx, 5xx; error: no reply: refused connection, TLS, "
