@@ -278,6 +278,16 @@ async def test_metrics_listener_port_taken_stops_startup(make_relay: RelayFactor
         await make_relay(metrics_listen=Endpoint("127.0.0.1", first.metrics_port))
 
 
+def test_check_config_names_the_metrics_listeners(tmp_path: Path) -> None:
+    """check-config shows where /metrics will listen, or that it is off."""
+    env = clean_env(RELAY_POLICIES_DIR=str(POLICIES), RELAY_STATE_DIR=str(tmp_path / "state"),
+                    RELAY_METRICS_LISTEN="0.0.0.0:9100", RELAY_NOTIFIER_METRICS_LISTEN="")
+    done = subprocess.run([sys.executable, "-m", "relay", "check-config"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "metrics: 0.0.0.0:9100; notifier metrics: off" in done.stdout
+
+
 # -- health ----------------------------------------------------------------------------------
 async def test_healthz_answers_while_the_process_runs(make_relay: RelayFactory) -> None:
     """/healthz is 200 with a small JSON body."""
