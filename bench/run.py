@@ -170,6 +170,8 @@ class Bench:
             # --workers (default: serve's own default, one per core); --profile runs one
             # process, so that it profiles the relay, not the worker supervisor.
             "RELAY_WORKERS": str(1 if args.profile else args.workers or psutil.cpu_count()),
+            # Metrics on, as in production, on a port of its own (9465 may be taken).
+            "RELAY_METRICS_LISTEN": f"{HOST}:0",
         }
         if needed > DEFAULT_MAX_MESSAGE_SIZE:
             relay_env["RELAY_MAX_MESSAGE_SIZE"] = str(needed)

@@ -32,8 +32,10 @@ from relay.drain import SessionTracker
 from relay.embedded import EmbeddedRedis
 from relay.events import EventLog
 from relay.handler import RelayHandler
+from relay.health import MetricsServer, NotifierReadiness, RelayReadiness
 from relay.limits import AuthThrottle, ConnectionLimiter
-from relay.notify import Notifier
+from relay.metrics import NotifierMetrics, RelayMetrics, UpstreamMetrics
+from relay.notify import GROUP, Notifier
 from relay.period import Clock, SystemClock
 from relay.policies import Policies, load_policies
 from relay.proxy import ProxyPolicy
@@ -101,7 +103,7 @@ async def wait_for_redis(client: RedisClient, seconds: float) -> None:
             await asyncio.sleep(0.2)
 
 
-def make_upstream(settings: Settings) -> Upstream:
+def make_upstream(settings: Settings, metrics: UpstreamMetrics | None = None) -> Upstream:
     """The configured upstream pool, or the capture folder (development default)."""
     s = settings
     if s.upstream is None:
@@ -111,12 +113,13 @@ def make_upstream(settings: Settings) -> Upstream:
         return CaptureUpstream(s.capture_dir)
     return SmtpUpstream(s.upstream, size=s.upstream_pool_size, timeout=s.upstream_timeout,
                         local_hostname=s.hostname, tls_verify=s.upstream_tls_verify,
-                        ca_file=s.upstream_ca_file)
+                        ca_file=s.upstream_ca_file, metrics=metrics)
 
 
 def make_routes(settings: Settings, policies: Policies, default: Upstream,
                 credentials: CredentialStore,
-                previous: RouteUpstreams | None = None) -> RouteUpstreams:
+                previous: RouteUpstreams | None = None,
+                metrics: RelayMetrics | None = None) -> RouteUpstreams:
     """The routes of routing.toml over their upstreams; a route whose upstream setting is
     missing is logged at start-up and answers 451 4.3.5 until it is configured. On a reload,
     ``previous`` lends its pools to the routes that did not change."""
@@ -124,7 +127,8 @@ def make_routes(settings: Settings, policies: Policies, default: Upstream,
                             credentials=credentials, pool_size=settings.upstream_pool_size,
                             timeout=settings.upstream_timeout, hostname=settings.hostname,
                             tls_verify=settings.upstream_tls_verify,
-                            ca_file=settings.upstream_ca_file, previous=previous)
+                            ca_file=settings.upstream_ca_file, previous=previous,
+                            metrics=metrics)
     for name in routes.missing_settings():
         log.warning("route.unconfigured", route=name,
                     note=f"set RELAY_ROUTE_{name.upper()}_URL; sends routed there get a 451")
@@ -146,17 +150,26 @@ class RelayApp:
         self.redis = redis
         self.clock = clock or SystemClock()
         self.policies = policies or load_policies(settings.policies_dir)
+        # Set when a stop begins: /readyz answers 503 from then on.
+        self.draining = False
+        routes = self.policies.routing.routes
+        self.metrics = RelayMetrics(
+            routes=routes, pools=["default", *(r.name for r in routes.values()
+                                               if r.upstream == "setting")],
+            failovers=[(r.name, r.failover) for r in routes.values() if r.failover])
         self.accounts = AccountStore(redis)
-        self.quota = QuotaStore(redis)
-        self.events = EventLog(redis)
-        self.upstream = make_upstream(settings)
+        self.quota = QuotaStore(redis, self.metrics)
+        self.events = EventLog(redis, self.metrics)
+        self.upstream = make_upstream(settings, self.metrics.upstream("default"))
         self.credentials = CredentialStore(redis, lambda: load_key(settings.credentials_key,
                                                                    settings.state_dir))
-        self.routes = make_routes(settings, self.policies, self.upstream, self.credentials)
+        self.routes = make_routes(settings, self.policies, self.upstream, self.credentials,
+                                  metrics=self.metrics)
         self.handler = RelayHandler(
             accounts=self.accounts,
             services=Services(quota=self.quota, events=self.events, routes=self.routes,
-                              policies=self.policies, max_recipients=settings.max_recipients),
+                              policies=self.policies, max_recipients=settings.max_recipients,
+                              metrics=self.metrics),
             clock=self.clock, hostname=settings.hostname, default_tz=settings.default_tz,
             throttle=AuthThrottle(redis, per_client=settings.auth_max_failures_per_ip,
                                   per_login=settings.auth_max_failures_per_login,
@@ -164,6 +177,14 @@ class RelayApp:
         # One count of open connections for every listener of this process.
         self.connections = ConnectionLimiter(total=settings.max_connections,
                                              per_client=settings.max_connections_per_ip)
+        self.metrics_server: MetricsServer | None = None
+        if settings.metrics_listen is not None:
+            self.metrics_server = MetricsServer(
+                settings.metrics_listen, self.metrics.registry,
+                RelayReadiness(redis=redis, upstream=self.upstream,
+                               timeout=settings.redis_timeout, draining=lambda: self.draining,
+                               metrics=self.metrics),
+                sock=(sockets or {}).get("metrics_listen"))
         self._servers: list[asyncio.Server] = []
         self._sockets = dict(sockets or {})
         self._sessions = SessionTracker()
@@ -226,6 +247,14 @@ class RelayApp:
                     from None
         else:
             log.info("admin_api.disabled", note="set RELAY_ADMIN_TOKEN to enable it")
+        if self.metrics_server is not None:
+            try:
+                await self.metrics_server.start()
+            except OSError as exc:
+                self.metrics_server = None
+                await self.stop()
+                raise StartupError(f"cannot listen for metrics (metrics_listen): "
+                                   f"{exc.strerror or exc}") from None
         loop = asyncio.get_running_loop()
         log.info("relay.started", listen=[str(a) for a in self.addresses],
                  upstream=self.upstream.name, policies=str(s.policies_dir),
@@ -250,10 +279,17 @@ class RelayApp:
     def smtps_port(self) -> int:
         return int(self._servers[1].sockets[0].getsockname()[1])
 
+    @property
+    def metrics_port(self) -> int:
+        """The bound port of the metrics listener (useful with port 0)."""
+        assert self.metrics_server is not None
+        return self.metrics_server.port
+
     # -- policies ------------------------------------------------------------------------------
     def routes_for(self, policies: Policies, previous: RouteUpstreams) -> RouteUpstreams:
         """New routes for reloaded policies, keeping ``previous``'s unchanged pools."""
-        return make_routes(self.settings, policies, self.upstream, self.credentials, previous)
+        return make_routes(self.settings, policies, self.upstream, self.credentials, previous,
+                           metrics=self.metrics)
 
     def use_policies(self, policies: Policies, routes: RouteUpstreams) -> None:
         """Swap in reloaded policies everywhere at once. The handler's ``services`` is
@@ -297,6 +333,9 @@ class RelayApp:
             await self.admin_server.stop()
         async with self.reload_lock:  # not while a reload swaps the routes
             await self.routes.close()
+        # Last: /readyz keeps answering 503 (draining) while the rest stops.
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         log.info("relay.stopped", sessions_cut=cut)
 
     async def __aenter__(self) -> RelayApp:
@@ -391,7 +430,22 @@ async def run_notifier(settings: Settings) -> None:
         if policy.email.enabled:
             channels["email"] = EmailChannel(upstream, sender=policy.email_from,
                                              hostname=settings.hostname)
+        metrics = NotifierMetrics(channels)
+        server: MetricsServer | None = None
+        if settings.notifier_metrics_listen is not None:
+            server = MetricsServer(settings.notifier_metrics_listen, metrics.registry,
+                                   NotifierReadiness(redis=redis, timeout=settings.redis_timeout,
+                                                     stopping=stop.is_set, metrics=metrics,
+                                                     group=GROUP))
+            try:
+                await server.start()
+            except OSError as exc:
+                await upstream.close()
+                raise StartupError(f"cannot listen for metrics (notifier_metrics_listen): "
+                                   f"{exc.strerror or exc}") from None
         try:
-            await Notifier(redis, channels, policy).run(stop)
+            await Notifier(redis, channels, policy, metrics=metrics).run(stop)
         finally:
             await upstream.close()
+            if server is not None:
+                await server.stop()

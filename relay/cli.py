@@ -387,6 +387,8 @@ def _check_config(settings: Settings) -> None:
           + "; notify at " + ", ".join(f"{t}%" for t in policies.notifications.thresholds))
     print(f"admin API: {settings.admin_listen if settings.admin_token else 'off'}; "
           f"in-app webhook: {'on' if settings.notify_webhook_url else 'off'}")
+    print(f"metrics: {settings.metrics_listen or 'off'}; "
+          f"notifier metrics: {settings.notifier_metrics_listen or 'off'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

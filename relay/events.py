@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ import structlog
 
 from relay import keys
 from relay.errors import StoreUnavailableError
+from relay.metrics import RelayMetrics, detached
 from relay.store import RedisClient, store_errors
 
 log = structlog.get_logger()
@@ -94,8 +96,9 @@ class DeadLetter:
 
 
 class EventLog:
-    def __init__(self, redis: RedisClient) -> None:
+    def __init__(self, redis: RedisClient, metrics: RelayMetrics | None = None) -> None:
         self._redis = redis
+        self._metrics = metrics or detached()
 
     async def publish(self, event: Event) -> str:
         """Append ``event``; returns its stream id. Raises StoreUnavailableError."""
@@ -108,12 +111,18 @@ class EventLog:
                               session_log: structlog.typing.FilteringBoundLogger) -> None:
         """Publish from the SMTP path: a failure is logged with the whole event (so it can be
         replayed) and never changes the reply the client gets."""
+        metrics = self._metrics
+        started = time.perf_counter()
         try:
             await self.publish(event)
         except StoreUnavailableError:
+            metrics.redis_errors("publish").inc()
+            metrics.events(event.kind, "failed").inc()
             session_log.error("event.publish_failed", event_kind=event.kind,
                               event_json=event.to_json())
             return
+        metrics.redis_seconds("publish").observe(time.perf_counter() - started)
+        metrics.events(event.kind, "published").inc()
         session_log.info("event.published", event_kind=event.kind, event_id=event.id)
 
     async def recent(self, count: int, kinds: frozenset[str] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import secrets
+import time
 from base64 import b64decode
 from typing import TYPE_CHECKING
 
@@ -62,33 +63,38 @@ class RelayHandler:
         if len(args) == 1:
             blob = await server.challenge_auth("")
             if blob is MISSING:  # "*" or bad base64: challenge_auth already replied
-                return AuthResult(success=False, handled=True)
+                return self._malformed("PLAIN", handled=True)
         else:
             try:
                 blob = b64decode(args[1], validate=True)
             except (binascii.Error, ValueError):
-                return AuthResult(success=False, handled=False, message=errors.AUTH_BAD_BASE64)
+                return self._malformed("PLAIN", message=errors.AUTH_BAD_BASE64)
         parts = blob.split(b"\x00")
         # RFC 4616 §2: [authzid] NUL authcid NUL passwd. Acting as someone else (an authzid
         # different from the login) is not offered.
         if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
-            return AuthResult(success=False, handled=False, message=errors.AUTH_BAD_PLAIN)
+            return self._malformed("PLAIN", message=errors.AUTH_BAD_PLAIN)
         return await self._check(server, "PLAIN", parts[1], parts[2])
 
     async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
             login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
             if login is MISSING:
-                return AuthResult(success=False, handled=True)
+                return self._malformed("LOGIN", handled=True)
         else:
             try:
                 login = b64decode(args[1], validate=True)
             except (binascii.Error, ValueError):
-                return AuthResult(success=False, handled=False, message=errors.AUTH_BAD_BASE64)
+                return self._malformed("LOGIN", message=errors.AUTH_BAD_BASE64)
         password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
         if password is MISSING:
-            return AuthResult(success=False, handled=True)
+            return self._malformed("LOGIN", handled=True)
         return await self._check(server, "LOGIN", login, password)
+
+    def _malformed(self, mechanism: str, *, handled: bool = False,
+                   message: str | None = None) -> AuthResult:
+        self.services.metrics.auth(mechanism, "malformed").inc()
+        return AuthResult(success=False, handled=handled, message=message)
 
     async def _check(self, server: RelaySMTP, mechanism: str, login: bytes,
                      password: bytes) -> AuthResult:
@@ -96,15 +102,18 @@ class RelayHandler:
         shown = login.decode("utf-8", "replace")[:100]
         client = server.client_ip or "unknown"  # the real client, after PROXY
         throttle = self.throttle
+        metrics = self.services.metrics
         try:
             earlier = await throttle.check(client, login) if throttle is not None else 0
             principal = await self._auth.authenticate(login, password)
         except AuthThrottledError as exc:
             # Refused without looking at the password: a guesser learns nothing more.
+            metrics.auth(mechanism, "throttled").inc()
             session_log.warning("auth.throttled", mechanism=mechanism, login=shown,
                                 scope=exc.scope, failures=exc.failures, smtp_code=exc.code)
             return AuthResult(success=False, handled=False, message=exc.reply)
         except StoreUnavailableError:
+            metrics.auth(mechanism, "unavailable").inc()
             session_log.warning("auth.unavailable", mechanism=mechanism, login=shown)
             return AuthResult(success=False, handled=False, message=errors.AUTH_TEMPORARY)
         if principal is None:
@@ -115,6 +124,7 @@ class RelayHandler:
                     counts = {"failures_ip": by_client, "failures_login": by_login}
                 except StoreUnavailableError:
                     session_log.warning("auth.throttle_unavailable", login=shown)
+            metrics.auth(mechanism, "failed").inc()
             session_log.warning("auth.failed", mechanism=mechanism, login=shown, smtp_code=535,
                                 **counts)
             return AuthResult(success=False, handled=False, message=errors.AUTH_INVALID)
@@ -124,6 +134,7 @@ class RelayHandler:
                 await throttle.record_success(login)
             except StoreUnavailableError:
                 session_log.warning("auth.throttle_unavailable", login=shown)
+        metrics.auth(mechanism, "succeeded").inc()
         session_log.info("auth.succeeded", mechanism=mechanism, login=principal.login,
                          app=principal.app)
         return AuthResult(success=True, handled=False, auth_data=principal,
@@ -141,19 +152,28 @@ class RelayHandler:
                           mail_options: list[str]) -> str:
         principal: Principal | None = session.auth_data if session.authenticated else None
         session_log = server.session_log
+        services = self.services
+        metrics = services.metrics
         if self.draining:
             shutting_down = ShuttingDownError()
+            metrics.senders("refused", "draining").inc()
             session_log.info("mail.refused", reason="draining", smtp_code=shutting_down.code)
             return shutting_down.reply
         if principal is None:
             refusal = AuthRequiredError()
+            metrics.senders("refused", "auth_required").inc()
             session_log.info("mail.refused", reason="auth_required", smtp_code=refusal.code)
             return refusal.reply
         mail_log = session_log.bind(login=principal.login, app=principal.app)
-        services = self.services
         opened: Opened | None = None
         try:
-            user = await self.accounts.resolve_sender(principal, address)
+            started = time.perf_counter()
+            try:
+                user = await self.accounts.resolve_sender(principal, address)
+            except StoreUnavailableError:
+                metrics.redis_errors("resolve_sender").inc()
+                raise
+            metrics.redis_seconds("resolve_sender").observe(time.perf_counter() - started)
             try:
                 tz = zone(user.tz)
             except UnknownTimeZoneError:
@@ -170,6 +190,7 @@ class RelayHandler:
                 opened = Opened(*await services.routes.begin(
                     decision.route, user, address, mail_options, smtputf8=envelope.smtp_utf8))
         except RelayError as exc:
+            metrics.senders("refused", type(exc).__name__).inc()
             mail_log.info("mail.refused", reason=type(exc).__name__, smtp_code=exc.code,
                           sender_domain=address.rpartition("@")[2].lower())
             return exc.reply
@@ -179,6 +200,7 @@ class RelayHandler:
             opened=opened, services=services, log=mail_log)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        metrics.senders("accepted", "none").inc()
         envelope.txn.log.debug("mail.accepted")  # delivery.finished is the canonical line
         return errors.SENDER_OK
 
@@ -215,6 +237,7 @@ class RelayHandler:
     async def handle_exception(self, error: Exception) -> str:
         # A bug, not a refusal: log the traceback, tell the client only to retry later
         # (aiosmtpd's default would send the exception text to the client).
+        self.services.metrics.session_exceptions.inc()
         log.error("session.exception", exc_info=error)
         return InternalError().reply
 

@@ -22,6 +22,7 @@ import os
 import random
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import cast
 
@@ -32,6 +33,7 @@ from relay import keys
 from relay.channels import Channel, DeliveryError
 from relay.errors import StoreUnavailableError
 from relay.events import Event, EventLog
+from relay.metrics import NotifierMetrics
 from relay.policies import Notifications
 from relay.store import RedisClient, store_errors
 
@@ -57,7 +59,8 @@ class Notifier:
     def __init__(self, redis: RedisClient, channels: Mapping[str, Channel],
                  policy: Notifications, *, consumer: str | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 jitter: Callable[[], float] = random.random) -> None:
+                 jitter: Callable[[], float] = random.random,
+                 metrics: NotifierMetrics | None = None) -> None:
         self._redis = redis
         self._events = EventLog(redis)
         self._channels = channels
@@ -67,6 +70,9 @@ class Notifier:
         self._jitter = jitter
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self.log = log.bind(consumer=self.consumer)
+        # A notifier run outside `command-relay notifier` (tests) gets metrics nobody scrapes.
+        self.metrics = metrics or NotifierMetrics(channels)
+        self.metrics.in_flight.set_function(lambda: len(self._in_flight))
 
     def channels_for(self, kind: str) -> list[str]:
         kinds = {"in_app": self._policy.in_app.kinds, "timeline": self._policy.timeline.kinds,
@@ -104,6 +110,7 @@ class Notifier:
                     if len(batch) < free:
                         batch += await self._read_new(free - len(batch), block_ms=500)
                 except StoreUnavailableError:
+                    self.metrics.redis_errors.inc()
                     self.log.warning("notifier.redis_unavailable")
                     await self._sleep(1.0)
                     continue
@@ -159,6 +166,7 @@ class Notifier:
         entries: list[Entry] = [(stream_id, rows[0][1] if rows else None)
                                 for stream_id, rows in zip(ids, found, strict=True)]
         if entries:
+            self.metrics.reclaimed.inc(len(entries))
             self.log.info("notifier.reclaimed", entries=len(entries))
         return entries
 
@@ -177,6 +185,7 @@ class Notifier:
             await self._ack(stream_id, event)
         except StoreUnavailableError:
             # Left pending: this notifier or another retries it after reclaim_idle.
+            self.metrics.redis_errors.inc()
             self.log.warning("notifier.redis_unavailable", stream_id=stream_id)
         except EntryLostError:
             self.log.warning("notifier.entry_taken_over", stream_id=stream_id)
@@ -199,25 +208,33 @@ class Notifier:
         channel = self._channels[name]
         event_log = self.log.bind(event_id=event.id, event_kind=event.kind, channel=name,
                                   user_id=event.user_id)
+        metrics = self.metrics
+        seconds = metrics.delivery_seconds(name)
         while True:
             with store_errors():
                 attempt = int(await self._redis.hincrby(keys.attempts(event.id), name, 1))
+            started = time.perf_counter()
             try:
                 await channel.deliver(event)
             except DeliveryError as exc:
+                seconds.observe(time.perf_counter() - started)
                 if exc.permanent or attempt >= self._policy.max_attempts:
                     await self._events.bury(event, name, str(exc), attempt)
                     await self._mark_done(event, name)
+                    metrics.notifications(name, event.kind, "dead_lettered").inc()
                     event_log.error("notify.dead_lettered", attempts=attempt, error=str(exc),
                                     permanent=exc.permanent)
                     return
                 delay = min(self._policy.backoff_max,
                             self._policy.backoff_base * 2 ** (attempt - 1)) * self._jitter()
+                metrics.retries(name).inc()
                 event_log.warning("notify.retrying", attempts=attempt, error=str(exc),
                                   delay_s=round(delay, 3))
                 await self._wait(delay, stream_id)
                 continue
+            seconds.observe(time.perf_counter() - started)
             await self._mark_done(event, name)
+            metrics.notifications(name, event.kind, "delivered").inc()
             event_log.info("notify.delivered", attempts=attempt)
             return
 

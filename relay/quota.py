@@ -13,6 +13,7 @@ replicas, so a failover promoting one of them cannot lose it (README, Scaling ou
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -21,6 +22,7 @@ from redis.commands.core import AsyncScript
 
 from relay import keys
 from relay.errors import StoreUnavailableError
+from relay.metrics import RelayMetrics, detached
 from relay.scripts import lua_source
 from relay.store import RedisClient, durability, eval_replicated, store_errors
 
@@ -76,11 +78,20 @@ class Usage:
 
 
 class QuotaStore:
-    def __init__(self, redis: RedisClient) -> None:
+    def __init__(self, redis: RedisClient, metrics: RelayMetrics | None = None) -> None:
         self._redis = redis
         self._reserve: AsyncScript = redis.register_script(lua_source("reserve.lua"))
         self._commit: AsyncScript = redis.register_script(lua_source("commit.lua"))
         self._refund: AsyncScript = redis.register_script(lua_source("refund.lua"))
+        m = self._metrics = metrics or detached()
+        self._reserved = {status: m.reservations(status.name.lower()) for status in ReserveStatus}
+        self._reserve_failed = m.reservations("error")
+        self._seconds = {step: m.redis_seconds(step) for step in ("reserve", "commit", "refund",
+                                                                  "tally")}
+        self._errors = {step: m.redis_errors(step) for step in self._seconds}
+
+    def _observe(self, step: str, started: float) -> None:
+        self._seconds[step].observe(time.perf_counter() - started)
 
     async def reserve(self, user_id: str, period: str, txn_id: str, rcpt_no: int | list[int],
                       plan_limits: list[str | int], thresholds: str = "") -> Reservation:
@@ -91,23 +102,33 @@ class QuotaStore:
         Idempotent per (txn_id, rcpt_no). Raises StoreUnavailableError.
         """
         numbers = [rcpt_no] if isinstance(rcpt_no, int) else rcpt_no
+        units = len(numbers)
         script_keys = [keys.user(user_id), keys.usage(user_id, period),
                        keys.reservations(user_id, txn_id)]
         args: list[str | int] = [" ".join(str(n) for n in numbers), USAGE_TTL_SECONDS,
                                  RESERVATION_TTL_SECONDS, period, thresholds, *plan_limits]
         wanted = durability(self._redis)
         replicated = True
-        with store_errors():
-            if wanted.replicas:
-                raw, replicated = await eval_replicated(self._redis, self._reserve,
-                                                        script_keys, args, wanted)
-            else:
-                raw = await self._reserve(keys=script_keys, args=args)
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                if wanted.replicas:
+                    raw, replicated = await eval_replicated(self._redis, self._reserve,
+                                                            script_keys, args, wanted)
+                else:
+                    raw = await self._reserve(keys=script_keys, args=args)
+        except StoreUnavailableError:
+            self._errors["reserve"].inc()
+            self._reserve_failed.inc(units)
+            raise
+        self._observe("reserve", started)
         status, used, limit, crossed = (int(v) for v in raw)
         result = Reservation(ReserveStatus(status), used, limit, crossed)
         if not replicated and result.status in {ReserveStatus.RESERVED,
                                                 ReserveStatus.ALREADY_RESERVED}:
+            self._reserve_failed.inc(units)
             await self._give_back_unreplicated(user_id, period, txn_id, numbers, result)
+        self._reserved[result.status].inc(units)
         return result
 
     async def _give_back_unreplicated(self, user_id: str, period: str, txn_id: str,
@@ -128,19 +149,32 @@ class QuotaStore:
                      route: str = "command") -> Settlement:
         """Make every open reservation of ``txn_id`` final, counted under ``route``.
         Idempotent."""
-        with store_errors():
-            units, used = await self._commit(
-                keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],
-                args=[route])
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                units, used = await self._commit(
+                    keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],
+                    args=[route])
+        except StoreUnavailableError:
+            self._errors["commit"].inc()
+            raise
+        self._observe("commit", started)
+        self._metrics.units_committed.inc(int(units))
         return Settlement(int(units), int(used))
 
     async def tally(self, user_id: str, period: str, route: str, units: int) -> None:
         """Count ``units`` sent through an uncounted route (shown in usage, never limited)."""
-        with store_errors():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(keys.usage(user_id, period), f"route:{route}", units)
-                pipe.expire(keys.usage(user_id, period), USAGE_TTL_SECONDS)
-                await pipe.execute()
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.hincrby(keys.usage(user_id, period), f"route:{route}", units)
+                    pipe.expire(keys.usage(user_id, period), USAGE_TTL_SECONDS)
+                    await pipe.execute()
+        except StoreUnavailableError:
+            self._errors["tally"].inc()
+            raise
+        self._observe("tally", started)
 
     async def refund(self, user_id: str, period: str, txn_id: str,
                      rcpt_nos: list[int] | None = None) -> Settlement:
@@ -149,10 +183,17 @@ class QuotaStore:
         if rcpt_nos is not None and not rcpt_nos:
             # An empty list refunds nothing; the script would read "no ARGV" as "all".
             return Settlement(0, (await self.usage(user_id, period)).used)
-        with store_errors():
-            units, used = await self._refund(
-                keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],
-                args=rcpt_nos or [])
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                units, used = await self._refund(
+                    keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],
+                    args=rcpt_nos or [])
+        except StoreUnavailableError:
+            self._errors["refund"].inc()
+            raise
+        self._observe("refund", started)
+        self._metrics.units_refunded.inc(int(units))
         return Settlement(int(units), int(used))
 
     async def usage(self, user_id: str, period: str) -> Usage:

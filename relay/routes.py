@@ -19,6 +19,7 @@ import structlog
 from relay.accounts import User
 from relay.credentials import CredentialStore
 from relay.errors import PermanentError, UpstreamUnavailableError
+from relay.metrics import RelayMetrics, detached
 from relay.routing import Route, Routing
 from relay.settings import UpstreamTarget
 from relay.upstream import SmtpUpstream, Upstream, UpstreamSession
@@ -55,8 +56,11 @@ class RouteUpstreams:
     def __init__(self, routing: Routing, *, default: Upstream,
                  targets: Mapping[str, UpstreamTarget], credentials: CredentialStore,
                  pool_size: int, timeout: float, hostname: str, tls_verify: bool,
-                 ca_file: Path | None = None, previous: RouteUpstreams | None = None) -> None:
+                 ca_file: Path | None = None, previous: RouteUpstreams | None = None,
+                 metrics: RelayMetrics | None = None) -> None:
         self._routing = routing
+        # Pools are labelled "default" (RELAY_UPSTREAM_URL) or by their route's name.
+        self._metrics = metrics or detached()
         self._default = default
         self._credentials = credentials
         self._timeout = timeout
@@ -80,7 +84,8 @@ class RouteUpstreams:
                 self._shared[route.name] = kept.get(self._pool_key(route)) or SmtpUpstream(
                     targets[route.name], size=route.pool_size or pool_size,
                     timeout=route.timeout or timeout,
-                    local_hostname=hostname, tls_verify=tls_verify, ca_file=ca_file)
+                    local_hostname=hostname, tls_verify=tls_verify, ca_file=ca_file,
+                    metrics=self._metrics.upstream(route.name))
         if previous is not None:
             for key, pool in previous._per_user.items():
                 old, new = previous._routing.routes.get(key[0]), routing.routes.get(key[0])
@@ -125,7 +130,8 @@ class RouteUpstreams:
                                 size=route.pool_size or USER_POOL_SIZE,
                                 timeout=route.timeout or self._timeout,
                                 local_hostname=self._hostname, tls_verify=self._tls_verify,
-                                ca_file=self._ca_file)
+                                ca_file=self._ca_file,
+                                metrics=self._metrics.upstream(route.name))
             if self._retired:
                 # A transaction that began before a reload still routes through these
                 # routes: its pool works, but closes each connection when handed back.
@@ -152,6 +158,7 @@ class RouteUpstreams:
             if route.failover is None:
                 raise
             fallback = self._routing.routes[route.failover]
+            self._metrics.failovers(route.name, fallback.name).inc()
             log.warning("route.failover", route=route.name, failover=fallback.name)
             upstream = await self._upstream_for(fallback, user)
             return fallback, await upstream.begin(sender, options, smtputf8=smtputf8), \

@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
+from prometheus_client import Gauge
 
 from relay import errors
 from relay.errors import (
@@ -93,6 +94,8 @@ class RelaySMTP(SMTP):
         self._transaction_timeout = transaction_timeout
         self._txn_deadline: float | None = None  # loop time when the open transaction ends
         self._timer_kind = "idle"
+        self._listener = "smtps" if implicit_tls else "starttls"
+        self._open_gauge: Gauge | None = None  # the gauge this connection was counted in
         super().__init__(handler, proxy_protocol_timeout=proxy.timeout if proxy else None,
                          **kwargs)
 
@@ -165,6 +168,10 @@ class RelaySMTP(SMTP):
         first = self.transport is None
         super().connection_made(transport)
         if first:
+            metrics = self._relay_handler.services.metrics
+            metrics.connections(self._listener).inc()
+            self._open_gauge = metrics.connections_open(self._listener)
+            self._open_gauge.inc()
             peer = transport.get_extra_info("peername")
             self.client_ip = normalize_ip(peer[0]) if peer else None
             self._peer_port = int(peer[1]) if peer else None
@@ -186,6 +193,9 @@ class RelaySMTP(SMTP):
             self._log("session.starttls")
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._open_gauge is not None:
+            self._open_gauge.dec()
+            self._open_gauge = None
         super().connection_lost(error)
         self._retire("disconnect")
         if self._proxy_phase is _ProxyPhase.WAITING:

@@ -163,6 +163,9 @@ class Settings:
     auth_max_failures_per_login: int = 10
     auth_failure_window: float = 600.0
     transaction_timeout: float = 600.0
+    # /metrics, /healthz and /readyz of serve and of the notifier; None = no listener.
+    metrics_listen: Endpoint | None = Endpoint("127.0.0.1", 9465)
+    notifier_metrics_listen: Endpoint | None = Endpoint("127.0.0.1", 9466)
     # RELAY_ROUTE_<NAME>_URL: the upstream of each route with upstream = "setting".
     route_urls: Mapping[str, UpstreamTarget] = field(default_factory=dict)
 
@@ -269,6 +272,11 @@ def _secret(value: str) -> str:
     return value
 
 
+def _optional_endpoint(value: str) -> Endpoint | None:
+    # An empty value turns the listener off.
+    return parse_endpoint(value) if value.strip() else None
+
+
 def _fernet_key(value: str) -> str:
     try:
         raw = base64.urlsafe_b64decode(value.encode())
@@ -324,6 +332,8 @@ _PARSERS: dict[str, Any] = {
     "auth_max_failures_per_login": _non_negative_int,
     "auth_failure_window": _positive_float,
     "transaction_timeout": _positive_float,
+    "metrics_listen": _optional_endpoint,
+    "notifier_metrics_listen": _optional_endpoint,
 }
 # Settings that hold secrets: never echoed back in an error message.
 _SECRET = {"redis_url", "upstream_url", "notify_webhook_secret", "admin_token",
@@ -381,7 +391,8 @@ def load_settings(environ: Mapping[str, str] | None = None,
             if key.startswith("test_"):
                 continue
             raise SettingsError(f"environment: {var}: unknown setting")
-        if raw == "" and key not in {"allow_plaintext_auth"}:
+        if raw == "" and key not in {"allow_plaintext_auth", "metrics_listen",
+                                     "notifier_metrics_listen"}:
             continue
         values[key] = _parse(key, raw, "environment")
 

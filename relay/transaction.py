@@ -22,7 +22,7 @@ in one canonical ``delivery.finished`` log line.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import structlog
@@ -41,6 +41,7 @@ from relay.errors import (
     UserDisabledError,
 )
 from relay.message import CONTROL_HEADER_PREFIX
+from relay.metrics import RelayMetrics, detached
 from relay.period import Period
 from relay.policies import Policies
 from relay.quota import QuotaStore, Reservation, ReserveStatus
@@ -71,6 +72,7 @@ class Services:
     routes: RouteUpstreams
     policies: Policies
     max_recipients: int
+    metrics: RelayMetrics = field(default_factory=detached)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +136,12 @@ class Transaction:
                 await self._add_in_step(address, options)
         except RelayError as exc:
             self.refused += 1
+            reason = type(exc).__name__
+            self._services.metrics.recipients("refused", reason).inc()
             self.log.info("rcpt.refused", rcpt_domain=rcpt_domain, smtp_code=exc.code,
-                          reason=type(exc).__name__, used=self._last_used,
-                          limit=self._last_limit)
+                          reason=reason, used=self._last_used, limit=self._last_limit)
             raise
+        self._services.metrics.recipients("accepted", "none").inc()
         self.accepted.append(address)
         self.log.debug("rcpt.accepted", rcpt_domain=rcpt_domain, used=self._last_used,
                       limit=self._last_limit, deferred=self.deferred)
@@ -354,14 +358,21 @@ class Transaction:
     def _log_unreconciled(self, reason: str) -> None:
         # The reservation key relay:resv:{user}:<txn_id> keeps the units for a week; this line
         # is what an operator greps to reconcile a count that may be high.
+        self._services.metrics.unreconciled(reason).inc()
         self.log.warning("quota.unreconciled", reason=reason, rcpt_accepted=len(self.accepted))
 
     def _finish(self, outcome: str, smtp_code: int | None, size: int | None,
                 **extra: object) -> None:
+        seconds = time.monotonic() - self._started
+        metrics = self._services.metrics
+        metrics.messages(outcome, self._opened.route.name if self._opened else "none").inc()
+        metrics.transaction_seconds(outcome).observe(seconds)
+        if size is not None:
+            metrics.message_bytes.observe(size)
         self.log.info(
             "delivery.finished", outcome=outcome, smtp_code=smtp_code, size=size,
             rcpt_accepted=len(self.accepted), rcpt_refused=self.refused,
             used=self._last_used, limit=self._last_limit,
             upstream=self._opened.upstream if self._opened else None,
-            duration_ms=round((time.monotonic() - self._started) * 1000, 1),
+            duration_ms=round(seconds * 1000, 1),
             **self._controls.ids(), **extra)

@@ -11,6 +11,7 @@ aiosmtplib's errors are translated here and nowhere else (``translate_error``).
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from relay.errors import (
     UpstreamUnavailableError,
     upstream_reply_error,
 )
+from relay.metrics import UpstreamMetrics, detached
 from relay.settings import UpstreamTarget
 from relay.wire import Outgoing
 
@@ -35,6 +37,11 @@ log = structlog.get_logger()
 # MAIL FROM parameters forwarded when the upstream advertises the extension (RFC 1870, 6152,
 # 6531). Anything else aiosmtpd accepted has already been validated and is not forwarded.
 _FORWARDED_MAIL_PARAMS = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "smtputf8"}
+# While an upstream is not known to be reachable, /readyz and /metrics start a probe
+# connection in the background at most this often (seconds), so a relay taken out of service
+# for a dead upstream comes back by itself, without traffic, once the upstream does.
+PROBE_INTERVAL = 5.0
+_REPLY_CLASSES = {2: "2xx", 4: "4xx", 5: "5xx"}
 
 
 class BadAddressError(PermanentError):
@@ -80,6 +87,17 @@ def translate_error(exc: BaseException) -> RelayError:
     raise TypeError(f"unmapped upstream error {type(exc).__name__}") from exc
 
 
+def reply_class(exc: BaseException) -> str | None:
+    """The class of an upstream failure for ``relay_upstream_replies_total``: the reply's
+    class (4xx, 5xx), ``error`` when no reply came (connect, TLS, timeout, lost connection),
+    None for the relay's own refusals (already counted where they happened, or never sent)."""
+    if isinstance(exc, RelayError):
+        return None
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return _REPLY_CLASSES.get(exc.code // 100, "error")
+    return "error"
+
+
 class UpstreamSession(Protocol):
     """One upstream transaction, begun by ``Upstream.begin`` (MAIL FROM already accepted)."""
 
@@ -101,6 +119,10 @@ class Upstream(Protocol):
     async def begin(self, sender: str, options: list[str], *, smtputf8: bool) -> UpstreamSession:
         """Open a transaction upstream. Raises RelayError."""
 
+    def reachable(self) -> bool | None:
+        """Whether the upstream can take mail, as last seen (None: not known yet); for
+        /readyz. Never waits on the network."""
+
     async def close(self) -> None: ...
 
 
@@ -117,7 +139,7 @@ class SmtpUpstream:
 
     def __init__(self, target: UpstreamTarget, *, size: int, timeout: float,
                  local_hostname: str, tls_verify: bool = True, ca_file: Path | None = None,
-                 idle_seconds: float = 60.0) -> None:
+                 idle_seconds: float = 60.0, metrics: UpstreamMetrics | None = None) -> None:
         self.name = str(target)
         self._target = target
         self.timeout = timeout
@@ -128,6 +150,53 @@ class SmtpUpstream:
         self._idle: deque[tuple[aiosmtplib.SMTP, float]] = deque()
         self._slots = asyncio.Semaphore(size)
         self._closed = False
+        # For the metrics (pool gauges are read at scrape time) and /readyz.
+        self.size = size
+        self._held = 0  # slots taken: connections carrying a transaction
+        self._reachable: bool | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._probed_at = -PROBE_INTERVAL
+        self._metrics = metrics or detached().upstream("default")
+        self.pool = self._metrics.pool
+        self._metrics.track(self)
+
+    @property
+    def busy(self) -> int:
+        return self._held
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def _observe(self, step: str, started: float, exc: BaseException | None) -> None:
+        """Count one upstream step: its time, and the class of its reply."""
+        metrics = self._metrics
+        metrics.duration[step].observe(time.perf_counter() - started)
+        kind = "2xx" if exc is None else reply_class(exc)
+        if kind is not None:
+            metrics.replies[step][kind].inc()
+
+    def reachable(self) -> bool | None:
+        """Whether the last connection to the upstream (a message's or a probe's) succeeded;
+        None before the first. While that is not True, starts a probe connection in the
+        background (at most one every PROBE_INTERVAL seconds)."""
+        if self._reachable is not True and self._probe is None and not self._closed \
+                and time.monotonic() - self._probed_at >= PROBE_INTERVAL:
+            self._probed_at = time.monotonic()
+            self._probe = asyncio.get_running_loop().create_task(self._run_probe())
+        return self._reachable
+
+    async def _run_probe(self) -> None:
+        try:
+            client = await self._connect()
+        except UpstreamUnavailableError:
+            return  # _connect logged it and marked the upstream unreachable
+        finally:
+            self._probe = None
+        try:
+            await asyncio.wait_for(client.quit(), 2)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            client.close()
 
     async def _connect(self) -> aiosmtplib.SMTP:
         t = self._target
@@ -137,6 +206,7 @@ class SmtpUpstream:
             local_hostname=self._local_hostname, timeout=self.timeout,
             use_tls=t.tls == "implicit", start_tls=t.tls == "starttls",
             validate_certs=self._tls_verify, cert_bundle=self._ca_file)
+        started = time.perf_counter()
         try:
             await client.connect()
             if not client.esmtp_extensions:
@@ -148,9 +218,13 @@ class SmtpUpstream:
             # EHLO, a 5xx to STARTTLS, our own login refused) says nothing about the client's
             # message: the client must keep it and retry, so it is always temporary.
             client.close()
+            self._reachable = False
+            self._observe("connect", started, exc)
             log.warning("upstream.connect_failed", upstream=self.name,
                         error=type(exc).__name__, detail=str(exc)[:200])
             raise UpstreamUnavailableError() from exc
+        self._reachable = True
+        self._observe("connect", started, None)
         return client
 
     def _take_idle(self) -> aiosmtplib.SMTP | None:
@@ -163,16 +237,20 @@ class SmtpUpstream:
         return None
 
     async def begin(self, sender: str, options: list[str], *, smtputf8: bool) -> SmtpSession:
+        started = time.perf_counter()
         try:
             await asyncio.wait_for(self._slots.acquire(), self.timeout)
         except TimeoutError:
+            self._metrics.pool_timeouts.inc()
             raise UpstreamUnavailableError("Upstream busy, try again later") from None
+        self._held += 1
         try:
             client = self._take_idle()
             try:
                 if client is not None:
                     try:
                         await self._mail(client, sender, options, smtputf8)
+                        self._observe("mail", started, None)
                         return SmtpSession(self, client)
                     except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
                         # An idle connection the upstream dropped: nothing was sent on it,
@@ -180,15 +258,17 @@ class SmtpUpstream:
                         client.close()
                 client = await self._connect()
                 await self._mail(client, sender, options, smtputf8)
+                self._observe("mail", started, None)
                 return SmtpSession(self, client)
             except BaseException as exc:
                 if client is not None:
                     client.close()
                 if isinstance(exc, Exception):
+                    self._observe("mail", started, exc)
                     raise translate_error(exc) from exc
                 raise
         except BaseException:
-            self._slots.release()
+            self._release_slot()
             raise
 
     async def _mail(self, client: aiosmtplib.SMTP, sender: str, options: list[str],
@@ -206,10 +286,17 @@ class SmtpUpstream:
                 client.close()
             else:
                 self._idle.append((client, time.monotonic()))
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        self._held -= 1
         self._slots.release()
 
     async def close(self) -> None:
         self._closed = True
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         while self._idle:
             client, _ = self._idle.pop()
             try:
@@ -287,24 +374,31 @@ class SmtpSession:
 
     async def rcpt(self, address: str, options: list[str]) -> None:
         self._busy = True
+        started = time.perf_counter()
         try:
             await self._client.rcpt(address, options=options,
                                     encoding="utf-8" if not address.isascii() else "ascii")
         except Exception as exc:
+            self._pool._observe("rcpt", started, exc)
             raise translate_error(exc) from exc
         finally:
             self._busy = False
+        self._pool._observe("rcpt", started, None)
 
     async def data(self, message: Outgoing) -> str:
         self._busy = True
+        started = time.perf_counter()
         try:
             response = await send_data(self._client, message, self._pool.timeout)
         except aiosmtplib.SMTPResponseException as exc:
+            self._pool._observe("data", started, exc)
             raise translate_error(exc) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            self._pool._observe("data", started, exc)
             raise UpstreamOutcomeUnknownError() from exc
         finally:
             self._busy = False
+        self._pool._observe("data", started, None)
         self._delivered = True
         return response.message
 
@@ -336,6 +430,9 @@ class CaptureUpstream:
     async def begin(self, sender: str, options: list[str], *,
                     smtputf8: bool) -> CaptureSession:
         return CaptureSession(self._directory)
+
+    def reachable(self) -> bool:
+        return os.access(self._directory, os.W_OK)
 
     async def close(self) -> None:
         return None

@@ -140,6 +140,8 @@ def bind_listeners(settings: Settings) -> dict[str, socket.socket]:
         wanted["smtps_listen"] = settings.smtps_listen
     if settings.admin_token:
         wanted["admin_listen"] = settings.admin_listen
+    if settings.metrics_listen is not None:
+        wanted["metrics_listen"] = settings.metrics_listen
     bound: dict[str, socket.socket] = {}
     for name, endpoint in wanted.items():
         try:

@@ -240,7 +240,8 @@ def clock() -> MutableClock:
 def base_settings(tmp_path: Path) -> Settings:
     return Settings(listen=Endpoint("127.0.0.1", 0), state_dir=tmp_path / "state",
                     policies_dir=POLICIES, hostname="relay.test", allow_plaintext_auth=True,
-                    upstream_timeout=5, redis_timeout=1)
+                    upstream_timeout=5, redis_timeout=1,
+                    metrics_listen=Endpoint("127.0.0.1", 0))
 
 
 RelayFactory = Callable[..., Any]

@@ -274,6 +274,8 @@ class RelayProcess:
         self.log_path = self.workdir / "serve.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         env.update(RELAY_LISTEN=f"127.0.0.1:{self.port}", RELAY_ALLOW_PLAINTEXT_AUTH="1",
+                   RELAY_METRICS_LISTEN="127.0.0.1:0",
+                   RELAY_NOTIFIER_METRICS_LISTEN="127.0.0.1:0",
                    RELAY_STATE_DIR=str(self.workdir / "state"),
                    RELAY_POLICIES_DIR=str(POLICIES), RELAY_HOSTNAME=f"{name}.test",
                    RELAY_LOG_FORMAT="json", **settings)

@@ -25,6 +25,8 @@ from .conftest import PASSWORD, POLICIES
 def clean_env(**relay: str) -> dict[str, str]:
     """os.environ without any RELAY_* variable, plus the given RELAY_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    # Metrics listeners on ephemeral ports: tests run in parallel, 9465/9466 would collide.
+    env.update(RELAY_METRICS_LISTEN="127.0.0.1:0", RELAY_NOTIFIER_METRICS_LISTEN="127.0.0.1:0")
     env.update(relay)
     return env
 

@@ -36,6 +36,8 @@ from .conftest import PASSWORD, POLICIES, free_port
 def clean_env(**relay: str) -> dict[str, str]:
     """os.environ without any RELAY_* variable, plus the given RELAY_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    # Metrics listeners on ephemeral ports: tests run in parallel, 9465/9466 would collide.
+    env.update(RELAY_METRICS_LISTEN="127.0.0.1:0", RELAY_NOTIFIER_METRICS_LISTEN="127.0.0.1:0")
     env.update(relay)
     return env
 
@@ -120,8 +122,9 @@ class Serve:
         self.workdir = workdir
         self.stdout_path = workdir / f"{name}.out"
         self.stderr_path = workdir / f"{name}.err"
+        # An ephemeral metrics port: tests run in parallel, the default 9465 is one port.
         env = env_for(state, RELAY_LISTEN=f"127.0.0.1:{self.port}",
-                      RELAY_ALLOW_PLAINTEXT_AUTH="1")
+                      RELAY_ALLOW_PLAINTEXT_AUTH="1", RELAY_METRICS_LISTEN="127.0.0.1:0")
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "relay", "serve"], env=env, cwd=workdir,

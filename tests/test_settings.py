@@ -573,3 +573,29 @@ def test_settings_repr_masks_sentinel_passwords() -> None:
     shown = repr(settings)
     assert SECRET not in shown
     assert "127.0.0.1:26380/m" in shown and "sentinel_password=***" in shown
+# -- the metrics listeners -----------------------------------------------------------------------
+def test_load_settings_metrics_listeners_default_to_loopback() -> None:
+    """/metrics, /healthz and /readyz listen on loopback by default: 9465 (serve) and 9466
+    (the notifier)."""
+    settings = load_settings(environ={})
+    assert settings.metrics_listen == Endpoint("127.0.0.1", 9465)
+    assert settings.notifier_metrics_listen == Endpoint("127.0.0.1", 9466)
+
+
+def test_load_settings_metrics_listeners_set_and_turned_off(tmp_path: Path) -> None:
+    """An address moves a metrics listener; an empty value (variable or TOML) turns it off."""
+    settings = load_settings(environ={"RELAY_METRICS_LISTEN": "0.0.0.0:9100",
+                                      "RELAY_NOTIFIER_METRICS_LISTEN": ""})
+    assert settings.metrics_listen == Endpoint("0.0.0.0", 9100)
+    assert settings.notifier_metrics_listen is None
+    path = tmp_path / "relay.toml"
+    path.write_text('metrics_listen = ""\nnotifier_metrics_listen = "[::1]:9466"\n')
+    settings = load_settings(environ={}, config_file=path)
+    assert settings.metrics_listen is None
+    assert settings.notifier_metrics_listen == Endpoint("::1", 9466)
+
+
+def test_load_settings_metrics_listen_needs_an_ip_literal() -> None:
+    """A host name (a DNS lookup) is refused, naming the key."""
+    with pytest.raises(SettingsError, match="metrics_listen: listen host must be an IP"):
+        load_settings(environ={"RELAY_METRICS_LISTEN": "metrics.example:9465"})
