@@ -551,9 +551,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a ~1 minute smoke run: 1 repetition, 20 sessions, small counts")
     parser.add_argument("--reps", type=int, help="repetitions of each scenario (default 3)")
     parser.add_argument("--messages-2k", type=int,
-                        help="messages per 2 KB run (default 1000; a fifth with 1 session)")
+                        help="messages per 2 KB run (default 4000; a fifth with 1 session)")
     parser.add_argument("--messages-100k", type=int,
-                        help="messages per 100 KB run (default 300; a fifth with 1 session)")
+                        help="messages per 100 KB run (default 1500; a fifth with 1 session)")
     parser.add_argument("--concurrency", type=int, nargs="+",
                         help="concurrent sessions for the relay (default 1 20 100)")
     parser.add_argument("--per-connection", type=int, default=20,
@@ -563,7 +563,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-seconds", type=float,
                         help="length of each paced latency run (default 5)")
     parser.add_argument("--memory-sessions", type=int,
-                        help="sessions in the memory scenario (default 20)")
+                        help="sessions in the memory scenario (default 100, as issue 5 asks)")
     parser.add_argument("--memory-size", type=int, default=10,
                         help="MB per message in the memory scenario (default 10)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory scenario")
@@ -587,11 +587,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds of load per profiled shape (default 15)")
     args = parser.parse_args(argv)
     quick = args.quick
-    defaults = {"reps": 1 if quick else 3, "messages_2k": 300 if quick else 1000,
-                "messages_100k": 100 if quick else 300,
+    # Counts large enough that a run lasts seconds, not a fraction of one, at today's rates.
+    defaults = {"reps": 1 if quick else 3, "messages_2k": 600 if quick else 4000,
+                "messages_100k": 200 if quick else 1500,
                 "concurrency": [20] if quick else [1, 20, 100],
                 "time_cap": 3.0 if quick else 8.0, "latency_seconds": 2.0 if quick else 5.0,
-                "memory_sessions": 5 if quick else 20}
+                "memory_sessions": 5 if quick else 100}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -14,12 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from redis.commands.core import AsyncScript
+
 from relay import keys
 from relay.errors import (
     SenderNotAllowedError,
     UnknownSenderError,
     UserDisabledError,
 )
+from relay.scripts import lua_source
 from relay.store import RedisClient, store_errors
 
 PREFERENCE_PREFIX = "route:"
@@ -140,6 +143,7 @@ class AccountStore:
 
     def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
+        self._read_user: AsyncScript = redis.register_script(lua_source("user.lua"))
         # Which user owned a sender address when last looked up. Only a hint, to save the
         # index lookup on an app's MAIL FROM: it is used only if the user record, read fresh
         # on every MAIL, still lists the address; otherwise the index is asked again.
@@ -184,15 +188,14 @@ class AccountStore:
         return _user_from(user_id, record, addresses)
 
     async def get_user(self, user_id: str) -> User | None:
-        """One round trip: the user record and its sender set, pipelined (same slot)."""
+        """One round trip: the user record and its sender set, in one script (same slot)."""
         with store_errors():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(keys.user(user_id))
-                pipe.smembers(keys.user_senders(user_id))
-                record, senders = await pipe.execute()
-        if not record:
+            flat, senders = await self._read_user(
+                keys=[keys.user(user_id), keys.user_senders(user_id)])
+        if not flat:
             return None
-        return _user_from(user_id, record, senders)
+        record = dict(zip(flat[::2], flat[1::2], strict=True))
+        return _user_from(user_id, record, set(senders))
 
     async def find_user(self, ref: str) -> User | None:
         """A user by id or by any address they own."""
