@@ -134,8 +134,11 @@ class SupervisorMetricsServer:
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> None:
-        # No proxy, whatever the environment says: the workers are on loopback.
-        self._http = aiohttp.ClientSession(trust_env=False)
+        # No proxy, whatever the environment says: the workers are on loopback. A new
+        # connection per request: a kept-alive one to a worker that was since restarted
+        # would fail the next scrape of the new one for nothing.
+        self._http = aiohttp.ClientSession(
+            trust_env=False, connector=aiohttp.TCPConnector(force_close=True))
         await self._runner.setup()
         await web.SockSite(self._runner, self._sock).start()
         host, port = self._sock.getsockname()[:2]

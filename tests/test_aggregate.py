@@ -103,7 +103,8 @@ async def test_aggregate_sums_every_workers_counters(
         sent += 6
         if len({r["worker"] for r in relay.process.events("delivery.finished")}) == 2:
             break
-    logged = relay.process.events("delivery.finished", outcome="delivered")
+    logged = await relay.process.wait_event("delivery.finished", count=sent,
+                                            outcome="delivered")
     assert len(logged) == sent
     assert {r["worker"] for r in logged} == {1, 2}, "one worker took every connection"
 
@@ -229,7 +230,7 @@ async def test_aggregate_counts_a_worker_that_does_not_answer(
         assert m.value("relay_worker_scrape_errors_total", worker="1") == 0
         assert m.value("relay_worker_up", worker="2") == 0
         assert m.value("relay_workers_alive") == 2
-        [unanswered] = relay.process.events("metrics.worker_unanswered")
+        [unanswered] = await relay.process.wait_event("metrics.worker_unanswered")
         assert unanswered["worker"] == 2 and unanswered["level"] == "warning"
         status, answer = await readyz(relay.metrics)
         assert (status, answer["reasons"]) == (503, ["worker_no_answer"])
