@@ -147,7 +147,8 @@ class MetricsServer:
     def __init__(self, endpoint: Endpoint, registry: CollectorRegistry,
                  readiness: ReadinessCheck, sock: socket.socket | None = None) -> None:
         self._endpoint = endpoint
-        # A socket the worker supervisor bound: every worker serves on it (relay/workers.py).
+        # A worker's private socket, bound by the supervisor, which answers RELAY_METRICS_LISTEN
+        # for all workers (relay/workers.py, relay/aggregate.py).
         self._sock = sock
         self._registry = registry
         self._readiness = readiness
@@ -167,7 +168,10 @@ class MetricsServer:
         except OSError:
             await self._runner.cleanup()
             raise
-        log.info("metrics.listening", listen=f"{self._endpoint.host}:{self.port}")
+        host, port = self._runner.addresses[0][:2]
+        # With workers, the socket is the private one of this worker's slot (relay/workers.py).
+        log.info("metrics.listening", listen=f"{host}:{port}",
+                 **({"private": True} if self._sock is not None else {}))
 
     @property
     def port(self) -> int:

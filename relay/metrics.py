@@ -360,3 +360,29 @@ class NotifierMetrics:
         self.dead_letters = Gauge(
             "relay_events_dead_letters", "Entries in the dead-letter stream relay:events:dead "
             "(see `command-relay events dead`).", registry=r)
+
+
+# -- the worker supervisor ------------------------------------------------------------------
+class SupervisorMetrics:
+    """What the supervisor of ``serve --workers N`` adds to its workers' series (relay/
+    aggregate.py). ``worker`` is the slot, "1".."N", as on the workers' own series."""
+
+    def __init__(self, workers: int) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        slots = [(str(index),) for index in range(1, workers + 1)]
+        self.configured = Gauge(
+            "relay_workers_configured", "Worker processes this serve runs (--workers N).",
+            registry=r)
+        self.configured.set(workers)
+        self.alive = Gauge(
+            "relay_workers_alive", "Worker processes running now (serving or starting).",
+            registry=r)
+        self.worker_up = Children(Gauge(
+            "relay_worker_up", "1 when the worker's own metrics were part of this scrape, else "
+            "0 (not serving, or it did not answer in time).", ["worker"], registry=r), slots)
+        self.restarts = Children(Counter(
+            "relay_worker_restarts_total", "Workers that died unexpectedly and were restarted "
+            "(worker.died).", ["worker"], registry=r), slots)
+        self.scrape_errors = Children(Counter(
+            "relay_worker_scrape_errors_total", "Scrapes that left a serving worker out because "
+            "it did not answer in time or answered badly.", ["worker"], registry=r), slots)

@@ -21,6 +21,10 @@ workers in their environment. It forwards SIGTERM/SIGINT (drain) and SIGHUP (rel
 workers, restarts a worker that dies unexpectedly (with exponential backoff, logged), and
 exits 0 once every worker has drained. A socket pair links each worker to it: the worker
 says when it is serving, and sees the supervisor vanish (EOF) if it is killed, then drains.
+
+The metrics listener (``RELAY_METRICS_LISTEN``) is the supervisor's own: it answers for every
+worker (relay/aggregate.py). Each worker serves its own registry on a private loopback socket
+the supervisor bound for its slot, handed to it as its ``metrics_listen`` socket.
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ from pathlib import Path
 
 import structlog
 
+from relay.aggregate import SlotState, SupervisorMetricsServer, WorkerSlot
 from relay.app import StartupError, redis_url_for
 from relay.credentials import load_key
+from relay.metrics import SupervisorMetrics
 from relay.policies import load_policies
 from relay.settings import Endpoint, Settings
 from relay.tlsconfig import ensure_dev_certificate
@@ -165,6 +171,10 @@ class Supervisor:
         self._count = workers
         self._config = config
         self._sockets: dict[str, socket.socket] = {}
+        # The metrics listener, and each slot's private one: open until the end, drain included.
+        self._metrics_sockets: dict[int, socket.socket] = {}
+        self._metrics_server: SupervisorMetricsServer | None = None
+        self.metrics = SupervisorMetrics(workers)
         self._env: dict[str, str] = {}
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._ready: set[int] = set()
@@ -185,14 +195,20 @@ class Supervisor:
         async with redis_url_for(s, share=False) as redis_url:
             self._env = await self._worker_env(redis_url)
             self._sockets = bind_listeners(s)
+            listen = {name: _address(sock) for name, sock in self._sockets.items()}
             try:
+                await self._start_metrics()
                 log.info("supervisor.started", pid=os.getpid(), workers=self._count,
-                         listen={name: _address(sock) for name, sock in self._sockets.items()})
+                         listen=listen)
                 slots = [asyncio.create_task(self._run_slot(i))
                          for i in range(1, self._count + 1)]
                 await asyncio.gather(*slots)
             finally:
                 self._close_sockets()
+                if self._metrics_server is not None:
+                    await self._metrics_server.stop()
+                for sock in self._metrics_sockets.values():
+                    sock.close()
         log.info("supervisor.stopped", exit_code=self._exit_code)
         return self._exit_code
 
@@ -211,6 +227,36 @@ class Supervisor:
             key_bytes = await asyncio.to_thread(load_key, None, s.state_dir)
             env["RELAY_CREDENTIALS_KEY"] = key_bytes.decode()
         return env
+
+    async def _start_metrics(self) -> None:
+        """Serve the metrics listener bound with the others, and bind each slot's private one
+        (loopback, port 0; a restarted worker gets its slot's socket again)."""
+        public = self._sockets.pop("metrics_listen", None)
+        if public is None:
+            return
+        self._metrics_sockets[0] = public
+        try:
+            for index in range(1, self._count + 1):
+                self._metrics_sockets[index] = _bind(Endpoint("127.0.0.1", 0))
+        except OSError as exc:
+            raise StartupError(f"cannot bind the workers' metrics sockets on 127.0.0.1: "
+                               f"{exc.strerror or exc}") from None
+        self._metrics_server = SupervisorMetricsServer(public, self, self.metrics)
+        await self._metrics_server.start()
+
+    @property
+    def draining(self) -> bool:
+        return self._stopping.is_set()
+
+    def slots(self) -> list[WorkerSlot]:
+        """Every slot's state now, for the metrics listener."""
+        found = []
+        for index in range(1, self._count + 1):
+            state: SlotState = ("serving" if index in self._ready
+                                else "starting" if index in self._procs else "down")
+            sock = self._metrics_sockets.get(index)
+            found.append(WorkerSlot(index, state, sock.getsockname()[1] if sock else 0))
+        return found
 
     def _close_sockets(self) -> None:
         for sock in self._sockets.values():
@@ -259,6 +305,8 @@ class Supervisor:
     async def _spawn(self, index: int) -> tuple[asyncio.subprocess.Process, socket.socket]:
         ours, theirs = socket.socketpair()
         fds = {name: sock.fileno() for name, sock in self._sockets.items()}
+        if index in self._metrics_sockets:
+            fds["metrics_listen"] = self._metrics_sockets[index].fileno()
         argv = [sys.executable, "-m", "relay",
                 *(["--config", str(self._config)] if self._config else []),
                 "serve", "--worker", WorkerLink.spec(index, theirs.fileno(), fds)]
@@ -323,6 +371,7 @@ class Supervisor:
                 failures = 0
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** failures)
             failures += 1
+            self.metrics.restarts(str(index)).inc()
             log.error("worker.died", worker=index, pid=proc.pid, returncode=code,
                       restart_in=delay)
             with contextlib.suppress(TimeoutError):

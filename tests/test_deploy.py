@@ -3,7 +3,7 @@
 Shared by tests/test_deploy_*.py (one file each for the image, compose, Kubernetes and
 systemd): which RELAY_* names are real settings (asked of ``load_settings`` itself, so the
 answer is the relay's own), which commands the CLI really has (asked of ``command-relay``),
-and the settings that other branches of issue 6 are adding (``PENDING_SETTINGS``).
+and a relay process to run checks against.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import pytest
-
 from relay.settings import Settings, SettingsError, load_settings
 from tests.conftest import POLICIES, REPO, free_port
 
@@ -30,15 +28,6 @@ _OTHERS = {"grafana", "prometheus", "__pycache__"}
 OWN_FILES = sorted(p for p in DEPLOY.rglob("*")
                    if p.is_file() and not _OTHERS & set(p.relative_to(DEPLOY).parts))
 COMMAND_RELAY = Path(sys.executable).with_name("command-relay")
-
-# Settings that deploy/ already uses and that parallel branches of issue 6 are adding to
-# relay/settings.py (metrics, lifecycle, PROXY protocol). Until they are merged, the checks
-# below accept these names and drop them before loading settings; once one is a real setting,
-# test_pending_settings_are_still_pending fails: delete it here, and the checks cover it too.
-PENDING_SETTINGS = frozenset({
-})
-# Defaults of pending settings, as agreed (common brief); used only while they are pending.
-PENDING_DEFAULTS = {"RELAY_METRICS_LISTEN": "127.0.0.1:9465", "RELAY_DRAIN_TIMEOUT": "30"}
 
 # A RELAY_* variable name in any text; "RELAY_ROUTE_<NAME>_URL" (a pattern) and "RELAY_*" are
 # not names.
@@ -61,23 +50,18 @@ def is_setting(name: str) -> bool:
 
 
 def unknown_names(names: Iterable[str]) -> set[str]:
-    return {n for n in names if n not in PENDING_SETTINGS and not is_setting(n)}
+    return {n for n in names if not is_setting(n)}
 
 
 def settings_for(environ: Mapping[str, str], config_file: Path | None = None) -> Settings:
-    """The settings a process with this environment gets; pending names are left out."""
-    return load_settings(environ={k: v for k, v in environ.items()
-                                  if k not in PENDING_SETTINGS},
-                         config_file=config_file)
+    """The settings a process with this environment gets."""
+    return load_settings(environ=dict(environ), config_file=config_file)
 
 
 def setting_value(environ: Mapping[str, str], name: str) -> str:
-    """A setting's value as text: the environment's, else the default (Settings' own once
-    the setting is merged, the agreed one while it is pending)."""
+    """A setting's value as text: the environment's, else Settings' own default."""
     if name in environ:
         return environ[name]
-    if name in PENDING_SETTINGS:
-        return PENDING_DEFAULTS[name]
     return str(getattr(Settings(), name.removeprefix("RELAY_").lower()))
 
 
@@ -170,13 +154,6 @@ def test_deploy_name_check_catches_a_typo():
     assert unknown_names({"RELAY_REDIS_URL", "RELAY_REDIS_ULR", "RELAY_ROUTE_X_URL"}) == {
         "RELAY_REDIS_ULR"}
     assert relay_names("RELAY_ROUTE_<NAME>_URL, RELAY_* and RELAY_LISTEN.") == {"RELAY_LISTEN"}
-
-
-@pytest.mark.parametrize("name", sorted(PENDING_SETTINGS))
-def test_pending_settings_are_still_pending(name: str):
-    """A pending name that relay/settings.py now knows must leave PENDING_SETTINGS."""
-    assert not is_setting(name), (
-        f"{name} is a real setting now: remove it from PENDING_SETTINGS in tests/test_deploy.py")
 
 
 def test_deploy_readme_covers_every_file():

@@ -27,7 +27,14 @@ from tests.test_deploy import (
     settings_for,
     unknown_names,
 )
-from tests.test_deploy_docker import image_environment, pinned_image_problems
+from tests.test_deploy_docker import (
+    _exec_form,
+    _final,
+    _parser,
+    _values,
+    image_environment,
+    pinned_image_problems,
+)
 
 COMPOSE = DEPLOY / "compose.yaml"
 SECRETS_MOUNT = Path("/run/secrets")
@@ -216,6 +223,23 @@ def test_compose_relay_containers_are_locked_down(name: str):
     assert {state, "/tmp"} <= writable
 
 
-def test_compose_notifier_does_not_inherit_the_relay_healthcheck():
-    """The image's health check asks the relay's /healthz, which the notifier does not serve."""
-    assert compose()["services"]["notifier"]["healthcheck"] == {"disable": True}
+def test_compose_notifier_checks_its_own_health_endpoint():
+    """The notifier's health check is the image's script on the notifier's own listener
+    (its variable as the argument), which its environment enables; the relay keeps the
+    image's (the relay's listener)."""
+    document = compose()
+    notifier = document["services"]["notifier"]
+    check = notifier["healthcheck"]
+    final = _final_healthcheck_argv()
+    assert check["test"] == ["CMD", *final, "RELAY_NOTIFIER_METRICS_LISTEN"]
+    assert {"interval", "timeout", "retries"} <= set(check)
+    listen = setting_value(_process_environment(document, notifier),
+                           "RELAY_NOTIFIER_METRICS_LISTEN")
+    assert listen and port_of(listen) > 0
+    assert "healthcheck" not in document["services"]["relay"]
+
+
+def _final_healthcheck_argv() -> list[str]:
+    """The image's HEALTHCHECK command (exec form)."""
+    [check] = _values(_final(_parser()), "HEALTHCHECK")
+    return _exec_form(check.partition("CMD")[2].strip())

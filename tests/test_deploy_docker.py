@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,6 @@ from dockerfile_parse import DockerfileParser
 from tests.conftest import REPO, free_port
 from tests.test_deploy import (
     DEPLOY,
-    PENDING_SETTINGS,
     RelayProcess,
     assert_cli_command,
     port_of,
@@ -166,13 +166,15 @@ def test_dockerfile_healthcheck_runs_the_shipped_script():
 
 
 def test_dockerfile_exposes_the_listen_ports():
-    """EXPOSE lists exactly the ports of the image's SMTP, SMTPS and metrics listeners."""
+    """EXPOSE lists exactly the ports of the image's SMTP, SMTPS and metrics listeners (the
+    relay's, and the notifier's for a container that runs `notifier`)."""
     env = image_environment()
     exposed = {int(p.split("/")[0]) for v in _values(_final(_parser()), "EXPOSE")
                for p in v.split()}
     listeners = {port_of(setting_value(env, n))
-                 for n in ("RELAY_LISTEN", "RELAY_SMTPS_LISTEN", "RELAY_METRICS_LISTEN")}
-    assert exposed == listeners == {587, 465, 9465}
+                 for n in ("RELAY_LISTEN", "RELAY_SMTPS_LISTEN", "RELAY_METRICS_LISTEN",
+                           "RELAY_NOTIFIER_METRICS_LISTEN")}
+    assert exposed == listeners == {587, 465, 9465, 9466}
 
 
 def test_dockerfile_environment_is_valid_settings():
@@ -192,9 +194,11 @@ def test_dockerfile_environment_is_valid_settings():
                 "RELAY_CREDENTIALS_KEY"} & set(env)
 
 
-def test_dockerfile_metrics_listener_is_reachable_from_outside_the_container():
-    """Probes come from outside the container's loopback: the image listens on 0.0.0.0."""
-    assert image_environment()["RELAY_METRICS_LISTEN"].startswith("0.0.0.0:")
+@pytest.mark.parametrize("name", ["RELAY_METRICS_LISTEN", "RELAY_NOTIFIER_METRICS_LISTEN"])
+def test_dockerfile_metrics_listener_is_reachable_from_outside_the_container(name: str):
+    """Probes come from outside the container's loopback: the image listens on 0.0.0.0, for
+    the relay and for the notifier."""
+    assert image_environment()[name].startswith("0.0.0.0:")
 
 
 def test_dockerfile_build_stage_has_what_pip_install_needs():
@@ -338,10 +342,25 @@ def test_healthcheck_url_follows_the_metrics_listener(listen: str, url: str | No
 
 
 def test_healthcheck_url_defaults_to_the_relay_default():
-    """Without the variable, the script checks the relay's own default listener."""
+    """Without the variable, the script checks the relay's own default listener (the
+    notifier's with its variable named): the defaults are relay/settings.py's."""
     module = _healthcheck_module()
     assert module.healthz_url({}) == "http://127.0.0.1:9465/healthz"
+    assert module.healthz_url({}, "RELAY_NOTIFIER_METRICS_LISTEN") == \
+        "http://127.0.0.1:9466/healthz"
     assert module.DEFAULT_LISTEN == setting_value({}, "RELAY_METRICS_LISTEN")
+    for name, listen in module.DEFAULTS.items():
+        assert listen == setting_value({}, name), name
+
+
+def test_healthcheck_reads_the_variable_it_is_given():
+    """`healthcheck.py RELAY_NOTIFIER_METRICS_LISTEN` follows that variable, not the relay's."""
+    module = _healthcheck_module()
+    environ = {"RELAY_METRICS_LISTEN": "0.0.0.0:9465",
+               "RELAY_NOTIFIER_METRICS_LISTEN": "0.0.0.0:9100"}
+    assert module.healthz_url(environ, "RELAY_NOTIFIER_METRICS_LISTEN") == \
+        "http://127.0.0.1:9100/healthz"
+    assert module.healthz_url(environ) == "http://127.0.0.1:9465/healthz"
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -371,11 +390,13 @@ def health_server() -> Iterator[tuple[http.server.HTTPServer, type[_Health]]]:
     thread.join(5)
 
 
-def _run_healthcheck(listen: str) -> subprocess.CompletedProcess[str]:
+def _run_healthcheck(listen: str,
+                     variable: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    env["RELAY_METRICS_LISTEN"] = listen
-    return subprocess.run([sys.executable, str(HEALTHCHECK)], env=env, capture_output=True,
-                          text=True, timeout=30)
+    env[variable or "RELAY_METRICS_LISTEN"] = listen
+    argv = [variable] if variable else []
+    return subprocess.run([sys.executable, str(HEALTHCHECK), *argv], env=env,
+                          capture_output=True, text=True, timeout=30)
 
 
 @pytest.mark.parametrize(("status", "code"), [(200, 0), (503, 1), (500, 1)])
@@ -406,10 +427,19 @@ def test_healthcheck_fails_when_the_listener_is_disabled():
     assert "RELAY_METRICS_LISTEN is empty" in result.stdout
 
 
+@pytest.mark.parametrize("argv", [["RELAY_LISTEN"], ["RELAY_METRICS_LISTEN", "extra"]])
+def test_healthcheck_refuses_an_unknown_variable(argv: list[str]):
+    """Only the two metrics listeners' variables are accepted: anything else is a usage
+    error (status 2), not a check of some other port."""
+    result = subprocess.run([sys.executable, str(HEALTHCHECK), *argv], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2
+    assert "usage: healthcheck.py" in result.stderr
+
+
 def test_healthcheck_against_the_real_relay(redis_server: Any, tmp_path: Path):
-    """The image's health check passes against `command-relay serve` itself."""
-    if "RELAY_METRICS_LISTEN" in PENDING_SETTINGS:
-        pytest.skip("RELAY_METRICS_LISTEN is pending (tests/test_deploy.py PENDING_SETTINGS)")
+    """The image's health check passes against `command-relay serve` itself (as many workers
+    as cores, the image's default: the supervisor answers)."""
     metrics = f"127.0.0.1:{free_port()}"
     relay = RelayProcess(tmp_path, redis_server.url, {"RELAY_METRICS_LISTEN": metrics})
     try:
@@ -418,3 +448,26 @@ def test_healthcheck_against_the_real_relay(redis_server: Any, tmp_path: Path):
     finally:
         relay.stop()
     assert result.returncode == 0, result.stdout
+
+
+def test_healthcheck_against_the_real_notifier(redis_server: Any, tmp_path: Path):
+    """With RELAY_NOTIFIER_METRICS_LISTEN as its argument, the health check passes against
+    `command-relay notifier` (as compose.yaml runs it), once it listens."""
+    metrics = f"127.0.0.1:{free_port()}"
+    notifier = RelayProcess(tmp_path, redis_server.url,
+                            {"RELAY_NOTIFIER_METRICS_LISTEN": metrics}, argv=["notifier"])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            result = _run_healthcheck(metrics, "RELAY_NOTIFIER_METRICS_LISTEN")
+            if result.returncode == 0 or time.monotonic() > deadline:
+                break
+            assert notifier.process.poll() is None, notifier.output()
+            time.sleep(0.2)
+        # The relay's variable names another listener: nothing answers there.
+        other = _run_healthcheck(f"127.0.0.1:{free_port()}")
+    finally:
+        assert notifier.stop() == 0, notifier.output()
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.startswith(f"healthy: http://{metrics}/healthz: 200")
+    assert other.returncode == 1

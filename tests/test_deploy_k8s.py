@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from relay.aggregate import READY_TIMEOUT
 from relay.settings import SettingsError
 from tests.conftest import REPO
 from tests.test_deploy import (
@@ -254,14 +255,32 @@ def test_k8s_container_ports_are_the_listen_ports():
     }
 
 
-def test_k8s_probes_use_the_health_endpoints():
-    """Liveness (and start-up) GET /healthz, readiness GET /readyz, on the metrics port."""
-    relay = container(RELAY)
+@pytest.mark.parametrize("deployment", [RELAY, NOTIFIER])
+def test_k8s_probes_use_the_health_endpoints(deployment: str):
+    """Liveness (and start-up) GET /healthz, readiness GET /readyz, on the metrics port (the
+    relay's and the notifier's own)."""
+    main = container(deployment)
     for probe, path in (("livenessProbe", "/healthz"), ("startupProbe", "/healthz"),
                         ("readinessProbe", "/readyz")):
-        get = relay[probe]["httpGet"]
+        get = main[probe]["httpGet"]
         assert (get["path"], get["port"]) == (path, "metrics"), probe
-    assert "metrics" in _named_ports(RELAY)
+    assert "metrics" in _named_ports(deployment)
+
+
+def test_k8s_notifier_serves_its_metrics_port_on_every_interface():
+    """The notifier's named port is its metrics listener's, which listens on all interfaces
+    so that the kubelet and Prometheus reach it."""
+    env = pod_environment(NOTIFIER)
+    listen = setting_value(env, "RELAY_NOTIFIER_METRICS_LISTEN")
+    assert listen.startswith("0.0.0.0:")
+    assert _named_ports(NOTIFIER) == {"metrics": port_of(listen)}
+    assert settings_for(env).notifier_metrics_listen is not None
+
+
+def test_k8s_readiness_probe_outlasts_the_supervisors_questions():
+    """With RELAY_WORKERS above 1, the supervisor's /readyz asks each worker for up to
+    READY_TIMEOUT seconds: the probe waits longer than that before calling it failed."""
+    assert container(RELAY)["readinessProbe"]["timeoutSeconds"] > READY_TIMEOUT
 
 
 def test_k8s_grace_period_outlasts_prestop_and_drain():

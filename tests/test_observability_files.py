@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import RelayApp
+from relay.metrics import SupervisorMetrics
 from tests.conftest import (
     REPO,
     CapturingUpstream,
@@ -105,6 +107,12 @@ def exposed_names(text: str) -> set[str]:
                     "summary": ["_count", "_sum", ""], "info": ["_info"]}.get(family.type, [""])
         names.update(family.name + suffix for suffix in suffixes)
     return names
+
+
+def supervisor_text() -> str:
+    """The series ``serve --workers N``'s supervisor adds to its workers' (its registry, as
+    relay/aggregate.py renders it; tests/test_aggregate.py scrapes a real one)."""
+    return generate_latest(SupervisorMetrics(2).registry).decode()
 
 
 async def scrape_everything(make_relay: RelayFactory, accounts: Any,
@@ -212,10 +220,12 @@ async def test_rules_and_dashboard_use_only_exposed_metrics(
         make_relay: RelayFactory, accounts: Any, redis_server: RedisServer,
         tmp_path: Path) -> None:
     """Every metric named in alerts.yml and in the dashboard is one that a relay started by
-    the production RelayApp, after real traffic, or a running notifier exposes."""
+    the production RelayApp, after real traffic, a running notifier or the supervisor of
+    ``serve --workers N`` exposes."""
     relay_text, notifier_text = await scrape_everything(make_relay, accounts, redis_server,
                                                         tmp_path)
-    exposed = exposed_names(relay_text) | exposed_names(notifier_text) | SYNTHETIC
+    exposed = (exposed_names(relay_text) | exposed_names(notifier_text)
+               | exposed_names(supervisor_text()) | SYNTHETIC)
     used_by_alerts = {name for rule in alert_rules() for name in metric_names(rule["expr"])}
     used_by_dashboard = {name for expr in dashboard_exprs() for name in metric_names(expr)}
     assert used_by_alerts and used_by_dashboard
@@ -226,13 +236,13 @@ async def test_rules_and_dashboard_use_only_exposed_metrics(
 async def test_readme_documents_every_metric(make_relay: RelayFactory, accounts: Any,
                                              redis_server: RedisServer,
                                              tmp_path: Path) -> None:
-    """Every relay_* metric the relay and the notifier expose is in the README's table, and
-    the table names no metric that does not exist."""
+    """Every relay_* metric the relay, the notifier and the workers' supervisor expose is in
+    the README's table, and the table names no metric that does not exist."""
     relay_text, notifier_text = await scrape_everything(make_relay, accounts, redis_server,
                                                         tmp_path)
     families = {f.name + ("_total" if f.type == "counter" else "_info" if f.type == "info"
                           else "")
-                for text in (relay_text, notifier_text)
+                for text in (relay_text, notifier_text, supervisor_text())
                 for f in text_string_to_metric_families(text) if f.name.startswith("relay_")}
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^\| `(relay_[a-z_]+)`", readme, flags=re.MULTILINE))
