@@ -189,8 +189,6 @@ class RelayApp:
         self._sockets = dict(sockets or {})
         self._sessions = SessionTracker()
         self._stopped = False
-        # True from the start of a drain (SIGTERM) on: /readyz reports not ready.
-        self.draining = False
         self.reload_lock = asyncio.Lock()
         self.admin: Admin | None = None
         self.admin_server: AdminServer | None = None
