@@ -275,6 +275,27 @@ async def test_reader_line_meter_counts_lines_split_across_reads():
             assert got[1] is problem, cut
 
 
+async def test_reader_line_meter_matches_an_exact_measure_on_random_bodies():
+    """Long stretches of short lines (the window proof) with the odd line at or over the
+    limit, bare CR and LF inside lines, cut into random pieces: the verdict is the exact
+    one (any line of more than 1,001 bytes with its CRLF)."""
+    rng = random.Random(4531)
+    for _ in range(120):
+        lines = []
+        for _ in range(rng.randint(1, 400)):
+            length = rng.choice([rng.randint(0, 120)] * 30 + [rng.randint(990, 1010)])
+            filler = bytes(rng.choice(b"ab\r\n") if rng.random() < 0.02 else 97
+                           for _ in range(length))
+            lines.append(filler.replace(b"\r\n", b"rn") + b"\r\n")
+        raw = b"".join(lines)
+        if b"\r\n.\r\n" in b"\r\n" + raw:
+            continue
+        exact = max(len(line) + 2 for line in raw.split(b"\r\n")[:-1]) > LINE_LIMIT
+        cuts = sorted(rng.sample(range(1, len(raw)), min(len(raw) - 1, rng.randint(0, 6))))
+        _, problem, _ = await read_all(raw + b".\r\n", cuts)
+        assert (problem is DataProblem.LINE_TOO_LONG) is exact
+
+
 # -- the wire form ---------------------------------------------------------------------------
 @pytest.mark.parametrize("content", [b"", b"a\r\n", b".a\r\n", b"a\r\n.\r\n..\r\n", b"a\nb",
                                      b"a\rb\r\n", b"\r\n.", b"x" * 10])
