@@ -127,7 +127,9 @@ def _bind(endpoint: Endpoint) -> socket.socket:
     the port answers only once a worker serves it (connections are refused until then, not
     left waiting in a backlog nobody accepts from)."""
     family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) on an accepted socket only
+    # when its proto says TCP, and accepted sockets inherit it (0 would leave Nagle on).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
