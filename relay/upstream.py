@@ -363,7 +363,6 @@ class SmtpSession:
     def __init__(self, pool: SmtpUpstream, client: aiosmtplib.SMTP) -> None:
         self._pool = pool
         self._client = client
-        self._utf8 = False
         self._released = False
         # After a 250 to DATA the upstream's transaction is over (RFC 5321 §4.1.1.4): the
         # connection is reusable as it is, without an RSET round trip.

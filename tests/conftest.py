@@ -352,3 +352,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def swaks_path() -> str | None:
     return shutil.which("swaks")
+
+
+# Fixtures defined in helper modules, shared by several test files.
+pytest_plugins = ["tests.serving"]

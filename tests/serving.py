@@ -14,10 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from .conftest import PASSWORD, POLICIES
 
@@ -246,3 +248,22 @@ def occupied_port() -> socket.socket:
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     return sock
+
+
+Start = Callable[..., ServeProcess]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Start]:
+    """``serve(env, *args)`` starts ``command-relay serve``; all (and their workers) are
+    killed at the end. Test modules import this fixture."""
+    started: list[ServeProcess] = []
+
+    def start(env: dict[str, str], *args: str, name: str = "serve") -> ServeProcess:
+        process = ServeProcess(env, tmp_path, *args, name=name)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()

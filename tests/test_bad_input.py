@@ -6,50 +6,15 @@ from __future__ import annotations
 import asyncio
 import base64
 
-from tests.conftest import PASSWORD, add_user, message, smtp_client
-
-
-class RawClient:
-    """A line-level SMTP client over a real socket, for input no library would send."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        client = cls(reader, writer)
-        assert (await client.reply()).startswith("220 ")
-        return client
-
-    async def reply(self) -> str:
-        lines = []
-        while True:
-            line = (await asyncio.wait_for(self.reader.readline(), 10)).decode()
-            lines.append(line.rstrip("\r\n"))
-            if len(line) < 4 or line[3] != "-":
-                return "\n".join(lines)
-
-    async def send(self, raw: bytes) -> str:
-        self.writer.write(raw)
-        await self.writer.drain()
-        return await self.reply()
-
-    async def login(self) -> None:
-        assert (await self.send(b"EHLO raw.test\r\n")).startswith("250")
-        token = base64.b64encode(b"\0agent@kw.test\0" + PASSWORD.encode())
-        assert (await self.send(b"AUTH PLAIN " + token + b"\r\n")).startswith("235")
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
+from tests.conftest import add_user, message, smtp_client
+from tests.rawsmtp import RawSMTP
 
 
 async def test_bad_input_gets_clear_replies_and_server_survives(relay, upstream, accounts):
     """Garbage, overlong and out-of-order commands each get a 5xx reply; the relay still
     serves a normal session afterwards."""
     await add_user(accounts)
-    raw = await RawClient.open(relay.port)
+    raw = await RawSMTP.open(relay.port)
     try:
         cases = [
             (b"\r\n", "500"),
@@ -92,7 +57,7 @@ async def test_bad_input_smuggling_cannot_inject_a_second_message(relay, upstrea
     end of DATA: the upstream receives one message, with no smuggled MAIL FROM acted on, and
     the lone dots stuffed so they cannot end DATA upstream either."""
     user = await add_user(accounts)
-    raw = await RawClient.open(relay.port)
+    raw = await RawSMTP.open(relay.port)
     try:
         await raw.login()
         assert (await raw.send(b"MAIL FROM:<agent@kw.test>\r\n")).startswith("250")
@@ -117,7 +82,7 @@ async def test_bad_input_dot_stuffing_round_trips(relay, upstream, accounts):
     """Lines that start with dots (stuffed by the client) arrive with exactly the dots the
     author wrote."""
     await add_user(accounts)
-    raw = await RawClient.open(relay.port)
+    raw = await RawSMTP.open(relay.port)
     try:
         await raw.login()
         await raw.send(b"MAIL FROM:<agent@kw.test>\r\n")
@@ -135,7 +100,7 @@ async def test_bad_input_idle_client_is_disconnected(make_relay, upstream, accou
     with its reservations refunded (no hang, no leak)."""
     user = await add_user(accounts)
     app = await make_relay(upstream=upstream, idle_timeout=0.3)
-    raw = await RawClient.open(app.port)
+    raw = await RawSMTP.open(app.port)
     try:
         await raw.login()
         await raw.send(b"MAIL FROM:<agent@kw.test>\r\n")
@@ -152,7 +117,7 @@ async def test_bad_input_idle_client_is_disconnected(make_relay, upstream, accou
 async def test_bad_input_auth_attempts_are_limited_per_connection(relay, accounts):
     """After five AUTH attempts on one connection the relay answers 421 and hangs up."""
     await add_user(accounts)
-    raw = await RawClient.open(relay.port)
+    raw = await RawSMTP.open(relay.port)
     try:
         assert (await raw.send(b"EHLO raw.test\r\n")).startswith("250")
         bad = base64.b64encode(b"\0agent@kw.test\0wrong")

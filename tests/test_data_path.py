@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from structlog.testing import capture_logs
 
 from relay import keys
 from relay.message import strip_control_headers
@@ -58,9 +59,10 @@ def after_trace(content: bytes) -> bytes:
 
 # -- a raw client: the DATA bytes exactly as given, in the pieces given -----------------------
 async def raw_send(port: int, data_pieces: Sequence[bytes], *, after: bytes = b"",
-                   recipients: int = 1) -> list[bytes]:
+                   recipients: int = 1, hang_up: bool = False) -> list[bytes]:
     """Log in, send one envelope, write ``data_pieces`` after the 354 (each flushed on its
-    own), then ``after``; return every reply line read from DATA on."""
+    own), then ``after``; return every reply line read from DATA on (none with
+    ``hang_up``: the connection is closed right after the pieces)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
     async def reply() -> bytes:
@@ -83,6 +85,8 @@ async def raw_send(port: int, data_pieces: Sequence[bytes], *, after: bytes = b"
         for piece in data_pieces:
             writer.write(piece)
             await writer.drain()
+        if hang_up:
+            return []
         writer.write(after)
         replies = [await reply()]
         if after:
@@ -201,6 +205,21 @@ async def test_a_large_message_arrives_intact(make_relay, upstream, accounts):
     assert after_trace(upstream.messages[0].content) == stock_unstuff(raw)
 
 
+async def test_a_client_gone_in_the_middle_of_data_is_refunded(make_relay, upstream, accounts,
+                                                                redis_client):
+    """Half a body, then the connection closes: nothing upstream, the unit given back, a
+    log line and no traceback."""
+    user = await add_user(accounts)
+    relay = await make_relay(upstream=upstream)
+    with capture_logs() as logs:
+        await raw_send(relay.port, [HEAD + b"half a body\r\n" * 100], hang_up=True)
+        await wait_for(lambda: unused(redis_client, user.id))
+    events = [e["event"] for e in logs]
+    assert "data.connection_lost" in events
+    assert "session.exception" not in events
+    assert upstream.messages == []
+
+
 # -- limits: the same replies as aiosmtpd, nothing forwarded or counted ------------------------
 @pytest.mark.parametrize(("line", "accepted"), [
     (b"x" * 999 + b"\r\n", True),    # 1001 bytes with CRLF: aiosmtpd's limit, accepted
@@ -230,8 +249,11 @@ async def test_size_limit_answers_552_after_the_dot_and_counts_nothing(make_rela
     user = await add_user(accounts)
     relay = await make_relay(upstream=upstream, max_message_size=10_000)
     body = (b"y" * 98 + b"\r\n") * 200  # 20 KB
-    replies = await raw_send(relay.port, [HEAD, body, b".\r\n"], after=b"NOOP\r\n")
+    with capture_logs() as logs:
+        replies = await raw_send(relay.port, [HEAD, body, b".\r\n"], after=b"NOOP\r\n")
     assert replies[0] == b"552 5.3.4 Message too big for system\r\n"
+    refused = [e for e in logs if e["event"] == "data.refused"]
+    assert [(e["reason"], e["size"]) for e in refused] == [("too_much", len(HEAD + body))]
     assert replies[1].startswith(b"250")
     assert upstream.messages == []
     await wait_for(lambda: unused(redis_client, user.id))

@@ -12,7 +12,7 @@ import smtplib
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,29 +43,13 @@ from .conftest import (
 from .serving import (
     LineClient,
     ServeProcess,
+    Start,
     body,
     captured,
     refused,
     relay_env,
     send_to,
 )
-
-Start = Callable[..., ServeProcess]
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Start]:
-    """``serve(env, *args)`` starts ``command-relay serve``; all are killed at the end."""
-    started: list[ServeProcess] = []
-
-    def start(env: dict[str, str], *args: str, name: str = "serve") -> ServeProcess:
-        process = ServeProcess(env, tmp_path, *args, name=name)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ from relay.app import RelayApp
 from relay.errors import AuthThrottledError, TooManyConnectionsError
 from relay.limits import AuthThrottle, ConnectionLimiter, client_key, login_digest
 from tests.conftest import PASSWORD, add_user, message, wait_for
-from tests.test_proxy import Raw, v1
+from tests.rawsmtp import RawSMTP
+from tests.test_proxy import v1
 
 
 def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -264,7 +265,7 @@ async def test_limits_auth_counts_the_real_client_behind_proxy(make_relay, upstr
                            auth_max_failures_per_ip=2, auth_max_failures_per_login=0)
 
     async def attempt(client: str, password: str) -> str:
-        raw = await Raw.open(app.port, v1(src=client))
+        raw = await RawSMTP.connect(app.port, v1(src=client))
         try:
             assert (await raw.reply()).startswith("220 ")
             assert (await raw.send(b"EHLO client.test\r\n")).startswith("250")
@@ -290,10 +291,10 @@ async def test_limits_transaction_timeout_cuts_a_slow_transaction(make_relay, up
     user = await add_user(accounts)
     app = await make_relay(upstream=upstream, idle_timeout=60, transaction_timeout=0.5)
     with capture_logs() as logs:
-        raw = await Raw.open(app.port)
+        raw = await RawSMTP.connect(app.port)
         try:
             assert (await raw.reply()).startswith("220")
-            await raw_login(raw)
+            await raw.login("client.test")
             assert (await raw.send(b"MAIL FROM:<agent@kw.test>\r\n")).startswith("250")
             assert (await raw.send(b"RCPT TO:<a@example.test>\r\n")).startswith("250")
             assert await raw.rest() == b"421 4.4.2 Timeout, closing connection\r\n"
@@ -313,10 +314,10 @@ async def test_limits_transaction_timeout_cuts_a_slow_data(make_relay, upstream,
     user = await add_user(accounts)
     app = await make_relay(upstream=upstream, idle_timeout=60, transaction_timeout=0.5)
     with capture_logs() as logs:
-        raw = await Raw.open(app.port)
+        raw = await RawSMTP.connect(app.port)
         try:
             assert (await raw.reply()).startswith("220")
-            await raw_login(raw)
+            await raw.login("client.test")
             assert (await raw.send(b"MAIL FROM:<agent@kw.test>\r\n")).startswith("250")
             assert (await raw.send(b"RCPT TO:<a@example.test>\r\n")).startswith("250")
             assert (await raw.send(b"DATA\r\n")).startswith("354")
@@ -334,7 +335,7 @@ async def test_limits_idle_timeout_says_421(make_relay, upstream):
     """A silent client gets 421 4.4.2 at the idle timeout, logged as session.timeout idle."""
     app = await make_relay(upstream=upstream, idle_timeout=0.3)
     with capture_logs() as logs:
-        raw = await Raw.open(app.port)
+        raw = await RawSMTP.connect(app.port)
         try:
             assert (await raw.reply()).startswith("220")
             assert (await raw.send(b"EHLO client.test\r\n")).startswith("250")
@@ -361,10 +362,3 @@ async def test_limits_transaction_deadline_ends_with_the_transaction(make_relay,
     finally:
         await client.quit()
     assert len(upstream.messages) == 2
-
-
-async def raw_login(raw: Raw) -> None:
-    assert (await raw.send(b"EHLO client.test\r\n")).startswith("250")
-    token = base64.b64encode(b"\0agent@kw.test\0" + PASSWORD.encode())
-    assert (await raw.send(b"AUTH PLAIN " + token + b"\r\n")).startswith("235")
-

@@ -5,7 +5,6 @@ from a trusted balancer only, for its logs, its limits and the Received: header.
 from __future__ import annotations
 
 import asyncio
-import base64
 import ipaddress
 import socket
 import struct
@@ -18,6 +17,7 @@ from structlog.testing import capture_logs
 from relay.app import RelayApp
 from relay.proxy import ProxiedClient, ProxyPolicy, client_from_header, normalize_ip
 from tests.conftest import PASSWORD, RelayFactory, add_user, message, wait_for
+from tests.rawsmtp import RawSMTP
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 LOCAL, PROXY = 0x0, 0x1
@@ -55,47 +55,6 @@ def tlv(kind: int, value: bytes) -> bytes:
     return bytes([kind]) + struct.pack("!H", len(value)) + value
 
 
-class Raw:
-    """An SMTP client on a real socket that can write anything first."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int, first: bytes = b"", source: str = "127.0.0.1") -> Raw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port,
-                                                       local_addr=(source, 0))
-        raw = cls(reader, writer)
-        if first:
-            writer.write(first)
-            await writer.drain()
-        return raw
-
-    async def reply(self) -> str:
-        lines = []
-        while True:
-            line = (await asyncio.wait_for(self.reader.readline(), 10)).decode()
-            lines.append(line.rstrip("\r\n"))
-            if len(line) < 4 or line[3] != "-":
-                return "\n".join(lines)
-
-    async def send(self, raw: bytes) -> str:
-        self.writer.write(raw)
-        await self.writer.drain()
-        return await self.reply()
-
-    async def rest(self) -> bytes:
-        """Everything until the relay closes the connection."""
-        return await asyncio.wait_for(self.reader.read(), 10)
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except ConnectionError:
-            pass
-
-
 async def proxied_relay(make_relay: RelayFactory, upstream: Any = None,
                         trusted: str = "127.0.0.1/32", **overrides: Any) -> RelayApp:
     app: RelayApp = await make_relay(
@@ -108,11 +67,9 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [entry for entry in logs if entry["event"] == name]
 
 
-async def send_through(raw: Raw) -> None:
+async def send_through(raw: RawSMTP) -> None:
     """EHLO, AUTH, one message, QUIT on an open (greeted) raw connection."""
-    assert (await raw.send(b"EHLO client.test\r\n")).startswith("250")
-    token = base64.b64encode(b"\0agent@kw.test\0" + PASSWORD.encode())
-    assert (await raw.send(b"AUTH PLAIN " + token + b"\r\n")).startswith("235")
+    await raw.login("client.test")
     assert (await raw.send(b"MAIL FROM:<agent@kw.test>\r\n")).startswith("250")
     assert (await raw.send(b"RCPT TO:<client@example.test>\r\n")).startswith("250")
     assert (await raw.send(b"DATA\r\n")).startswith("354")
@@ -187,7 +144,7 @@ async def test_proxy_header_names_the_real_client(make_relay, upstream, accounts
     await add_user(accounts)
     app = await proxied_relay(make_relay, upstream)
     with capture_logs() as logs:
-        raw = await Raw.open(app.port, header)
+        raw = await RawSMTP.connect(app.port, header)
         try:
             assert (await raw.reply()).startswith("220 ")
             await send_through(raw)
@@ -239,7 +196,7 @@ async def test_proxy_balancer_own_connection_is_served_quietly(make_relay, heade
     balancer's own address, and logs nothing above debug."""
     app = await proxied_relay(make_relay)
     with capture_logs() as logs:
-        raw = await Raw.open(app.port, header)
+        raw = await RawSMTP.connect(app.port, header)
         try:
             assert (await raw.reply()).startswith("220 ")
             assert (await raw.send(b"HELO localhost\r\n")).startswith("250")
@@ -259,7 +216,7 @@ async def test_proxy_v1_header_naming_its_own_connection_is_the_balancer(make_re
     with capture_logs() as logs:
         reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
         port = writer.get_extra_info("sockname")[1]
-        raw = Raw(reader, writer)
+        raw = RawSMTP(reader, writer)
         try:
             writer.write(v1(src="127.0.0.1", dst="127.0.0.1", sport=port, dport=app.port))
             assert (await raw.reply()).startswith("220 ")
@@ -298,7 +255,7 @@ async def test_proxy_malformed_header_is_refused(make_relay, upstream, header: b
     greeting, with a proxy.refused warning naming the reason; the relay keeps serving."""
     app = await proxied_relay(make_relay, upstream)
     with capture_logs() as logs:
-        raw = await Raw.open(app.port, header)
+        raw = await RawSMTP.connect(app.port, header)
         try:
             assert await raw.rest() == b""
         finally:
@@ -310,7 +267,7 @@ async def test_proxy_malformed_header_is_refused(make_relay, upstream, header: b
     assert refused[0]["peer"] == "127.0.0.1"
     assert not events(logs, "session.opened")
     # Still serving: a good header is greeted.
-    raw = await Raw.open(app.port, v1())
+    raw = await RawSMTP.connect(app.port, v1())
     try:
         assert (await raw.reply()).startswith("220 ")
     finally:
@@ -323,7 +280,7 @@ async def test_proxy_untrusted_peer_is_refused(make_relay, upstream):
     sees the refusal as a connect error."""
     app = await proxied_relay(make_relay, upstream, trusted="10.0.0.0/8")
     with capture_logs() as logs:
-        raw = await Raw.open(app.port)
+        raw = await RawSMTP.connect(app.port)
         try:
             assert await raw.rest() == b"421 4.7.0 Connection not accepted from this address\r\n"
         finally:
@@ -346,7 +303,7 @@ async def test_proxy_header_missing_times_out(make_relay):
     greeting, with a proxy.refused warning."""
     app = await proxied_relay(make_relay, proxy_protocol_timeout=0.3)
     with capture_logs() as logs:
-        raw = await Raw.open(app.port)
+        raw = await RawSMTP.connect(app.port)
         try:
             assert await raw.rest() == b""
         finally:
@@ -360,7 +317,7 @@ async def test_proxy_header_cut_short_is_refused(make_relay):
     """A connection closed in the middle of a header is logged as refused."""
     app = await proxied_relay(make_relay)
     with capture_logs() as logs:
-        raw = await Raw.open(app.port, v2()[:14])
+        raw = await RawSMTP.connect(app.port, v2()[:14])
         await raw.close()
         await wait_for(lambda: events(logs, "proxy.refused"))
     (refused,) = events(logs, "proxy.refused")
@@ -371,7 +328,7 @@ async def test_proxy_connect_and_close_is_a_quiet_health_check(make_relay):
     """A balancer's plain TCP check (connect, close, no byte) logs only at debug."""
     app = await proxied_relay(make_relay)
     with capture_logs() as logs:
-        raw = await Raw.open(app.port)
+        raw = await RawSMTP.connect(app.port)
         await raw.close()
         await wait_for(lambda: events(logs, "proxy.closed_without_header"))
     assert {entry["log_level"] for entry in logs} == {"debug"}
@@ -381,11 +338,11 @@ async def test_proxy_limits_count_the_real_client(make_relay, upstream):
     """Per-address connection limits apply to the address in the header, not the balancer's:
     a second connection for the same client is refused, another client's is served."""
     app = await proxied_relay(make_relay, upstream, max_connections_per_ip=1)
-    first = await Raw.open(app.port, v1())
+    first = await RawSMTP.connect(app.port, v1())
     try:
         assert (await first.reply()).startswith("220 ")
         with capture_logs() as logs:
-            second = await Raw.open(app.port, v1())
+            second = await RawSMTP.connect(app.port, v1())
             try:
                 assert await second.rest() == \
                     b"421 4.7.0 Too many connections from your address, try again later\r\n"
@@ -394,7 +351,7 @@ async def test_proxy_limits_count_the_real_client(make_relay, upstream):
         (refused,) = events(logs, "session.refused")
         assert (refused["peer"], refused["proxy"], refused["scope"]) == (CLIENT, "127.0.0.1",
                                                                          "ip")
-        other = await Raw.open(app.port, v1(src="198.51.100.1"))
+        other = await RawSMTP.connect(app.port, v1(src="198.51.100.1"))
         try:
             assert (await other.reply()).startswith("220 ")
         finally:

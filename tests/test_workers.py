@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -27,6 +27,7 @@ from .conftest import PASSWORD, RedisServer, add_user, wait_for
 from .serving import (
     LineClient,
     ServeProcess,
+    Start,
     body,
     captured,
     occupied_port,
@@ -36,24 +37,6 @@ from .serving import (
 )
 from .test_embedded import embedded_servers, env_for, ok, run_cli
 from .test_lifecycle import counts, no_traceback, policies_with_limit, set_free_limit
-
-Start = Callable[..., ServeProcess]
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Start]:
-    """``serve(env, *args)`` starts ``command-relay serve``; all (and their workers) are
-    killed at the end."""
-    started: list[ServeProcess] = []
-
-    def start(env: dict[str, str], *args: str, name: str = "serve") -> ServeProcess:
-        process = ServeProcess(env, tmp_path, *args, name=name)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
 
 
 @pytest.fixture
