@@ -13,6 +13,12 @@ from typing import TextIO
 
 import orjson
 import structlog
+import structlog.tracebacks
+
+# Tracebacks without frame locals: a local can hold an AUTH argument (base64 of a login and
+# its password), a password or a key, and structlog's default dict traceback shows them all.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
@@ -29,7 +35,9 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
     renderer: structlog.typing.Processor
     logger_factory: structlog.typing.WrappedLogger
     if console:
-        renderer = structlog.dev.ConsoleRenderer()
+        # plain_traceback: rich's and better_exceptions' formatters print frame locals.
+        renderer = structlog.dev.ConsoleRenderer(
+            exception_formatter=structlog.dev.plain_traceback)
         logger_factory = structlog.PrintLoggerFactory(out)
     elif binary is not None:
         # orjson renders a line several times faster than json.dumps (issue 5: bounded
@@ -45,8 +53,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks if not console
-            else structlog.dev.set_exc_info,
+            _TRACEBACKS if not console else structlog.dev.set_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

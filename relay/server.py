@@ -22,7 +22,7 @@ import re
 import secrets
 import socket
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
@@ -207,14 +207,18 @@ class RelaySMTP(SMTP):
             self._log("session.closed")
 
     def eof_received(self) -> bool | None:
-        keep_open = super().eof_received()  # cancels aiosmtpd's connection task
+        super().eof_received()  # cancels aiosmtpd's connection task
         if self._proxy_phase is _ProxyPhase.WAITING:
             # aiosmtpd would keep a half-closed connection until the PROXY timeout; the
             # balancer is gone, so end it now.
             self._proxy_phase = _ProxyPhase.DONE
             self._log_missing_header()
-            return False
-        return keep_open
+        # Always close on EOF: the connection task is cancelled, so nothing would answer a
+        # half-closed client anyway. aiosmtpd keeps the transport open (True) and relies on
+        # the cancelled task to close the writer; on uvloop the EOF of a connect-and-close
+        # (a TCP health check) arrives before that task has run once, its cancellation then
+        # skips the close, and the connection's slot and descriptor leaked for good.
+        return False
 
     def data_received(self, data: bytes) -> None:
         if self._proxy_phase is _ProxyPhase.WAITING:
@@ -252,9 +256,11 @@ class RelaySMTP(SMTP):
     def _write_reply(self, error: RelayError) -> None:
         # Written directly, not with push(): there is nothing to wait for, and the
         # connection may already be going away.
+        # Duck-typed: uvloop's transports are not asyncio.WriteTransport subclasses, and an
+        # isinstance check there silently dropped every 421 before the socket closed.
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(error.reply.encode("ascii") + b"\r\n")
+        if transport is not None and not transport.is_closing():
+            cast(asyncio.WriteTransport, transport).write(error.reply.encode("ascii") + b"\r\n")
 
     async def _handle_client(self) -> None:
         # aiosmtpd's connection task: refuse here rather than greet, when admission failed.
