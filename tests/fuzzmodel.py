@@ -132,7 +132,9 @@ class SessionModel:
     auth_budget: int = 5  # server.COMMAND_LIMITS
     bogus_budget: int = 5  # aiosmtpd's BOGUS_LIMIT
     mail_limit: int = COMMAND_LIMIT
-    sender_problem: str | None = None  # a known-issue sender that was accepted anyway
+    # A known issue let something into the transaction (a sender accepted anyway, a
+    # recipient kept after a 451): the end of DATA may refuse the message.
+    sender_problem: str | None = None
     pending_login: bytes | None = None  # AUTH LOGIN: the user name given so far
     tolerated: list[str] = field(default_factory=list)  # known-issue patterns hit
 
@@ -377,9 +379,11 @@ class SessionModel:
             return self._tolerate("item6", {250, 501, 550, 553}, "recipient",
                                   lambda c: self._rcpt_done(c, address))
         if problem == "bad_utf8" and "item5" in KNOWN_ISSUES:
+            # At debug level the 451 comes from logging the accepted recipient: the relay
+            # keeps it (and refuses the message at DATA). Item 5's fix removes both.
             return self._tolerate("item5", {250, 451, 501, 553} if deferred else
                                   {451, 501, 553}, "recipient",
-                                  lambda c: self._rcpt_done(c, address))
+                                  lambda c: self._rcpt_done(c, address, taint=deferred))
         if problem:
             return Prediction(frozenset({501, 550, 553}), f"recipient with {problem}")
         if not PLAIN_ADDRESS.fullmatch(address):
@@ -393,9 +397,11 @@ class SessionModel:
             return only(451, "upstream defers the recipient")
         return only(250, "recipient", then=lambda c: self._rcpt_done(c, address))
 
-    def _rcpt_done(self, code: int, address: str) -> None:
+    def _rcpt_done(self, code: int, address: str, taint: bool = False) -> None:
         if code == 250:
             self.recipients.append(address)
+        elif taint and code == 451:
+            self.sender_problem = "recipient kept after a 451"
 
     def _data(self, arg: str | None) -> Prediction:
         if self.helo is None:

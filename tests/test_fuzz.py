@@ -23,14 +23,11 @@ run is documented in the README (Reliability).
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import hashlib
 import json
 import math
 import os
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -38,9 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import psutil
 import pytest
-import redis
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -51,14 +46,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from relay import keys
-from relay.accounts import AccountStore
-from relay.store import connect_redis
 from tests import fuzzmodel as fm
-from tests.conftest import PASSWORD, CapturingUpstream, RedisServer, UpstreamBehaviour
+from tests.conftest import PASSWORD, CapturingUpstream, RedisServer
 from tests.fuzzclient import REPLY_BOUND, Client
+from tests.liverelay import LiveRelay, UserSpec, live_relay
 from tests.secretscan import SCANNER
-from tests.serving import ServeProcess, Start, relay_env
+from tests.serving import ServeProcess
 from tests.test_data_path import BODIES, HEAD
 
 APP_PASSWORD = "fuzz app credential passphrase"
@@ -73,15 +66,6 @@ RSS_MARGIN = 24 * 1024 * 1024
 # Words that would mean a traceback or an exception reached the client.
 LEAK = re.compile(r"Traceback|File \"|\b[A-Z][A-Za-z]+(?:Error|Exception)\b|exc_info|"
                   r"\bNoneType\b|object has no attribute")
-
-
-def cheap_hash(password: str) -> str:
-    """An scrypt hash at the lowest cost: verifying a wrong password costs microseconds, so
-    the fuzzer can try thousands (the format carries its parameters; relay.passwords)."""
-    salt = b"fuzz-salt-0123456"
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=2, r=1, p=1, dklen=32)
-    b64 = base64.b64encode
-    return f"scrypt$2$1$1${b64(salt).decode()}${b64(digest).decode()}"
 
 
 # -- the relay under test, shared by one machine's examples -------------------------------------
@@ -103,64 +87,24 @@ class Ledger:
 
 @dataclass
 class Target:
-    port: int
-    process: ServeProcess
-    upstream: CapturingUpstream
+    relay: LiveRelay
     target_sessions: int
     ledger: Ledger = field(default_factory=Ledger)
 
+    @property
+    def port(self) -> int:
+        return self.relay.port
+
+    @property
+    def process(self) -> ServeProcess:
+        return self.relay.process
+
+    @property
+    def upstream(self) -> CapturingUpstream:
+        return self.relay.upstream
+
     def rss(self) -> int:
-        return int(psutil.Process(self.process.pid).memory_info().rss)
-
-
-class UpstreamThread:
-    """The capturing SMTP upstream on its own event loop in a thread (the test is sync)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.upstream = CapturingUpstream(UpstreamBehaviour(rcpt_replies={
-            fm.REFUSED_RCPT: "550 5.1.1 No such user here",
-            fm.DEFERRED_RCPT: "451 4.3.0 Try again later"}))
-
-    def __enter__(self) -> CapturingUpstream:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.upstream.start(), self.loop).result(10)
-        return self.upstream
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-    async def _stop(self) -> None:
-        """Stop listening and end the sessions still open (the relay's pooled connections),
-        so no transport outlives the loop."""
-        await self.upstream.stop()
-        sessions = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in sessions:
-            task.cancel()
-        await asyncio.gather(*sessions, return_exceptions=True)
-        await asyncio.sleep(0)  # the transports' close callbacks
-
-
-async def add_accounts(url: str) -> dict[str, str]:
-    """The fuzzer's users and app; returns user key -> user id."""
-    client = connect_redis(url, timeout=5)
-    try:
-        await client.flushdb()
-        accounts = AccountStore(client)
-        agent = await accounts.add_user(fm.USER_LOGIN, plan="free", tz="UTC",
-                                        custom_limit=10**9, password_hash=cheap_hash(PASSWORD),
-                                        senders=tuple(fm.USER_SENDERS - {fm.USER_LOGIN}))
-        other = await accounts.add_user("other@kw.test", plan="free", tz="UTC",
-                                        custom_limit=10**9, password_hash=None)
-        await accounts.add_app(fm.APP_LOGIN, password_hash=cheap_hash(APP_PASSWORD))
-        return {"agent": agent.id, "other": other.id}
-    finally:
-        await client.aclose()
+        return self.relay.rss()
 
 
 # -- the strategies -----------------------------------------------------------------------------
@@ -527,31 +471,27 @@ class SessionFuzzer(RuleBasedStateMachine):
 
 # -- the test -----------------------------------------------------------------------------------
 @pytest.fixture
-def fuzz_target(request: pytest.FixtureRequest, serve: Start, tmp_path: Path,
-                redis_server: RedisServer) -> Iterator[tuple[Target, dict[str, str]]]:
+def fuzz_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     loop = request.param
-    users = asyncio.run(add_accounts(redis_server.url))
-    with UpstreamThread() as upstream:
-        process = serve(relay_env(
-            redis_server.url, tmp_path / "state", RELAY_EVENT_LOOP=loop,
-            RELAY_LOG_LEVEL="debug", RELAY_UPSTREAM_URL=f"smtp://127.0.0.1:{upstream.port}",
-            RELAY_AUTH_MAX_FAILURES_PER_IP="0", RELAY_AUTH_MAX_FAILURES_PER_LOGIN="0",
-            RELAY_MAX_CONNECTIONS_PER_IP="0", RELAY_MAX_RECIPIENTS=str(fm.MAX_RECIPIENTS),
-            RELAY_MAX_MESSAGE_SIZE=str(fm.MAX_MESSAGE_SIZE), RELAY_IDLE_TIMEOUT="120"),
-            name=f"fuzz-{loop}")
-        port = asyncio.run(process.port())
-        yield Target(port, process, upstream, math.ceil(SESSIONS / len(LOOPS))), users
-        process.kill()  # before the upstream goes: its pooled connections end first
-
-
-def month_usage(sync: redis.Redis, user_id: str) -> dict[str, int]:
-    """used and delivered over every month key of the user (a run may cross a month)."""
-    total: Counter[str] = Counter()
-    for key in sync.scan_iter(keys.usage(user_id, "*")):
-        record = sync.hgetall(key)
-        total["used"] += int(record.get("used", 0))
-        total["delivered"] += int(record.get("delivered", 0))
-    return dict(total)
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    users = [UserSpec("agent", fm.USER_LOGIN, PASSWORD,
+                      tuple(sorted(fm.USER_SENDERS - {fm.USER_LOGIN}))),
+             UserSpec("other", "other@kw.test", None)]
+    try:
+        with live_relay(
+                redis_server, tmp_path, loop=loop, users=users,
+                apps={fm.APP_LOGIN: APP_PASSWORD},
+                rcpt_replies={fm.REFUSED_RCPT: "550 5.1.1 No such user here",
+                              fm.DEFERRED_RCPT: "451 4.3.0 Try again later"},
+                RELAY_LOG_LEVEL="debug", RELAY_AUTH_MAX_FAILURES_PER_IP="0",
+                RELAY_AUTH_MAX_FAILURES_PER_LOGIN="0", RELAY_MAX_CONNECTIONS_PER_IP="0",
+                RELAY_MAX_RECIPIENTS=str(fm.MAX_RECIPIENTS),
+                RELAY_MAX_MESSAGE_SIZE=str(fm.MAX_MESSAGE_SIZE),
+                RELAY_IDLE_TIMEOUT="120") as relay:
+            yield Target(relay, math.ceil(SESSIONS / len(LOOPS)))
+    finally:
+        redis_server.stop()
 
 
 def exception_types(records: list[dict[str, Any]]) -> Counter[str]:
@@ -571,9 +511,9 @@ def exception_types(records: list[dict[str, Any]]) -> Counter[str]:
 
 @pytest.mark.timeout(0)  # bounded by the session count; a hang fails at REPLY_BOUND
 @pytest.mark.parametrize("fuzz_target", LOOPS, indirect=True)
-def test_fuzz_sessions_keep_every_promise(fuzz_target: tuple[Target, dict[str, str]],
-                                          redis_server: RedisServer) -> None:
-    target, users = fuzz_target
+def test_fuzz_sessions_keep_every_promise(fuzz_target: Target) -> None:
+    target = fuzz_target
+    users = target.relay.users
     SessionFuzzer.target = target
     examples = math.ceil(target.target_sessions / SESSIONS_PER_EXAMPLE * 1.15)
     started = time.monotonic()
@@ -608,12 +548,12 @@ def test_fuzz_sessions_keep_every_promise(fuzz_target: tuple[Target, dict[str, s
 
     # No reservation left, used == delivered (a reset right after the dot may leave its
     # units in flight while item 3 is open: at most the recipients of those transactions).
-    sync = redis.Redis(port=redis_server.port, decode_responses=True)
+    sync = target.relay.redis
     leak_allowed = "item3" in fm.KNOWN_ISSUES
     deadline = time.monotonic() + REPLY_BOUND
     while True:
         left = list(sync.scan_iter("relay:resv:*"))
-        usage = {name: month_usage(sync, uid) for name, uid in users.items()}
+        usage = {name: target.relay.usage(name) for name in users}
         in_flight = {name: u.get("used", 0) - u.get("delivered", 0)
                      for name, u in usage.items()}
         settled = not left and not any(in_flight.values())
