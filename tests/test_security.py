@@ -554,13 +554,7 @@ def test_security_tls_probes_really_offer_what_they_name(tmp_path):
         assert version == wanted, name
 
 
-TLS_CBC = pytest.mark.xfail(strict=True, reason="not in issue 10's list (found by the "
-                            "matrix): TLS 1.2 CBC suites with SHA-256/384 are accepted")
-
-
-@pytest.mark.parametrize("row", [pytest.param(name, marks=TLS_CBC)
-                                 if name == "tls1_2_cbc_sha256" else name
-                                 for name in sorted(TLS_ROWS)])
+@pytest.mark.parametrize("row", sorted(TLS_ROWS))
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 def test_security_tls_versions_and_suites(row, live):
     make, works = TLS_ROWS[row]
@@ -570,6 +564,11 @@ def test_security_tls_versions_and_suites(row, live):
         assert "GCM" in outcome or "CHACHA20" in outcome or "TLSv1.3" in outcome
 
 
-def test_security_server_context_is_the_one_the_matrix_checks(tls_files: tuple[Path, Path]):
-    """relay.tlsconfig.server_context refuses below TLS 1.2 whatever the client asks."""
-    assert server_context(*tls_files).minimum_version == ssl.TLSVersion.TLSv1_2
+def test_security_server_context_offers_only_aead_on_tls12(tls_files: tuple[Path, Path]):
+    """relay.tlsconfig.server_context: TLS 1.2 or newer, and no TLS 1.2 suite without AEAD
+    (the CBC ones with SHA-256/384 were in Python's default list)."""
+    context = server_context(*tls_files)
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    suites = context.get_ciphers()
+    assert [c["name"] for c in suites if c["protocol"] == "TLSv1.2" and not c["aead"]] == []
+    assert any(c["protocol"] == "TLSv1.2" and "GCM" in c["name"] for c in suites)
