@@ -72,18 +72,32 @@ def parse_path(arg: str) -> tuple[str | None, str | None]:
     return SMTP._getaddr(parser, arg)  # an exception here would be the relay's too
 
 
-def address_problem(arg: str, address: str | None = None) -> str | None:
+def address_problems(arg: str, address: str | None = None) -> set[str]:
     """Why the address in ``arg`` (up to the parameters), or ``address`` as the parser read
     it, must be refused, by the model's own rules: a C0 control or DEL anywhere in <...>
-    (RFC 5321 §4.1.2 allows none), or bytes that are not UTF-8 (surrogate-escaped by
+    (RFC 5321 §4.1.2 allows none), bytes that are not UTF-8 (surrogate-escaped by
     aiosmtpd)."""
     path = arg[:arg.index(">") + 1] if "<" in arg and ">" in arg else arg.split(" ")[0]
     text = path + (address or "")
+    found = set()
     if any(ord(c) in CONTROL for c in text):
-        return "control"
+        found.add("control")
     if any(0xDC80 <= ord(c) <= 0xDCFF for c in text):
-        return "bad_utf8"
-    return None
+        found.add("bad_utf8")
+    return found
+
+
+STRICT_REFUSAL = frozenset({501, 550, 553})
+# What each open item lets through for an address with that problem, at MAIL and at RCPT
+# (RCPT decided at DATA: the app credential's route).
+TOLERATED = {
+    ("control", "mail"): ("item6", {250, 501, 550, 553}),
+    ("bad_utf8", "mail"): ("item5", {451, 501, 550, 553}),
+    ("control", "rcpt"): ("item6", {250, 501, 550, 553}),
+    ("control", "rcpt_deferred"): ("item6", {250, 501, 550, 553}),
+    ("bad_utf8", "rcpt"): ("item5", {451, 501, 553}),
+    ("bad_utf8", "rcpt_deferred"): ("item5", {250, 451, 501, 553}),
+}
 
 
 def b64(text: bytes) -> bytes:
@@ -308,15 +322,10 @@ class SessionModel:
             return only(code, "MAIL parameters")
         if self.principal is None:
             return only(530, "MAIL before AUTH")
-        problem = address_problem(path, address)
-        if problem == "control" and "item6" in KNOWN_ISSUES:
-            return self._tolerate("item6", {250, 501, 550, 553}, "sender",
-                                  lambda c: self._mail_done(c, address, problem))
-        if problem == "bad_utf8" and "item5" in KNOWN_ISSUES:
-            return self._tolerate("item5", {451, 501, 550, 553}, "sender",
-                                  lambda c: self._mail_done(c, address, problem))
-        if problem:
-            return Prediction(frozenset({501, 550, 553}), f"sender with {problem}")
+        problems = address_problems(path, address)
+        if problems:
+            return self._refuse_or_tolerate(problems, "mail", "sender",
+                                            lambda c: self._mail_done(c, address, "known"))
         owned = address.lower() in (USER_SENDERS if self.principal == "user"
                                     else USER_SENDERS | OTHER_SENDERS)
         if not owned:
@@ -324,6 +333,7 @@ class SessionModel:
         return only(250, "sender allowed", then=lambda c: self._mail_done(c, address))
 
     def _mail_done(self, code: int, address: str, problem: str | None = None) -> None:
+        # ``problem``: accepted although the model would refuse it (an open item)
         if code == 250:
             self.sender = address
             self.sender_problem = problem
@@ -373,19 +383,14 @@ class SessionModel:
             return only(555, "RCPT parameters")
         if len(self.recipients) >= MAX_RECIPIENTS:
             return only(452, "too many recipients")
-        problem = address_problem(path, address)
+        problems = address_problems(path, address)
         deferred = self.principal == "app"
-        if problem == "control" and "item6" in KNOWN_ISSUES:
-            return self._tolerate("item6", {250, 501, 550, 553}, "recipient",
-                                  lambda c: self._rcpt_done(c, address))
-        if problem == "bad_utf8" and "item5" in KNOWN_ISSUES:
-            # At debug level the 451 comes from logging the accepted recipient: the relay
-            # keeps it (and refuses the message at DATA). Item 5's fix removes both.
-            return self._tolerate("item5", {250, 451, 501, 553} if deferred else
-                                  {451, 501, 553}, "recipient",
-                                  lambda c: self._rcpt_done(c, address, taint=deferred))
-        if problem:
-            return Prediction(frozenset({501, 550, 553}), f"recipient with {problem}")
+        if problems:
+            # At debug level item 5's 451 on a deferred RCPT comes from logging the accepted
+            # recipient: the relay keeps it (and refuses the message at DATA).
+            return self._refuse_or_tolerate(
+                problems, "rcpt_deferred" if deferred else "rcpt", "recipient",
+                lambda c: self._rcpt_done(c, address, taint=deferred and "bad_utf8" in problems))
         if not PLAIN_ADDRESS.fullmatch(address):
             # Non-ASCII without SMTPUTF8, or no domain: the upstream may refuse it (RFC
             # 6531 §3.4); what counts is that the answer mirrors the upstream's.
@@ -438,10 +443,25 @@ class SessionModel:
                     return only(451, "upstream defers a recipient")
         return only(250, "message accepted")
 
-    def _tolerate(self, item: str, allowed: set[int], what: str,
-                  then: Callable[[int], None]) -> Prediction:
+    def _refuse_or_tolerate(self, problems: set[str], where: str, what: str,
+                            then: Callable[[int], None]) -> Prediction:
+        """A 5xx refusal for an address with ``problems``, or what an open item lets
+        through instead (noted when it happens)."""
+        allowed: set[int] = set()
+        items = []
+        for problem in sorted(problems):
+            item, tolerated = TOLERATED[(problem, where)]
+            if item in KNOWN_ISSUES:
+                allowed |= tolerated
+                items.append(item)
+            else:
+                allowed |= STRICT_REFUSAL
+        if not items:
+            return Prediction(STRICT_REFUSAL, f"{what} with {', '.join(sorted(problems))}")
+
         def noted(code: int) -> None:
-            if code // 100 == 2 or code == 451:  # what the item is about
-                self.tolerated.append(item)
+            if code // 100 == 2 or code == 451:  # what the items are about
+                self.tolerated.extend(items)
             then(code)
-        return Prediction(frozenset(allowed), f"{what}: known issue {item}", then=noted)
+        return Prediction(frozenset(allowed), f"{what}: known issue {', '.join(items)}",
+                          then=noted)
