@@ -149,12 +149,14 @@ class SessionModel:
     # A known issue let something into the transaction (a sender accepted anyway, a
     # recipient kept after a 451): the end of DATA may refuse the message.
     sender_problem: str | None = None
+    kept: int = 0  # recipients the relay kept after a 451 (item 5): they count to the maximum
     pending_login: bytes | None = None  # AUTH LOGIN: the user name given so far
     tolerated: list[str] = field(default_factory=list)  # known-issue patterns hit
 
     def reset_transaction(self) -> None:
         self.sender = None
         self.sender_problem = None
+        self.kept = 0
         self.recipients = []
 
     def after_starttls(self) -> None:
@@ -360,6 +362,15 @@ class SessionModel:
         return 555 if params else 0
 
     def _rcpt(self, arg: str | None) -> Prediction:
+        prediction = self._rcpt_reply(arg)
+        if self.kept and len(self.recipients) + self.kept >= MAX_RECIPIENTS and (
+                prediction.allowed & {250}):
+            # The relay counts the recipients item 5 made it keep: the maximum comes sooner.
+            return Prediction(prediction.allowed | {452}, f"{prediction.reason} (or 452)",
+                              then=prediction.then)
+        return prediction
+
+    def _rcpt_reply(self, arg: str | None) -> Prediction:
         if self.helo is None:
             return only(503, "RCPT before EHLO")
         if self.sender is None:
@@ -407,6 +418,7 @@ class SessionModel:
             self.recipients.append(address)
         elif taint and code == 451:
             self.sender_problem = "recipient kept after a 451"
+            self.kept += 1
 
     def _data(self, arg: str | None) -> Prediction:
         if self.helo is None:
