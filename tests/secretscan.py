@@ -62,7 +62,7 @@ STATIC_SECRETS: dict[str, str] = {
     "test_adminapi.new user password": "a-long-password",
     "test_cluster.user password": "pw-one",
     "test_security.OTHER_PASSWORD": "another user's passphrase 42",
-    "test_fuzz.APP_PASSWORD": "fuzz app credential passphrase",
+    "fuzzinput.APP_PASSWORD": "fuzz app credential passphrase",
 }
 
 # Settings (relay/settings.py field names) that hold a secret, and the RELAY_* variables.
