@@ -35,6 +35,7 @@ from relay.errors import (
     InternalError,
     RelayError,
     SessionTimeoutError,
+    TlsAlreadyActiveError,
     TooManyConnectionsError,
     UntrustedPeerError,
 )
@@ -419,6 +420,9 @@ class RelaySMTP(SMTP):
         """aiosmtpd's STARTTLS with a deadline of its own on the handshake: a client that
         sends anything but a TLS handshake would otherwise hold the connection until the idle
         timeout (the relay waits on the handshake, not on the client's reads)."""
+        if self.tls_active:
+            await self.push(await self.handle_exception(TlsAlreadyActiveError()))
+            return
         try:
             async with asyncio.timeout(self._tls_handshake_timeout):
                 await super().smtp_STARTTLS(arg)
