@@ -31,23 +31,11 @@ KNOWN_ISSUES = {
     # (in_flight) and its reservation key stays. Tolerated: at most the recipients of the
     # transactions the fuzzer ended that way.
     "item3": "a reset right after the final dot leaks quota",
-    # Invalid UTF-8 in an address: 451 4.3.0 (a traceback) for an app credential's MAIL, 250
-    # at RCPT on a route decided at DATA. Tolerated: those two replies, for those addresses.
-    "item5": "invalid UTF-8 in a command is a 451 or accepted, not a 5xx",
-    # C0 controls or DEL inside <...> accepted (and the address altered). Tolerated: a 250
-    # for such an address.
-    "item6": "control characters inside addresses are accepted and altered",
-    # session.exception tracebacks for client misbehaviour (TLS garbage, resets). Tolerated:
-    # the exception types of KNOWN_TRACEBACKS.
-    "item9": "client misbehaviour produces error-level tracebacks",
-    # STARTTLS then non-TLS bytes: held until the idle timeout. Tolerated: the fuzzer does
-    # not wait for the relay to close such a connection.
-    "item10": "STARTTLS followed by non-TLS bytes holds the connection",
 }
-# The exception types item 9 produces in the fuzzer's sessions (seen on main).
-KNOWN_TRACEBACKS = frozenset({"TLSSetupException", "SSLError", "TypeError", "AttributeError",
-                              "RuntimeError", "ConnectionResetError", "BrokenPipeError",
-                              "IncompleteReadError", "SSLZeroReturnError", "SSLEOFError"})
+# Items 5, 6, 9 and 10 were let through here until their fixes landed on main (merged):
+# invalid UTF-8 and control characters are now refused as syntax errors, client
+# misbehaviour logs no traceback, and a TLS handshake has its own deadline.
+KNOWN_TRACEBACKS: frozenset[str] = frozenset()
 
 USER_LOGIN = "agent@kw.test"
 USER_SENDERS = frozenset({"agent@kw.test", "alias@kw.test"})  # the user credential's own
@@ -72,6 +60,31 @@ def parse_path(arg: str) -> tuple[str | None, str | None]:
     return SMTP._getaddr(parser, arg)  # an exception here would be the relay's too
 
 
+def written_address(path: str) -> str | None:
+    """The address as the client wrote it: the text between "<" and its ">" (a ">" in a
+    quoted local part does not close it), or the first word of a bare path."""
+    text = path.lstrip()
+    if not text.startswith("<"):
+        return text.split(None, 1)[0] if text.split() else ""
+    quoted = escaped = False
+    for at, char in enumerate(text[1:], start=1):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return text[1:at]
+    return None
+
+
+def not_as_written(path: str, address: str) -> bool:
+    """Whether the parser's address differs from the one written (a comment, a source
+    route, blanks inside <...>): the relay may only acknowledge what it forwards as is."""
+    return address not in ("", "<>") and address != written_address(path)
+
+
 def address_problems(arg: str, address: str | None = None) -> set[str]:
     """Why the address in ``arg`` (up to the parameters), or ``address`` as the parser read
     it, must be refused, by the model's own rules: a C0 control or DEL anywhere in <...>
@@ -87,7 +100,7 @@ def address_problems(arg: str, address: str | None = None) -> set[str]:
     return found
 
 
-STRICT_REFUSAL = frozenset({501, 550, 553})
+STRICT_REFUSAL = frozenset({500, 501, 550, 553})
 # What each open item lets through for an address with that problem, at MAIL and at RCPT
 # (RCPT decided at DATA: the app credential's route).
 TOLERATED = {
@@ -149,6 +162,7 @@ class SessionModel:
     # A known issue let something into the transaction (a sender accepted anyway, a
     # recipient kept after a 451): the end of DATA may refuse the message.
     sender_problem: str | None = None
+    smtputf8: bool = False  # the transaction's MAIL FROM had SMTPUTF8
     kept: int = 0  # recipients the relay kept after a 451 (item 5): they count to the maximum
     pending_login: bytes | None = None  # AUTH LOGIN: the user name given so far
     tolerated: list[str] = field(default_factory=list)  # known-issue patterns hit
@@ -191,6 +205,10 @@ class SessionModel:
             if self.bogus_budget < 1:
                 return only(502, "fifth unrecognised command", closes=True)
             return only(500, "unrecognised command")
+        if arg and any(0xDC80 <= ord(c) <= 0xDCFF for c in arg):
+            return only(500, "argument not UTF-8")  # RFC 6531 §3.3
+        if arg and any(ord(c) in CONTROL for c in arg):
+            return only(501, "control character in a command")  # RFC 5321 §4.1.2
         return getattr(self, f"_{verb.lower()}")(arg)
 
     def _helo(self, arg: str | None) -> Prediction:
@@ -236,9 +254,7 @@ class SessionModel:
         if arg:
             return only(501, "STARTTLS with an argument")
         if self.tls:
-            # RFC 3207 §4: no second TLS layer. aiosmtpd answers 220 and starts one; the
-            # fuzzer then only resets (see test_fuzz.FINDINGS).
-            return Prediction(frozenset({220, 454, 501, 503, 554}), "STARTTLS inside TLS")
+            return only(503, "STARTTLS inside TLS")  # RFC 3207 §4: no second TLS layer
         return only(220, "STARTTLS")
 
     def _auth(self, arg: str | None) -> Prediction:
@@ -313,17 +329,23 @@ class SessionModel:
         address, params = parse_path(path)
         if address is None:
             return only(553, "MAIL: no address the parser can read")
+        if not_as_written(path, address):
+            return only(501, "MAIL: the parser would change the address")
         if not address:
             return only(501, "MAIL FROM:<>: the relay sends no bounces")
         if self.helo != "EHLO" and params:
             return only(501, "parameters after HELO")
         if self.sender is not None:
             return only(503, "nested MAIL")
-        code = self._mail_parameters((params or "").upper().split())
+        options = (params or "").upper().split()
+        code = self._mail_parameters(options)
         if code:
             return only(code, "MAIL parameters")
         if self.principal is None:
             return only(530, "MAIL before AUTH")
+        smtputf8 = "SMTPUTF8" in options
+        if not address.isascii() and not smtputf8:
+            return only(553, "non-ASCII sender without SMTPUTF8")  # RFC 6531 §3.4
         problems = address_problems(path, address)
         if problems:
             return self._refuse_or_tolerate(problems, "mail", "sender",
@@ -332,13 +354,16 @@ class SessionModel:
                                     else USER_SENDERS | OTHER_SENDERS)
         if not owned:
             return only(553 if self.principal == "user" else 550, "sender not allowed")
-        return only(250, "sender allowed", then=lambda c: self._mail_done(c, address))
+        return only(250, "sender allowed",
+                    then=lambda c: self._mail_done(c, address, smtputf8=smtputf8))
 
-    def _mail_done(self, code: int, address: str, problem: str | None = None) -> None:
+    def _mail_done(self, code: int, address: str, problem: str | None = None, *,
+                   smtputf8: bool = False) -> None:
         # ``problem``: accepted although the model would refuse it (an open item)
         if code == 250:
             self.sender = address
             self.sender_problem = problem
+            self.smtputf8 = smtputf8
 
     @staticmethod
     def _mail_parameters(options: list[str]) -> int:
@@ -381,6 +406,8 @@ class SessionModel:
         address, params = parse_path(path)
         if address is None:
             return only(553, "RCPT: no address the parser can read")
+        if not_as_written(path, address):
+            return only(501, "RCPT: the parser would change the address")
         if not address:
             return only(501, "RCPT TO:<>")
         if self.helo != "EHLO" and params:
@@ -392,6 +419,8 @@ class SessionModel:
             return only(501, "RCPT parameter syntax")
         if options:
             return only(555, "RCPT parameters")
+        if not address.isascii() and not self.smtputf8:
+            return only(553, "non-ASCII recipient without SMTPUTF8")  # RFC 6531 §3.4
         if len(self.recipients) >= MAX_RECIPIENTS:
             return only(452, "too many recipients")
         problems = address_problems(path, address)
