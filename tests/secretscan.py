@@ -110,7 +110,8 @@ class SecretScanner:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._needles: dict[str, str] = {}  # needle -> name of the secret
-        self._offsets: dict[Path, int] = {}  # log file -> bytes already scanned
+        # log file -> (bytes already scanned, number of the next line)
+        self._offsets: dict[Path, tuple[int, int]] = {}
         self.pending: list[Finding] = []  # found since the last report
         for name, value in STATIC_SECRETS.items():
             self.register(value, name)
@@ -166,24 +167,28 @@ class SecretScanner:
         return found
 
     def scan_file(self, path: Path) -> list[Finding]:
-        """The part of ``path`` written since its last scan (whole lines only)."""
+        """The part of ``path`` written since its last scan (whole lines only). Only the new
+        bytes are read: every test's end looks at every file watched so far."""
+        with self._lock:
+            start, first_line = self._offsets.get(path, (0, 1))
         try:
-            data = path.read_bytes()
+            if path.stat().st_size <= start:
+                return []
+            with path.open("rb") as stream:
+                stream.seek(start)
+                data = stream.read()
         except OSError:
             return []
-        with self._lock:
-            start = self._offsets.get(path, 0)
-        end = data.rfind(b"\n", start) + 1 or start
-        if end <= start:
+        end = data.rfind(b"\n") + 1
+        if end == 0:
             return []
-        first_line = data.count(b"\n", 0, start) + 1
         with self._lock:
-            self._offsets[path] = end
-        return self.scan_text(data[start:end].decode("utf-8", "replace"), str(path), first_line)
+            self._offsets[path] = (start + end, first_line + data.count(b"\n", 0, end))
+        return self.scan_text(data[:end].decode("utf-8", "replace"), str(path), first_line)
 
     def watch(self, path: Path) -> None:
         with self._lock:
-            self._offsets.setdefault(path, 0)
+            self._offsets.setdefault(path, (0, 1))
 
     def scan_watched(self) -> list[Finding]:
         with self._lock:
