@@ -263,6 +263,8 @@ async def make_relay(redis_client: aioredis.Redis, base_settings: Settings,
         if target is None and upstream is not None:
             target = UpstreamTarget("127.0.0.1", upstream.port, "none")
         settings = replace(settings, upstream=target)
+        from tests.secretscan import register_settings  # the plugin (pytest_plugins below)
+        register_settings(settings)  # its secrets join the log scan
         app = RelayApp(settings, redis or redis_client, clock=clock,
                        policies=load_policies(settings.policies_dir))
         await app.start()
@@ -355,4 +357,5 @@ def swaks_path() -> str | None:
 
 
 # Fixtures defined in helper modules, shared by several test files.
-pytest_plugins = ["tests.serving"]
+# pytester: tests/test_secretscan.py runs a pytest of its own to show the scan fails a run.
+pytest_plugins = ["tests.serving", "tests.secretscan", "pytester"]
