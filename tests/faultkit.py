@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -303,8 +302,3 @@ def write_report(report: LedgerReport) -> None:
     (REPORT_DIR / f"{report.name}.json").write_text(json.dumps(
         {"summary": report.summary(), **report.to_json(), "soak": SOAK}, indent=1))
 
-
-def kill_process(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGKILL) -> None:
-    if process is not None and process.poll() is None:
-        process.send_signal(sig)
-        process.wait()

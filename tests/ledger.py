@@ -27,7 +27,8 @@ client was refused, or never finished DATA) and ``altered`` (a body that differs
 Without a crash of a relay all of them are 0. When a relay process dies, or the upstream
 stops answering after taking a message, some transactions end without a definite outcome:
 their accepted recipients are ``in_flight``, and only ``undelivered`` and ``unsettled`` may
-be above 0, by at most that (the count may be high by what was in flight, never low).
+be above 0, by at most that (the count may be high by what was in flight, never low). A
+RCPT whose reply never came counts as in flight too: the relay may have reserved it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ from relay.upstream import UpstreamOutcomeUnknownError
 # The relay's own reply when the upstream connection died after the message was sent: the
 # outcome is unknown to the relay too, so such a transaction is in flight, not refused.
 OUTCOME_UNKNOWN = UpstreamOutcomeUnknownError().reply
+# The "code" of a RCPT sent whose reply never came (the connection died first): the relay
+# may have reserved its unit.
+NO_REPLY = 0
 
 
 @dataclass
@@ -56,7 +60,7 @@ class ClientTxn:
 
     ledger_id: str
     sender: str
-    rcpts: list[tuple[str, int]] = field(default_factory=list)  # (address, RCPT reply code)
+    rcpts: list[tuple[str, int]] = field(default_factory=list)  # (address, reply code)
     data_code: int | None = None      # the reply after the final dot; None: none received
     data_reply: str = ""              # its text, after the code
     dot_sent: bool = False            # the whole message, final dot included, was written
@@ -67,6 +71,10 @@ class ClientTxn:
     @property
     def accepted(self) -> list[str]:
         return [address for address, code in self.rcpts if code == 250]
+
+    @property
+    def unanswered(self) -> list[str]:
+        return [address for address, code in self.rcpts if code == NO_REPLY]
 
     @property
     def outcome(self) -> str:
@@ -249,7 +257,7 @@ class Ledger:
                 report.lost += sum(1 for a in accepted if (txn.ledger_id, a) not in
                                    delivered_pairs)
             if outcome in {"uncertain", "cut"}:
-                report.in_flight += len(accepted)
+                report.in_flight += len(accepted) + len(txn.unanswered)
         for (ident, rcpt), copies in delivered_pairs.items():
             txn = by_id.get(ident) if ident else None
             if txn is None:

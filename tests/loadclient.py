@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tests.conftest import PASSWORD, wait_for
-from tests.ledger import ClientTxn
+from tests.ledger import NO_REPLY, ClientTxn
 
 _ids = itertools.count(1)
 
@@ -71,6 +71,7 @@ class Conn:
         self.timeout = timeout
         self.slowest: dict[str, float] = {}
         self.on_close: Callable[[Conn], None] | None = None
+        self.closed = False
 
     @classmethod
     async def open(cls, port: int, relay: str = "", *, seconds: float = 60,
@@ -136,6 +137,7 @@ class Conn:
     def drop(self, reset: bool = False) -> None:
         """Close without QUIT: a FIN, or with ``reset`` an RST (SO_LINGER 0), as a crashed
         client or a dead network does."""
+        self.closed = True
         if self.on_close is not None:
             self.on_close(self)
         if reset:
@@ -181,10 +183,14 @@ async def transact(conn: Conn, account: Account, rcpts: list[str], message: Mess
         if pipeline:
             await conn.write(b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in rcpts))
             for rcpt in rcpts:
-                txn.rcpts.append((rcpt, (await conn.reply("rcpt"))[0]))
+                txn.rcpts.append((rcpt, NO_REPLY))
+                txn.rcpts[-1] = (rcpt, (await conn.reply("rcpt"))[0])
         else:
             for rcpt in rcpts:
-                txn.rcpts.append((rcpt, (await conn.command(f"RCPT TO:<{rcpt}>", "rcpt"))[0]))
+                # Recorded before the reply: a relay that dies after reserving the unit and
+                # before answering leaves it in flight (NO_REPLY), not unaccounted for.
+                txn.rcpts.append((rcpt, NO_REPLY))
+                txn.rcpts[-1] = (rcpt, (await conn.command(f"RCPT TO:<{rcpt}>", "rcpt"))[0])
                 if vanish == "rcpt" and txn.accepted:
                     await conn.write(b"RCPT TO:<half-writ")
                     txn.lost_at = "rcpt"
@@ -217,6 +223,8 @@ async def transact(conn: Conn, account: Account, rcpts: list[str], message: Mess
         txn.data_code, txn.data_reply = await conn.reply("dot")
     except Lost:
         txn.lost_at = step
+        if step == "rcpt" and pipeline:
+            txn.rcpts += [(r, NO_REPLY) for r in rcpts[len(txn.rcpts):]]
     return txn
 
 
@@ -383,7 +391,7 @@ async def send_one(port: int, account: Account, rcpts: list[str], *, relay: str 
     txn = await transact(conn, account, rcpts, message, vanish=vanish, reset=reset,
                          pipeline=pipeline)
     if txn.lost_at:
-        if not vanish:
+        if not conn.closed:  # lost before the step it was to vanish at
             conn.drop()
     else:
         await conn.quit()

@@ -13,6 +13,7 @@ from relay.quota import QuotaStore
 
 from .conftest import add_user
 from .ledger import (
+    NO_REPLY,
     OUTCOME_UNKNOWN,
     Capture,
     ClientTxn,
@@ -75,10 +76,10 @@ def test_ledger_uncounted_and_undelivered_compare_used_with_the_upstream() -> No
 
 
 def test_ledger_crash_bound_is_what_was_in_flight() -> None:
-    """With a crash, ``undelivered`` and ``unsettled`` may reach the accepted recipients of
-    transactions without a definite outcome, and no more."""
-    cut = ClientTxn("c", "agent@kw.test", [("x@e.test", 250), ("y@e.test", 250)],
-                    lost_at="data")
+    """With a crash, ``undelivered`` and ``unsettled`` may reach the accepted (or unanswered)
+    recipients of transactions without a definite outcome, and no more."""
+    cut = ClientTxn("c", "agent@kw.test", [("x@e.test", 250), ("y@e.test", NO_REPLY)],
+                    lost_at="rcpt")
     unknown = ClientTxn("u", "agent@kw.test", [("z@e.test", 250)], 451,
                         OUTCOME_UNKNOWN.partition(" ")[2], True)
     clients = [cut, unknown, acked("a", "w@e.test")]
