@@ -27,6 +27,7 @@ module writes a reply string.
     │   │   └── ControlCharacterError   501 5.5.2  a C0 control or DEL in a command
     │   ├── AddressSyntaxError          501 5.1.7 / 5.1.3  a sender or recipient not taken as is
     │   ├── SmtpUtf8RequiredError       553 5.6.7  non-ASCII address without SMTPUTF8
+    │   ├── TlsAlreadyActiveError       503 5.5.1  STARTTLS inside TLS
     │   ├── BadAddressError             553 5.1.3  the upstream client would not send it
     │   ├── SmtpUtf8UnsupportedError    553 5.6.7  non-ASCII envelope, upstream lacks SMTPUTF8
     │   └── UpstreamPermanentError      5xx        the upstream said 5xx
@@ -256,6 +257,14 @@ class SmtpUtf8RequiredError(PermanentError):
     code = 553
     status = "5.6.7"
     text = "Non-ASCII address needs the SMTPUTF8 parameter on MAIL FROM"
+
+
+class TlsAlreadyActiveError(PermanentError):
+    # RFC 3207 §4: STARTTLS inside a TLS session is a bad sequence of commands. aiosmtpd
+    # would start a second handshake inside the first.
+    code = 503
+    status = "5.5.1"
+    text = "TLS already active"
 
 
 class BadAddressError(PermanentError):

@@ -35,6 +35,7 @@ from relay.errors import (
     InternalError,
     RelayError,
     SessionTimeoutError,
+    TlsAlreadyActiveError,
     TooManyConnectionsError,
     UntrustedPeerError,
 )
@@ -336,6 +337,15 @@ class RelaySMTP(SMTP):
             seconds = min(seconds, max(self._txn_deadline - self.loop.time(), 0.001))
         super()._reset_timeout(seconds)
 
+    def _client_gone(self) -> bool:
+        """Whether nothing more can be written to the client. After STARTTLS the writer's
+        transport is the TLS layer, which does not notice that the socket under it died:
+        look at both."""
+        transport = self._writer.transport if self._writer is not None else None
+        original = self._original_transport
+        return (transport is None or transport.is_closing()
+                or (original is not None and original.is_closing()))
+
     def mark_reply_logged(self) -> None:
         """The next reply is a refusal the caller has logged already (not again as
         command.refused)."""
@@ -379,6 +389,14 @@ class RelaySMTP(SMTP):
     async def push(self, status: str | bytes) -> None:
         # Every reply ends the relay's work on a command: the client's idle time starts now.
         self._last_activity = self.loop.time()
+        if self._client_gone():
+            # The client is gone (or the relay closed on it): nothing can be answered, and
+            # uvloop raises RuntimeError on a write to a closed transport. Yield once, so
+            # that connection_lost (which ends aiosmtpd's command loop) and a pending
+            # cancellation can arrive: the loop's next read may fail without suspending.
+            self._reply_logged = False
+            await asyncio.sleep(0)
+            return
         if not self._reply_logged and status[:1] in ("4", "5", b"4", b"5"):
             self._log_protocol_refusal(status)
         self._reply_logged = False
@@ -402,6 +420,9 @@ class RelaySMTP(SMTP):
         """aiosmtpd's STARTTLS with a deadline of its own on the handshake: a client that
         sends anything but a TLS handshake would otherwise hold the connection until the idle
         timeout (the relay waits on the handshake, not on the client's reads)."""
+        if self.tls_active:
+            await self.push(await self.handle_exception(TlsAlreadyActiveError()))
+            return
         try:
             async with asyncio.timeout(self._tls_handshake_timeout):
                 await super().smtp_STARTTLS(arg)
@@ -418,6 +439,11 @@ class RelaySMTP(SMTP):
         original = cast("asyncio.Transport | None", self._original_transport)
         if original is not None:
             original.abort()
+
+    def _abort_transports(self) -> None:
+        for transport in (self.transport, self._original_transport):
+            if transport is not None:
+                cast("asyncio.Transport", transport).abort()
 
     async def handle_exception(self, error: Exception) -> str:
         """Exceptions out of aiosmtpd's command loop. The relay's refusals and the client's
@@ -440,11 +466,16 @@ class RelaySMTP(SMTP):
             self._log("tls.failed", reason=_tls_reason(cause),
                       error=type(cause).__name__ if cause else None)
             return InternalError().reply  # aiosmtpd closes the connection instead
-        if self.transport is None or self.transport.is_closing():
-            # The client went away while the relay answered it: asyncio's TLS layer then
-            # raises from inside the write (AttributeError, TypeError), plain sockets a
-            # ConnectionError. Nothing is wrong with the relay.
-            self._log("session.lost", during="reply", error=type(error).__name__)
+        if (isinstance(error, asyncio.IncompleteReadError | ConnectionError)
+                or self.transport is None or self.transport.is_closing()):
+            # The client went away: an end of file in the middle of a line, a reset, or,
+            # while the relay answered it, asyncio's TLS layer raising from inside the write
+            # (AttributeError, TypeError). Nothing is wrong with the relay. Drop the
+            # connection now: aiosmtpd's loop reads again until connection_lost, and a read
+            # after the end of file fails at once, so waiting for a graceful close (a
+            # client that does not read can delay it forever) would spin.
+            self._log("session.lost", during="command", error=type(error).__name__)
+            self._abort_transports()
             return InternalError().reply
         return await self._relay_handler.handle_exception(error)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import signal
 import socket
 import ssl
 import struct
@@ -366,3 +367,95 @@ async def _starttls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
         pass
     writer.write(b"STARTTLS\r\n")
     assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"220 ")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tail", [b"EHLO half a line", b"MAIL FROM:<agent@kw.test>\r\nRCPT T"])
+async def test_hardening_end_of_file_inside_a_command_line_ends_the_session(
+        serve: Start, redis_server: RedisServer, accounts: AccountStore, state: Path,
+        loop: str, tail: bytes) -> None:
+    """A client that half-closes in the middle of a command line: aiosmtpd's loop then
+    reads an end of file again and again without waiting; the session must end at once
+    with one session.lost line (a loop that answered into the closed connection instead
+    spun at full CPU writing a log line per turn)."""
+    await add_user(accounts)
+    relay = await start(serve, redis_server, state, loop)
+    client = await LineClient.connect(relay.port)
+    await client.login()
+    await client.send(tail)
+    client.writer.write_eof()
+    assert (await asyncio.wait_for(client.reader.read(), 10)).count(b"\r\n") <= 1
+    client.close()
+    [closed] = await relay.process.wait_event("session.closed")
+    lines = [r for r in relay.process.records() if r.get("session_id") == closed["session_id"]]
+    assert len(lines) < 12, lines
+    assert relay.errors() == []
+    again = await LineClient.connect(relay.port)  # still serving
+    await again.login()
+    again.close()
+
+
+async def _vanish(port: int, kind: str) -> None:
+    """One client that goes away in the middle of the relay's answer to it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await _misbehave(reader, writer, kind)
+    finally:
+        writer.transport.abort()  # whatever happened, this client's socket is gone now
+
+
+async def _misbehave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     kind: str) -> None:
+    await reader.readline()
+    token = base64.b64encode(f"\0agent@kw.test\0{PASSWORD}".encode())
+    message = (b"EHLO x\r\nAUTH PLAIN " + token + b"\r\nMAIL FROM:<agent@kw.test>\r\n"
+               b"RCPT TO:<a@b.example>\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    if kind in ("tls_reset", "tls_end_of_file"):
+        await _starttls(reader, writer)
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        await writer.start_tls(context)
+    if kind == "pipelined_reset":  # replies still being written when the reset comes
+        writer.write(b"EHLO x\r\n" + b"NOOP\r\n" * 200 + b"\xff\xfe junk")
+        await asyncio.sleep(0.001)
+        _reset(writer)
+    elif kind == "reset_after_dot":
+        writer.write(message)
+        await asyncio.sleep(0.01)
+        _reset(writer)
+    elif kind == "end_of_file_after_dot":
+        writer.write(message)
+        writer.write_eof()
+        await asyncio.sleep(0.05)
+        writer.close()
+    elif kind == "tls_reset":
+        writer.write(b"EHLO x\r\n" + b"NOOP\r\n" * 100)
+        await asyncio.sleep(0.001)
+        _reset(writer)
+    else:  # tls_end_of_file: the socket half-closed under the TLS layer mid-line
+        writer.write(b"EHLO x\r\nNOOP")
+        await asyncio.sleep(0.01)
+        writer.get_extra_info("socket").shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.05)
+        writer.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("kind", ["pipelined_reset", "reset_after_dot", "end_of_file_after_dot",
+                                  "tls_reset", "tls_end_of_file"])
+async def test_hardening_a_client_vanishing_mid_reply_leaves_no_error_and_no_warning(
+        serve: Start, redis_server: RedisServer, accounts: AccountStore, state: Path,
+        loop: str, kind: str) -> None:
+    """Twelve clients that reset or half-close while the relay answers them: no error line,
+    and nothing on stderr at all (uvloop raised RuntimeError writing to the closed socket,
+    surfacing as 'Task exception was never retrieved'; asyncio's TLS layer kept writing to
+    a dead socket, 'socket.send() raised exception.' by the hundred)."""
+    await add_user(accounts)
+    relay = await start(serve, redis_server, state, loop, RELAY_MAX_CONNECTIONS_PER_IP="0",
+                        RELAY_AUTH_MAX_FAILURES_PER_IP="0")
+    await asyncio.gather(*(_vanish(relay.port, kind) for _ in range(12)))
+    await _settled(relay, 0)
+    relay.process.signal(signal.SIGTERM)
+    assert await relay.process.wait_exit() == 0
+    assert relay.process.stderr == ""
+    assert relay.errors() == []
