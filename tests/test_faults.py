@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from relay.accounts import AccountStore
 from relay.store import connect_redis
 
-from .conftest import RedisServer
+from .conftest import RedisServer, add_app
 from .faultkit import (
     LOOPS,
     SOAK,
@@ -65,21 +65,25 @@ async def scenario(request: pytest.FixtureRequest, serve: Start, redis_server: R
 # -- the upstream refuses ------------------------------------------------------------------
 async def test_faults_upstream_refuses_per_recipient_and_at_data(scenario: Scenario) -> None:
     """An upstream answering 4xx and 5xx to some recipients and at DATA, under concurrent
-    load, with one user on a small limit: every refusal reaches the client with its class,
-    refused units are given back, and the small limit holds exactly."""
+    load, with two users on small limits (one sending directly, decided at RCPT; one through
+    the SmartPlans app, decided at the end of DATA, all or nothing): every refusal reaches
+    the client with its class, refused units are given back, the small limits hold exactly."""
     upstream = await scenario.upstream(
         "--rule", "t4:rcpt=450 4.2.1 Mailbox busy", "--rule", "p5:rcpt=550 5.1.1 No such user",
         "--rule", "d4:data=451 4.3.0 Try later", "--rule", "d5:data=554 5.6.0 Rejected")
     relay = await scenario.relay(upstream)
     big = await scenario.user("big@kw.test")
     small = await scenario.user("small@kw.test", limit=soak(25, 100))
+    planned = await scenario.user("plan@kw.test", limit=soak(21, 81))
+    await add_app(scenario.accounts, "smartplans")
+    smartplans = Account("smartplans", planned.sender)
     kinds = ["ok", "t4", "p5", "d4", "d5"]
 
     def recipients(n: int) -> list[str]:
         return [f"{kinds[n % 5] if k == 0 else 'ok'}{n}-{k}@example.test" for k in range(3)]
 
-    load = Load({"relay": relay.port}, [big, small], transactions=soak(100, 2000),
-                concurrency=8, recipients=recipients)
+    load = Load({"relay": relay.port}, [big, small, smartplans, big],
+                transactions=soak(120, 2400), concurrency=8, recipients=recipients)
     await load.run()
     scenario.records += load.records
     report = await scenario.finish(big)
@@ -90,8 +94,12 @@ async def test_faults_upstream_refuses_per_recipient_and_at_data(scenario: Scena
         if txn.sender == big.sender:
             codes, data = expected[txn.rcpts[0][0][:2]]
             assert ([c for _, c in txn.rcpts], txn.data_code) == (codes, data), txn
-    small_user = scenario.users[1]
-    assert (await scenario.counts())[small_user.id].delivered == small_user.limit
+    counts = await scenario.counts()
+    small_user, planned_user = scenario.users[1:]
+    assert counts[small_user.id].delivered == small_user.limit
+    # Whole messages of three, never past the limit (the ledger checked the upstream too).
+    assert 0 < counts[planned_user.id].delivered <= planned_user.limit
+    assert counts[planned_user.id].delivered % 3 == 0
     assert report.over_limit == 0
 
 
