@@ -161,9 +161,10 @@ class UpstreamProcess:
                 raise AssertionError(f"{self.name}: no {count} x {name}")
             await asyncio.sleep(0.02)
 
-    def hold(self) -> None:
-        """Hold every DATA reply until ``release``."""
-        self.hold_file.touch()
+    def hold(self, ledger_prefix: str = "") -> None:
+        """Hold the DATA replies of messages whose ledger id starts with ``ledger_prefix``
+        (all, by default) until ``release``."""
+        self.hold_file.write_text(ledger_prefix)
 
     def release(self) -> None:
         self.hold_file.unlink(missing_ok=True)

@@ -463,10 +463,10 @@ def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
 async def _commit_while_redis_is_away(upstream: UpstreamProcess, relay: Relay,
                                       account: Account,
                                       fault: Callable[[], Awaitable[None]]) -> ClientTxn:
-    """Hold the upstream's DATA replies, send one message, cut Redis off (``fault``) once the
+    """Hold the upstream's DATA reply to one message, cut Redis off (``fault``) once the
     upstream has it, then let the upstream say 250: the relay's commit meets the fault.
-    Returns that transaction (acknowledged)."""
-    upstream.hold()
+    Returns that transaction (acknowledged). The load's own messages are not held."""
+    upstream.hold("held")
     sent = asyncio.ensure_future(send_one(relay.port, account, ["held@example.test"],
                                           relay=relay.name, prefix="held"))
     await upstream.wait_event("data.received", ledger_prefix="held")

@@ -14,8 +14,9 @@ each DATA received) are JSON lines on stdout, for a test to wait on.
 Rules pick replies by the local part of a recipient: ``t4:rcpt=450 4.2.1 Busy`` refuses
 every recipient whose local part starts with ``t4``; ``d5:data=554 5.6.0 No`` refuses the
 DATA of a message with such a recipient; ``hang:data=hang`` takes the DATA and never
-answers. ``--hold-file`` holds every DATA reply while that file exists (a test removes it to
-let the replies go). Only the standard library and aiosmtpd: no imports from the relay.
+answers. ``--hold-file`` holds the DATA replies of messages whose ledger id starts with what
+the file says (empty: every message) while that file exists (a test removes it to let them
+go). Only the standard library and aiosmtpd: no imports from the relay.
 """
 
 from __future__ import annotations
@@ -89,6 +90,16 @@ class Handler:
         self._hold_file = hold_file
         self._hang = hang
 
+    def _held(self, ident: str | None) -> bool:
+        """Whether the hold file exists and names a prefix of ``ident`` (empty: every id)."""
+        if self._hold_file is None:
+            return False
+        try:
+            prefix = self._hold_file.read_text().strip()
+        except FileNotFoundError:
+            return False
+        return (ident or "").startswith(prefix)
+
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         reply = self._rules.for_rcpt(address)
@@ -105,8 +116,8 @@ class Handler:
         reply = self._rules.for_data(list(envelope.rcpt_tos))
         if self._hang or reply == "hang":
             await asyncio.Event().wait()  # took the message, never answers
-        while self._hold_file is not None:
-            if not self._hold_file.exists():
+        while True:  # a file another process removes: polled
+            if not self._held(ident):
                 break
             await asyncio.sleep(0.02)
         if reply:
@@ -146,7 +157,8 @@ def main() -> None:
     parser.add_argument("--capture", required=True, help="JSONL file, one line per message")
     parser.add_argument("--rule", action="append", default=[],
                         help="PREFIX:rcpt=REPLY, PREFIX:data=REPLY or PREFIX:data=hang")
-    parser.add_argument("--hold-file", help="hold every DATA reply while this file exists")
+    parser.add_argument("--hold-file", help="while this file exists, hold the DATA replies of "
+                        "messages whose ledger id starts with its content")
     parser.add_argument("--data-hang", action="store_true",
                         help="take every message and never answer DATA")
     parser.add_argument("--max-size", type=int, default=64 * 1024 * 1024)
