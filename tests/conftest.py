@@ -56,6 +56,9 @@ class RedisServer:
     """A redis-server process on 127.0.0.1, persistence off, that can be stopped and restarted
     on the same port (for the "Redis down and back" tests)."""
 
+    # More redis-server options, after the defaults (a subclass turns persistence on).
+    extra: tuple[str, ...] = ()
+
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
@@ -69,7 +72,7 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         client = redis.Redis(port=self.port, socket_timeout=0.5)
