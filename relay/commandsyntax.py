@@ -30,6 +30,7 @@ from relay.errors import (
 # surrogateescape maps each undecodable byte to U+DC80..U+DCFF.
 _SURROGATE = re.compile("[\udc80-\udcff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+_CONTROL_BYTES = re.compile(b"[\x00-\x1f\x7f]")
 # The common shape of a MAIL FROM / RCPT TO argument: <dot-atom@hostname> and parameters.
 # For it, aiosmtpd's parser (email._header_value_parser, a class created per call) gives the
 # address unchanged; anything else still goes through that parser.
@@ -40,13 +41,21 @@ SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>"
 Parser = Callable[[str], tuple[str | None, str | None]]
 
 
-def command_problem(command: str, arg: str | None) -> CommandSyntaxError | None:
-    """The refusal for a command argument the relay will not interpret, or None."""
-    if not arg:
-        return None
-    if _SURROGATE.search(arg):
+def command_problem(command: str, arg: str | None,
+                    line: bytes | None = None) -> CommandSyntaxError | None:
+    """The refusal for a command the relay will not interpret, or None.
+
+    ``line`` is the command line as read, terminator included: aiosmtpd strips the blanks
+    around the argument, VT and FF among them (and any run of CR before the LF), so only
+    the raw line shows a control character there.
+    """
+    if arg and _SURROGATE.search(arg):
         return InvalidUtf8Error(command)
-    if _CONTROL.search(arg):
+    if line is not None:
+        body = line[:-2] if line.endswith(b"\r\n") else line.removesuffix(b"\n")
+        if _CONTROL_BYTES.search(body):
+            return ControlCharacterError(command)
+    elif arg and _CONTROL.search(arg):
         return ControlCharacterError(command)
     return None
 
@@ -68,11 +77,42 @@ def parse_path(arg: str, role: str, *, local_part_limit: int,
     address, rest_parsed = full_parser(arg)
     # aiosmtpd gives the null reverse-path as "<>" and an empty argument as "".
     if address not in (None, "", "<>"):
+        if not _has_domain(address):
+            # RFC 5321 §4.1.2: a mailbox is local-part "@" domain. A bare local part (or a
+            # bang path) would be delivered wherever the upstream decides; an authenticated
+            # submission relay has no local mailboxes (not even Postmaster) to offer.
+            raise AddressSyntaxError(role)
         text = arg.lstrip()
         written = _bracketed(text) if text.startswith("<") else text.split(None, 1)[0]
         if address != written:
             raise AddressSyntaxError(role)
     return address, rest_parsed
+
+
+def _has_domain(address: str) -> bool:
+    """Whether ``address`` is local-part "@" domain, with both parts (an "@" inside a quoted
+    local part does not count)."""
+    if address.startswith('"'):
+        closing = _closing_quote(address)
+        if closing is None:
+            return False
+        local, rest = address[:closing + 1], address[closing + 1:]
+        return rest.startswith("@") and len(rest) > 1 and len(local) > 2
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and domain)
+
+
+def _closing_quote(text: str) -> int | None:
+    """The index of the quote that closes the one ``text`` starts with."""
+    escaped = False
+    for index, char in enumerate(text[1:], start=1):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            return index
+    return None
 
 
 def _bracketed(arg: str) -> str | None:

@@ -99,6 +99,7 @@ class RelaySMTP(SMTP):
         # read, so counting a busy client as active costs a float store per network read.
         self._last_activity = 0.0
         self._path_role = "sender"  # which path _getaddr is parsing (MAIL or RCPT)
+        self._command_line: bytes | None = None  # the last command line, as read
         self._reply_logged = False  # the next refusal pushed was logged by the relay already
         self._listener = "smtps" if implicit_tls else "starttls"
         self._open_gauge: Gauge | None = None  # the gauge this connection was counted in
@@ -176,6 +177,7 @@ class RelaySMTP(SMTP):
         first = self.transport is None
         super().connection_made(transport)
         if first:
+            self._record_command_lines()
             metrics = self._relay_handler.services.metrics
             metrics.connections(self._listener).inc()
             self._open_gauge = metrics.connections_open(self._listener)
@@ -199,6 +201,19 @@ class RelaySMTP(SMTP):
                 # aiosmtpd types peer as str; it holds the (host, port) tuple asyncio gives.
                 self.session.peer = self._client_peer  # type: ignore[assignment]
             self._log("session.starttls")
+
+    def _record_command_lines(self) -> None:
+        """Keep the last line aiosmtpd's command loop reads, as read (the command guard
+        needs what aiosmtpd strips). One more coroutine frame per read, the DATA reader's
+        bulk reads included: a microsecond next to a network read."""
+        reader = self._reader
+        read_until = reader.readuntil
+
+        async def readuntil(separator: bytes = b"\n") -> bytes:
+            line = await read_until(separator)
+            self._command_line = line
+            return line
+        reader.readuntil = readuntil  # type: ignore[method-assign, assignment]
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._open_gauge is not None:
@@ -514,7 +529,7 @@ def _guard(name: str, method: Any) -> Any:
 
     @functools.wraps(method)
     async def guarded(self: RelaySMTP, arg: str | None) -> None:
-        problem = command_problem(command, arg)
+        problem = command_problem(command, arg, self._command_line)
         if problem is not None:
             await self.push(await self.handle_exception(problem))
             return

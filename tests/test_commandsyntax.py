@@ -34,6 +34,8 @@ SAME_AS_AIOSMTPD = [
     "<a@b.c> (comment) SIZE=1", "<a@b.c>\t SIZE=1", "<a@b.c>\u00a0X", "<a@b.c.>",
     "<u%c@relay.test>", "<c!u@d.e>",
 ]
+# Paths without a domain: nowhere to forward them that the client chose.
+WITHOUT_A_DOMAIN = ["<victim>", "<example.test!victim>", "victim", "<\"a@b\">", "<postmaster>"]
 # Paths aiosmtpd's parser would turn into another address: refused, never acknowledged.
 ALTERED_BY_THE_PARSER = [
     "<@route:a@b.c>", "<@a,@b:c@d.e>", "<a(c)@b.c>", "a(x)@b.c", "< a@b.c >", "<a b@c.d>",
@@ -54,6 +56,27 @@ def test_commandsyntax_paths_the_parser_would_alter_are_refused(arg):
     with pytest.raises(AddressSyntaxError) as refused:
         _parse(arg)
     assert refused.value.reply == "501 5.1.3 Bad recipient address syntax"
+
+
+@pytest.mark.parametrize("arg", WITHOUT_A_DOMAIN)
+def test_commandsyntax_a_path_needs_a_domain(arg):
+    assert _aiosmtpd(0)(arg)[0]  # aiosmtpd alone would take it
+    with pytest.raises(AddressSyntaxError):
+        _parse(arg)
+
+
+@pytest.mark.parametrize("line", [b"RCPT TO:<r@example.test>\x0b\r\n",
+                                  b"RCPT TO:<r@example.test>\x0c\n",
+                                  b"RCPT TO:<r@example.test>\r\r\n", b"\tRCPT TO:<r@e.test>\r\n"])
+def test_commandsyntax_controls_aiosmtpd_strips_are_seen_in_the_raw_line(line):
+    assert command_problem("RCPT", "TO:<r@example.test>") is None  # what aiosmtpd hands on
+    assert isinstance(command_problem("RCPT", "TO:<r@example.test>", line),
+                      ControlCharacterError)
+
+
+def test_commandsyntax_the_line_terminator_is_not_a_control():
+    for line in (b"RCPT TO:<r@example.test>\r\n", b"RCPT TO:<r@example.test>\n"):
+        assert command_problem("RCPT", "TO:<r@example.test>", line) is None
 
 
 def test_commandsyntax_sender_refusal_names_the_sender():
