@@ -312,6 +312,9 @@ async def _events(args: argparse.Namespace, settings: Settings, admin: Admin) ->
                                "error": d.error, "attempts": d.attempts,
                                "event": json.loads(d.event.to_json())} for d in letters]))
             return
+        if not letters:
+            print("no dead letters: every event was delivered, or is still being retried")
+            return
         for d in letters:
             print(f"{d.stream_id}  {d.channel:<7} attempts={d.attempts} error={d.error!r}  "
                   f"{format_event(d.event)}")

@@ -443,7 +443,8 @@ def test_check_config_accepts_the_shipped_files(tmp_path: Path) -> None:
     ({"RELAY_MAX_RECIPIENTS": "0"}, "max_recipients: must be a positive integer"),
     ({"RELAY_REDIS_URL": "http://127.0.0.1:6379"}, "redis_url: scheme must be"),
     ({"RELAY_UPSTREAM_URL": "smtp+starttls://user:hunter2@127.0.0.1:587x"},
-     "upstream_url: invalid value"),
+     "upstream_url: the port must be a number from 1 to 65535; expected e.g. "
+     "smtp+starttls://user:password@smtp.example.com:587"),
     ({"RELAY_TLS_CERT": "/nonexistent/cert.pem"}, "tls_cert, tls_key: set both or neither"),
 ])
 def test_check_config_names_a_bad_setting(tmp_path: Path, settings: dict[str, str],
@@ -829,6 +830,9 @@ async def test_events_dead_lists_dead_letters(
     """events dead --json lists each dead letter with its channel, error, attempts and event;
     the text form prints one line each."""
     assert ok_json(await cli(["events", "dead", "--json"], env)) == []
+    # None yet: the text form says so rather than printing nothing.
+    assert ok(await cli(["events", "dead"], env)) == \
+        "no dead letters: every event was delivered, or is still being retried\n"
     buried = await _bury(redis_client)
     letters = ok_json(await cli(["events", "dead", "--json"], env))
     assert [(d["channel"], d["error"], d["attempts"], d["event"]) for d in letters] == [
