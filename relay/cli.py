@@ -401,11 +401,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("usage: name a USER, or use --all")
     try:
         settings = load_settings(config_file=args.config)
-        # Admin commands print their results on stdout (one JSON document with --json), so
-        # their warnings and errors are logged to stderr.
         serving = args.command in ("serve", "notifier")
-        configure_logging(settings.log_format, settings.log_level if serving else "warning",
-                          stream=sys.stdout if serving else sys.stderr)
+        if serving:
+            configure_logging(settings.log_format, settings.log_level)
+        else:
+            # Admin commands print their results on stdout (one JSON document with --json),
+            # so their warnings go to stderr: one readable line each next to human output,
+            # JSON lines with --json (or RELAY_LOG_FORMAT=json) for a script to parse.
+            machine = getattr(args, "json", False) or settings.log_format == "json"
+            configure_logging("json" if machine else "line", "warning", stream=sys.stderr)
         if args.command == "serve":
             return _serve(args, settings)
         elif args.command == "notifier":
