@@ -369,7 +369,7 @@ _ADMIN: dict[str, AdminCommand] = {"users": _users, "apps": _apps, "usage": _usa
 async def _run_admin(command: AdminCommand, args: argparse.Namespace,
                      settings: Settings) -> None:
     policies = load_policies(settings.policies_dir)
-    async with redis_for(settings, share=True) as redis:
+    async with redis_for(settings) as redis:
         await wait_for_redis(redis, 2)
         credentials = CredentialStore(redis, lambda: load_key(settings.credentials_key,
                                                               settings.state_dir))
