@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+
+import structlog
 
 from relay import eventloop
 from relay.accounts import AccountError
@@ -35,6 +39,11 @@ from relay.usage import format_report
 from relay.workers import Supervisor, WorkerLink, tag_logs
 
 PROG = "command-relay"
+# events tail -f: seconds between attempts while Redis is unreachable (doubling).
+FOLLOW_RETRY_FIRST = 0.2
+FOLLOW_RETRY_MAX = 5.0
+
+log = structlog.get_logger()
 
 
 class CommandError(Exception):
@@ -299,12 +308,9 @@ async def _events(args: argparse.Namespace, settings: Settings, admin: Admin) ->
             last = stream_id
         if not args.follow:
             return
-        last = last if last != "0-0" else "$"
-        while True:
-            for stream_id, event in await admin.events.wait_after(last, block_ms=5000):
-                last = stream_id
-                if kinds is None or event.kind in kinds:
-                    show(stream_id, event)
+        if last == "0-0":
+            last = await admin.events.last_id()
+        await _follow(admin, last, kinds, show, settings.redis_timeout)
     elif args.action == "dead":
         letters = await admin.events.dead()
         if args.json:
@@ -326,6 +332,43 @@ async def _events(args: argparse.Namespace, settings: Settings, admin: Admin) ->
             raise CommandError(f"re-queued {count} of {len(set(args.ids))}: some ids are not "
                                "in the dead-letter stream (see `events dead`)")
         print(f"re-queued {count} event(s)")
+
+
+async def _follow(admin: Admin, last: str, kinds: frozenset[str] | None,
+                  show: Callable[[str, Event], None], redis_timeout: float) -> None:
+    """``events tail -f``: print events as they come, until Ctrl-C. Each read blocks for less
+    than the Redis client's socket timeout (a longer block would read as Redis being gone);
+    when Redis is unreachable it says so once, retries with backoff, and goes on from the
+    last event it printed once Redis is back."""
+    block_ms = max(100, int(redis_timeout * 500))
+    delay, down = FOLLOW_RETRY_FIRST, False
+    # Ctrl-C (or SIGTERM) ends the loop between two reads, at most one short block later:
+    # cancelling a task in the middle of redis-py's blocking read is not reliably seen.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        try:
+            found = await admin.events.wait_after(last, block_ms=block_ms)
+        except StoreUnavailableError:
+            if not down:
+                log.warning("events.redis_unavailable",
+                            note="Redis is unreachable; retrying until it is back (Ctrl-C "
+                                 "to stop)")
+                down = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, FOLLOW_RETRY_MAX)
+            continue
+        if down:
+            log.warning("events.redis_back", note="Redis answers again; following")
+            delay, down = FOLLOW_RETRY_FIRST, False
+        for stream_id, event in found:
+            last = stream_id
+            if kinds is None or event.kind in kinds:
+                show(stream_id, event)
+    raise KeyboardInterrupt  # exit status 130, as for any Ctrl-C
 
 
 async def _route(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:

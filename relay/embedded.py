@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import os
 import subprocess
 import time
 from pathlib import Path

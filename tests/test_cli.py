@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+import redis
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
 
@@ -31,6 +33,7 @@ from relay.period import SystemClock, period_at, zone
 from relay.policies import load_policies
 from relay.quota import QuotaStore, ReserveStatus
 from relay.settings import UpstreamTarget
+from relay.store import connect_redis
 from relay.tlsconfig import server_context
 
 from .conftest import (
@@ -811,6 +814,89 @@ async def test_events_tail_prints_readable_lines_and_filters_by_kind(
     only = ok(await cli(["events", "tail", "--kind", "plan.changed"], env)).splitlines()
     assert only == [format_event(e) for _, e in published if e.kind == "plan.changed"]
     assert ok(await cli(["events", "tail", "--kind", "quota.reached"], env)) == ""
+
+
+def _xread_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_xread")
+    return int(stats["calls"]) if stats else 0
+
+
+def _until(predicate: Any, what: str, follower: subprocess.Popen[bytes], out: Path,
+           err: Path, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if follower.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{what}: exit={follower.poll()}\n{out.read_text()}\n"
+                                 f"{err.read_text()}")
+        time.sleep(0.05)
+
+
+def test_events_tail_follow_keeps_following_and_reconnects_to_a_restarted_redis(
+        tmp_path: Path) -> None:
+    """events tail -f follows until Ctrl-C: it outlives many blocking reads (each shorter
+    than the client's socket timeout, which used to end it with "Redis is unreachable"),
+    says once when Redis goes away, reconnects by itself when it is back, prints what is
+    published then, and exits 130 on Ctrl-C without a traceback."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    follower: subprocess.Popen[bytes] | None = None
+    try:
+        env = clean_env(RELAY_REDIS_URL=server.url, RELAY_POLICIES_DIR=str(POLICIES),
+                        RELAY_STATE_DIR=str(tmp_path / "state"), RELAY_REDIS_TIMEOUT="0.5")
+        admin = redis.Redis(port=server.port)
+        _publish(server, "before")
+        out, err = tmp_path / "tail.out", tmp_path / "tail.err"
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            follower = subprocess.Popen([sys.executable, "-m", "relay", "events", "tail", "-f"],
+                                        env=env, stdout=stdout, stderr=stderr,
+                                        stdin=subprocess.DEVNULL)
+        _until(lambda: "by before" in out.read_text(), "first event", follower, out, err)
+        # Several blocking reads go by, with no event: it keeps following.
+        calls = _xread_calls(admin)
+        _until(lambda: _xread_calls(admin) >= calls + 4, "blocking reads", follower,
+                     out, err)
+        _publish(server, "while-up")
+        _until(lambda: "by while-up" in out.read_text(), "a new event", follower, out,
+                     err)
+
+        server.stop()
+        _until(lambda: "events.redis_unavailable" in err.read_text(), "outage noticed",
+                     follower, out, err)
+        server.start()  # the same port, an empty database (persistence off)
+        admin = redis.Redis(port=server.port)
+        # Published once it has reconnected (a read was made on the new server).
+        _until(lambda: _xread_calls(admin) >= 1, "reconnected", follower, out, err)
+        _publish(server, "after-restart")
+        _until(lambda: "by after-restart" in out.read_text(), "event after the restart",
+                     follower, out, err)
+        assert "events.redis_back" in err.read_text()
+        assert err.read_text().count("events.redis_unavailable") == 1
+        assert all(line.startswith("command-relay: warning: ")
+                   for line in err.read_text().splitlines())
+
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(20) == 130
+        assert "Traceback" not in err.read_text()
+        printed = out.read_text().splitlines()
+        assert [line.rpartition(" by ")[2] for line in printed] == \
+            ["before", "while-up", "after-restart"]
+    finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        server.stop()
+
+
+def _publish(server: RedisServer, by: str) -> None:
+    async def publish() -> None:
+        client = connect_redis(server.url, timeout=2)
+        try:
+            await EventLog(client).publish(new_event(
+                "plan.changed", "u-2", email="boss@kw.test", outcome="upgrade",
+                old_plan="free", new_plan="plus", effective_from="2026-11", by=by))
+        finally:
+            await client.aclose()
+    asyncio.run(publish())
 
 
 async def _bury(redis_client: aioredis.Redis) -> list[Event]:
