@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from relay import events
-from relay.accounts import ACTIVE, DISABLED, AccountError, AccountStore, User
+from relay.accounts import ACTIVE, DISABLED, AccountError, AccountStore, App, User
 from relay.credentials import CredentialStore, RouteCredentials
 from relay.events import EventLog
 from relay.passwords import hash_password
@@ -80,13 +80,28 @@ class Admin:
             zone(tz)
         except UnknownTimeZoneError as exc:
             raise AdminError(str(exc)) from None
-        if password is not None and not password:
-            raise AdminError("the password is empty")
+        if password is not None:
+            try:
+                self.policies.passwords.check(password, app=False)
+            except ValueError as exc:
+                raise AdminError(str(exc)) from None
         try:
             return await self.accounts.add_user(
                 email, plan=plan, tz=tz, custom_limit=custom_limit, senders=senders,
                 password_hash=hash_password(password) if password is not None else None,
                 user_id=user_id)
+        except AccountError as exc:
+            raise AdminError(str(exc)) from None
+
+    async def add_app(self, name: str, password: str) -> App:
+        """An app credential (``smartplans``, ``campaigns``…); the password must be at least
+        ``[passwords] app_min_length`` long."""
+        try:
+            self.policies.passwords.check(password, app=True)
+        except ValueError as exc:
+            raise AdminError(str(exc)) from None
+        try:
+            return await self.accounts.add_app(name, password_hash=hash_password(password))
         except AccountError as exc:
             raise AdminError(str(exc)) from None
 

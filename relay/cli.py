@@ -31,7 +31,6 @@ from relay.embedded import EmbeddedRedisError
 from relay.errors import StoreUnavailableError
 from relay.events import Event, format_event
 from relay.logs import configure_logging
-from relay.passwords import hash_password
 from relay.period import SystemClock
 from relay.policies import PolicyError, load_policies
 from relay.settings import Settings, SettingsError, load_settings
@@ -68,8 +67,12 @@ def _build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION")
     add = users.add_parser("add", help="create a user")
     add.add_argument("email")
-    add.add_argument("--password-stdin", action="store_true",
-                     help="read an SMTP password for this user from standard input")
+    login = add.add_mutually_exclusive_group()
+    login.add_argument("--password-stdin", action="store_true",
+                       help="read an SMTP password for this user from standard input")
+    login.add_argument("--no-password", action="store_true",
+                       help="no SMTP login for this user: they send only through app "
+                            "credentials (smartplans, campaigns…)")
     add.add_argument("--plan", help="plan name from policies/plans.toml (default: [defaults])")
     add.add_argument("--limit", type=int, help="custom monthly limit, replacing the plan's")
     add.add_argument("--tz", help="IANA time zone of the user's month (default: RELAY_DEFAULT_TZ)")
@@ -204,6 +207,10 @@ def _operator() -> str:
 
 async def _users(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:
     if args.action == "add":
+        if not args.password_stdin and not args.no_password:
+            raise CommandError("give the user an SMTP password with --password-stdin, or "
+                               "pass --no-password for a user who sends only through app "
+                               "credentials")
         user = await admin.add_user(
             args.email, plan=args.plan, tz=args.tz, custom_limit=args.limit,
             password=_read_password() if args.password_stdin else None,
@@ -232,8 +239,7 @@ async def _users(args: argparse.Namespace, settings: Settings, admin: Admin) -> 
 
 async def _apps(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:
     if args.action == "add":
-        app = await admin.accounts.add_app(args.name,
-                                           password_hash=hash_password(_read_password()))
+        app = await admin.add_app(args.name, _read_password())
         print(json.dumps(asdict(app)))
         return
     apps = await admin.accounts.list_apps()
@@ -430,7 +436,9 @@ def _check_config(settings: Settings) -> None:
           f"upstream {settings.upstream or 'capture folder (development)'}")
     print(f"policies OK: {settings.policies_dir}: plans "
           + ", ".join(f"{p.name}={p.monthly_limit}" for p in policies.plans.values())
-          + "; notify at " + ", ".join(f"{t}%" for t in policies.notifications.thresholds))
+          + "; notify at " + ", ".join(f"{t}%" for t in policies.notifications.thresholds)
+          + f"; passwords of {policies.passwords.user_min_length}+ characters for users, "
+            f"{policies.passwords.app_min_length}+ for apps")
     print(f"admin API: {settings.admin_listen if settings.admin_token else 'off'}; "
           f"in-app webhook: {'on' if settings.notify_webhook_url else 'off'}")
     print(f"metrics: {settings.metrics_listen or 'off'}; "

@@ -63,12 +63,31 @@ class Notifications:
 
 
 @dataclass(frozen=True, slots=True)
+class Passwords:
+    """The shortest SMTP password accepted for a new credential, in characters."""
+
+    user_min_length: int = 12
+    app_min_length: int = 24
+
+    def check(self, password: str, *, app: bool) -> None:
+        """Raises ValueError saying what is wrong (never repeating the password)."""
+        key, minimum = (("app_min_length", self.app_min_length) if app else
+                        ("user_min_length", self.user_min_length))
+        if len(password) < minimum:
+            raise ValueError(
+                f"the password is too short: {len(password)} characters, "
+                f"{'an app' if app else 'a user'} password needs at least {minimum} "
+                f"({PLANS_FILE} [passwords] {key})")
+
+
+@dataclass(frozen=True, slots=True)
 class Policies:
     plans: Mapping[str, Plan]
     default_plan: str
     over_limit: OverLimitReply
     notifications: Notifications
     routing: Routing
+    passwords: Passwords = Passwords()
 
     def plan_limits(self) -> list[str | int]:
         """Flat ``[name, limit, name, limit, …]`` as the quota script takes it."""
@@ -80,7 +99,7 @@ def load_policies(directory: Path) -> Policies:
     source = TomlSource(directory / PLANS_FILE)
     data = source.data
     for section in data:
-        if section not in {"defaults", "plans", "over_limit"}:
+        if section not in {"defaults", "plans", "over_limit", "passwords"}:
             raise source.error(section, None, "unknown section")
     for section in ("defaults", "plans", "over_limit"):
         if not isinstance(data.get(section), dict):
@@ -126,7 +145,27 @@ def load_policies(directory: Path) -> Policies:
         over_limit=OverLimitReply(over["code"], over["status"], over["text"]),
         notifications=_load_notifications(directory / NOTIFICATIONS_FILE),
         routing=load_routing(TomlSource(directory / ROUTING_FILE)),
+        passwords=_load_passwords(source, data.get("passwords", {})),
     )
+
+
+def _load_passwords(source: TomlSource, section: object) -> Passwords:
+    """``[passwords]``: optional, and so is each key (the defaults are Passwords')."""
+    if not isinstance(section, dict):
+        raise source.error("passwords", None, "expected a table")
+    defaults = Passwords()
+    found = {}
+    for key in ("user_min_length", "app_min_length"):
+        if key in section:
+            found[key] = source.table({key: section[key]}, "passwords", {key: int})[key]
+        else:
+            found[key] = getattr(defaults, key)
+        if not 1 <= found[key] <= 1024:
+            raise source.error("passwords", key, "must be between 1 and 1024")
+    unknown = sorted(set(section) - set(found))
+    if unknown:
+        raise source.error("passwords", unknown[0], "unknown key")
+    return Passwords(**found)
 
 
 def _load_notifications(path: Path) -> Notifications:
