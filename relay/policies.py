@@ -23,6 +23,17 @@ NOTIFICATIONS_FILE = "notifications.toml"
 EVENT_KINDS = ("quota.threshold", "quota.reached", "quota.rejected", "plan.changed",
                "timeline.email_failed")
 _PLAN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# The highest monthly limit (a plan's or a user's): reserve.lua compares used x 100 with
+# limit x percent in Lua's numbers (doubles, exact up to 2**53) and formats the limit into
+# keys and audit entries with 14 significant digits. Up to 2**53 // 100 both are exact.
+MAX_MONTHLY_LIMIT = 2**53 // 100  # 90,071,992,547,409
+
+
+def check_limit(limit: int, what: str = "the custom limit") -> None:
+    """Raises ValueError unless ``limit`` is a monthly limit the quota scripts hold exactly."""
+    if not 1 <= limit <= MAX_MONTHLY_LIMIT:
+        raise ValueError(f"{what} must be a positive integer of at most "
+                         f"{MAX_MONTHLY_LIMIT:,} (2**53 / 100), got {limit:,}")
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
 
@@ -115,6 +126,10 @@ def load_policies(directory: Path) -> Policies:
         fields = source.table(body, table, {"title": str, "monthly_limit": int})
         if fields["monthly_limit"] <= 0:
             raise source.error(table, "monthly_limit", "must be greater than 0")
+        if fields["monthly_limit"] > MAX_MONTHLY_LIMIT:
+            raise source.error(table, "monthly_limit",
+                               f"must be at most {MAX_MONTHLY_LIMIT} (2**53 / 100: what the "
+                               "quota scripts count exactly)")
         plans[name] = Plan(name, fields["title"], fields["monthly_limit"])
     if not plans:
         raise source.error("plans", None, "define at least one plan")

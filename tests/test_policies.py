@@ -228,3 +228,14 @@ def test_load_policies_bad_password_lengths_name_the_key(tmp_path: Path, section
         load_policies(tmp_path)
     assert f"{key}: {reason}" in str(info.value)
     assert str(tmp_path / PLANS_FILE) in str(info.value)
+
+
+def test_load_policies_refuses_a_monthly_limit_lua_cannot_count_exactly(tmp_path: Path) -> None:
+    """A plan's monthly_limit over 2**53 / 100 stops loading, naming the key and the bound;
+    the bound itself loads."""
+    write_plans(tmp_path, variant("monthly_limit = 5000", f"monthly_limit = {2**53 // 100}"))
+    assert load_policies(tmp_path).plans["free"].monthly_limit == 2**53 // 100
+    write_plans(tmp_path, variant("monthly_limit = 5000", "monthly_limit = 776287861482925568"))
+    with pytest.raises(PolicyError) as info:
+        load_policies(tmp_path)
+    assert "plans.free.monthly_limit: must be at most 90071992547409" in str(info.value)
