@@ -221,7 +221,8 @@ class RelayApp:
                 connections=self.connections,
                 # PROXY cannot precede implicit TLS (settings refuse both).
                 proxy=None if implicit_tls else proxy,
-                transaction_timeout=s.transaction_timeout))
+                transaction_timeout=s.transaction_timeout,
+                tls_handshake_timeout=s.tls_handshake_timeout))
         proxy = (ProxyPolicy(s.trusted_proxies, s.proxy_protocol_timeout)
                  if s.proxy_protocol else None)
         if proxy is not None:
@@ -232,7 +233,8 @@ class RelayApp:
             if s.smtps_listen is not None:
                 self._servers.append(await listen(factory(True), s.smtps_listen,
                                                   ssl_context=tls,
-                                                  sock=self._sockets.get("smtps_listen")))
+                                                  sock=self._sockets.get("smtps_listen"),
+                                                  tls_handshake_timeout=s.tls_handshake_timeout))
         except OSError as exc:
             await self.stop()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None

@@ -22,6 +22,14 @@ module writes a reply string.
     │   ├── SenderNotAllowedError       553 5.7.1  MAIL FROM not owned by this login
     │   ├── UnknownSenderError          550 5.7.1  MAIL FROM belongs to no Command Email user
     │   ├── UserDisabledError           550 5.7.1  the sending user is disabled
+    │   ├── CommandSyntaxError          5xx 5.5.2  a command line the relay will not parse
+    │   │   ├── InvalidUtf8Error        500 5.5.2  bytes that are not UTF-8
+    │   │   └── ControlCharacterError   501 5.5.2  a C0 control or DEL in a command
+    │   ├── AddressSyntaxError          501 5.1.7 / 5.1.3  a sender or recipient not taken as is
+    │   ├── SmtpUtf8RequiredError       553 5.6.7  non-ASCII address without SMTPUTF8
+    │   ├── TlsAlreadyActiveError       503 5.5.1  STARTTLS inside TLS
+    │   ├── BadAddressError             553 5.1.3  the upstream client would not send it
+    │   ├── SmtpUtf8UnsupportedError    553 5.6.7  non-ASCII envelope, upstream lacks SMTPUTF8
     │   └── UpstreamPermanentError      5xx        the upstream said 5xx
     └── QuotaExceededError              code from policies/plans.toml [over_limit] (550 5.7.1)
 """
@@ -200,6 +208,77 @@ class UserDisabledError(PermanentError):
     code = 550
     status = "5.7.1"
     text = "Command Email is disabled for this user"
+
+
+class CommandSyntaxError(PermanentError):
+    """A command line the relay refuses to interpret: the same bytes will never work, so a
+    5xx (a 4xx would tell the client to retry a permanently bad command)."""
+
+    code = 501
+    status = "5.5.2"
+    text = "Syntax error in command"
+
+    def __init__(self, command: str = "") -> None:
+        self.command = command  # the verb (MAIL, RCPT, EHLO...), for the log line
+        super().__init__()
+
+
+class InvalidUtf8Error(CommandSyntaxError):
+    # RFC 6531 §3.3: SMTPUTF8 text is UTF-8; other 8-bit bytes are a syntax error.
+    code = 500
+    text = "Syntax error: command is not valid UTF-8"
+
+
+class ControlCharacterError(CommandSyntaxError):
+    # RFC 5321 §4.1.2: no control character belongs in a command; a CR inside a line (the
+    # smuggling trick) would otherwise be dropped or kept by parsers that disagree.
+    text = "Syntax error: control characters are not allowed in commands"
+
+
+class AddressSyntaxError(PermanentError):
+    """A MAIL FROM or RCPT TO path that aiosmtpd's parser would change (comments, source
+    routes, blanks inside <...>) or cannot parse: the relay only acknowledges an address it
+    forwards byte for byte."""
+
+    code = 501
+    status = "5.1.3"
+    text = "Bad recipient address syntax"
+
+    def __init__(self, role: str = "recipient") -> None:
+        self.role = role  # "sender" or "recipient"
+        if role == "sender":  # RFC 3463: X.1.7 bad sender's mailbox address syntax
+            super().__init__("Bad sender address syntax", status="5.1.7")
+        else:
+            super().__init__()
+
+
+class SmtpUtf8RequiredError(PermanentError):
+    # RFC 6531 §3.4: a non-ASCII address needs the SMTPUTF8 parameter on MAIL FROM.
+    code = 553
+    status = "5.6.7"
+    text = "Non-ASCII address needs the SMTPUTF8 parameter on MAIL FROM"
+
+
+class TlsAlreadyActiveError(PermanentError):
+    # RFC 3207 §4: STARTTLS inside a TLS session is a bad sequence of commands. aiosmtpd
+    # would start a second handshake inside the first.
+    code = 503
+    status = "5.5.1"
+    text = "TLS already active"
+
+
+class BadAddressError(PermanentError):
+    # aiosmtplib refuses to send it (control characters, an encoding it cannot express).
+    code = 553
+    status = "5.1.3"
+    text = "Address contains characters that cannot be forwarded"
+
+
+class SmtpUtf8UnsupportedError(PermanentError):
+    # RFC 6531 §3.4: a non-ASCII envelope cannot go to a server without SMTPUTF8.
+    code = 553
+    status = "5.6.7"
+    text = "Upstream does not accept internationalized (SMTPUTF8) addresses"
 
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+")

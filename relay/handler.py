@@ -27,6 +27,7 @@ from relay.errors import (
     InternalError,
     RelayError,
     ShuttingDownError,
+    SmtpUtf8RequiredError,
     StoreUnavailableError,
 )
 from relay.limits import AuthThrottle
@@ -112,10 +113,12 @@ class RelayHandler:
             metrics.auth(mechanism, "throttled").inc()
             session_log.warning("auth.throttled", mechanism=mechanism, login=shown,
                                 scope=exc.scope, failures=exc.failures, smtp_code=exc.code)
+            server.mark_reply_logged()
             return AuthResult(success=False, handled=False, message=exc.reply)
         except StoreUnavailableError:
             metrics.auth(mechanism, "unavailable").inc()
             session_log.warning("auth.unavailable", mechanism=mechanism, login=shown)
+            server.mark_reply_logged()
             return AuthResult(success=False, handled=False, message=errors.AUTH_TEMPORARY)
         if principal is None:
             counts: dict[str, int] = {}
@@ -128,6 +131,7 @@ class RelayHandler:
             metrics.auth(mechanism, "failed").inc()
             session_log.warning("auth.failed", mechanism=mechanism, login=shown, smtp_code=535,
                                 **counts)
+            server.mark_reply_logged()
             return AuthResult(success=False, handled=False, message=errors.AUTH_INVALID)
         if earlier and throttle is not None:
             # The owner got in: forget the login's failures (the client's stay counted).
@@ -173,6 +177,8 @@ class RelayHandler:
                               sender_domain=address.rpartition("@")[2].lower())
         mail_started = time.monotonic()
         try:
+            if not address.isascii() and not envelope.smtp_utf8:
+                raise SmtpUtf8RequiredError()
             started = time.perf_counter()
             try:
                 user = await self.accounts.resolve_sender(principal, address)

@@ -78,6 +78,26 @@ class _ClientErrorsAreWarnings(logging.Filter):
         return True
 
 
+def _dumps(value: Any, **kwargs: Any) -> bytes:
+    """orjson, which refuses a str that is not valid UTF-8 (a lone surrogate, as aiosmtpd's
+    surrogateescape decoding makes of a client's bad bytes). Such a line must still be
+    written, not raise into the code that logged it: the bad characters are escaped."""
+    try:
+        return orjson.dumps(value, **kwargs)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return orjson.dumps(_escaped(value), default=repr, **kwargs)
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(v) for v in value]
+    return value
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = True,
                       stream: TextIO | None = None) -> None:
     """``fmt`` is json, console, auto (console on a TTY) or line (one readable line per
@@ -101,7 +121,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
     elif binary is not None:
         # orjson renders a line several times faster than json.dumps (issue 5: bounded
         # logging cost); it writes bytes, so the line goes to the stream's buffer.
-        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps,
+        renderer = structlog.processors.JSONRenderer(serializer=_dumps,
                                                      option=orjson.OPT_NON_STR_KEYS)
         foreign = structlog.processors.JSONRenderer(serializer=_orjson_text)
         logger_factory = structlog.BytesLoggerFactory(binary)

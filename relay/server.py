@@ -25,13 +25,17 @@ import ssl
 from typing import Any, cast
 
 import structlog
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException
 from prometheus_client import Gauge
 
 from relay import errors
+from relay.commandsyntax import command_problem, parse_path
 from relay.errors import (
+    CommandSyntaxError,
+    InternalError,
     RelayError,
     SessionTimeoutError,
+    TlsAlreadyActiveError,
     TooManyConnectionsError,
     UntrustedPeerError,
 )
@@ -46,12 +50,7 @@ from relay.wire import WireMessage
 log = structlog.get_logger()
 
 IDENT = "Command Email Relay"
-# The common shape of a MAIL FROM / RCPT TO argument: <dot-atom@hostname> and parameters.
-# For it, aiosmtpd's parser (email._header_value_parser, a class created per call) gives the
-# address unchanged; anything else still goes through that parser.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>")
+_QUOTED = re.compile(r'"[^"]*"')
 # aiosmtpd counts every command against this budget per connection; only AUTH is limited
 # (a guard against password guessing on one connection), the rest effectively unbounded.
 COMMAND_LIMITS = {"AUTH": 5, "*": 10**9}
@@ -72,7 +71,8 @@ class RelayEnvelope(Envelope):
 class RelaySMTP(SMTP):
     def __init__(self, handler: RelayHandler, *, implicit_tls: bool,
                  connections: ConnectionLimiter | None = None, proxy: ProxyPolicy | None = None,
-                 transaction_timeout: float = 600.0, **kwargs: Any) -> None:
+                 transaction_timeout: float = 600.0, tls_handshake_timeout: float = 10.0,
+                 **kwargs: Any) -> None:
         self.session_id = secrets.token_hex(6)
         self.session_log: structlog.typing.FilteringBoundLogger = log.bind(
             session_id=self.session_id)
@@ -93,7 +93,13 @@ class RelaySMTP(SMTP):
         self._quiet = False  # the balancer's own connection (a health check): debug logs only
         self._transaction_timeout = transaction_timeout
         self._txn_deadline: float | None = None  # loop time when the open transaction ends
-        self._timer_kind = "idle"
+        self._tls_handshake_timeout = tls_handshake_timeout
+        # The idle clock: loop time of the last byte from the client or the last reply to it,
+        # whichever is later. The timer compares against it rather than being re-armed per
+        # read, so counting a busy client as active costs a float store per network read.
+        self._last_activity = 0.0
+        self._path_role = "sender"  # which path _getaddr is parsing (MAIL or RCPT)
+        self._reply_logged = False  # the next refusal pushed was logged by the relay already
         self._listener = "smtps" if implicit_tls else "starttls"
         self._open_gauge: Gauge | None = None  # the gauge this connection was counted in
         super().__init__(handler, proxy_protocol_timeout=proxy.timeout if proxy else None,
@@ -120,14 +126,15 @@ class RelaySMTP(SMTP):
             self._relay_handler.retire(envelope.txn, reason)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        simple = _SIMPLE_PATH.match(arg)
-        # The parser also eats the blanks after ">" (CFWS); a comment there goes to it.
-        rest = arg[simple.end():].lstrip(" \t") if simple else ""
-        if simple is None or rest.startswith("(") or (
-                self.local_part_limit
-                and len(simple.group(1).rpartition("@")[0]) > self.local_part_limit):
-            return super()._getaddr(arg)
-        return simple.group(1), rest
+        # Raises AddressSyntaxError for a path the parser would change: aiosmtpd's command
+        # loop hands it to handle_exception, which answers with its reply.
+        return parse_path(arg, self._path_role, local_part_limit=self.local_part_limit,
+                          full_parser=super()._getaddr)
+
+    @functools.wraps(SMTP.smtp_RCPT)  # keeps aiosmtpd's HELP text for RCPT
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self._path_role = "recipient"
+        await super().smtp_RCPT(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA with the body read in bulk and kept in wire form (relay.smtpdata);
@@ -156,6 +163,7 @@ class RelaySMTP(SMTP):
         if read.problem is not None:
             self.session_log.warning("data.refused", reason=read.problem.value, size=read.size)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self.mark_reply_logged()
             await self.push(errors.LINE_TOO_LONG if read.problem is DataProblem.LINE_TOO_LONG
                             else errors.DATA_TOO_MUCH)
             return
@@ -221,6 +229,7 @@ class RelaySMTP(SMTP):
         return False
 
     def data_received(self, data: bytes) -> None:
+        self._last_activity = self.loop.time()
         if self._proxy_phase is _ProxyPhase.WAITING:
             self._proxy_bytes += len(data)
         super().data_received(data)
@@ -262,12 +271,6 @@ class RelaySMTP(SMTP):
         if transport is not None and not transport.is_closing():
             cast(asyncio.WriteTransport, transport).write(error.reply.encode("ascii") + b"\r\n")
 
-    async def _handle_client(self) -> None:
-        # aiosmtpd's connection task: refuse here rather than greet, when admission failed.
-        if self._refusal is not None:
-            self._refuse(self._refusal)
-            return
-        await super()._handle_client()
 
     def accept_proxy(self, data: Any) -> bool:
         """Called by ``handle_PROXY`` with a well-formed header from a trusted balancer: take
@@ -315,6 +318,7 @@ class RelaySMTP(SMTP):
     # -- timeouts -----------------------------------------------------------------------------
     @functools.wraps(SMTP.smtp_MAIL)  # keeps aiosmtpd's HELP text for MAIL
     async def smtp_MAIL(self, arg: str | None) -> None:
+        self._path_role = "sender"
         await super().smtp_MAIL(arg)
         envelope = self.envelope
         if (self._txn_deadline is None and isinstance(envelope, RelayEnvelope)
@@ -325,28 +329,202 @@ class RelaySMTP(SMTP):
             self._reset_timeout()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
-        # aiosmtpd arms one timer at each command (and for the PROXY header): the idle
-        # timeout, which also bounds each command (a DATA body included). An open transaction
-        # caps it at the transaction's deadline.
+        # aiosmtpd arms one timer at each command (and for the PROXY header). Here it is a
+        # check, not a verdict: _timeout_cb looks at what the session is doing when it fires.
+        self._last_activity = self.loop.time()
         seconds = duration or self._timeout_duration
-        kind = "proxy" if self._proxy_phase is _ProxyPhase.WAITING else "idle"
         if self._txn_deadline is not None:
-            left = self._txn_deadline - self.loop.time()
-            if left < seconds:
-                seconds, kind = max(left, 0.001), "transaction"
-        self._timer_kind = kind
+            seconds = min(seconds, max(self._txn_deadline - self.loop.time(), 0.001))
         super()._reset_timeout(seconds)
 
+    def _client_gone(self) -> bool:
+        """Whether nothing more can be written to the client. After STARTTLS the writer's
+        transport is the TLS layer, which does not notice that the socket under it died:
+        look at both."""
+        transport = self._writer.transport if self._writer is not None else None
+        original = self._original_transport
+        return (transport is None or transport.is_closing()
+                or (original is not None and original.is_closing()))
+
+    def mark_reply_logged(self) -> None:
+        """The next reply is a refusal the caller has logged already (not again as
+        command.refused)."""
+        self._reply_logged = True
+
+    def _waiting_for_client(self) -> bool:
+        """Whether the session is blocked on the client: reading its next bytes, or writing
+        to it while it does not read. Anything else is the relay's own work (Redis, the
+        upstream, a password check), which must never count against the client."""
+        reader_waits = getattr(self._reader, "_waiter", None) is not None
+        return reader_waits or bool(getattr(self, "_paused", False))
+
     def _timeout_cb(self) -> None:
-        if self._timer_kind == "proxy":
+        now = self.loop.time()
+        if self._proxy_phase is _ProxyPhase.WAITING:
             self._proxy_phase = _ProxyPhase.DONE
             self.session_log.warning("proxy.refused", reason="no PROXY header in time",
                                      seconds=self._proxy.timeout if self._proxy else None)
-        else:
-            error = SessionTimeoutError()
-            self._log("session.timeout", timeout=self._timer_kind, smtp_code=error.code)
-            self._write_reply(error)
+            super()._timeout_cb()  # type: ignore[no-untyped-call]
+            return
+        if not self._waiting_for_client():
+            # The relay is forwarding or waiting on Redis or the upstream (each bounded by
+            # its own timeout): look again a full idle period after that work ends.
+            self._arm(self._timeout_duration)
+            return
+        idle_left = self._last_activity + self._timeout_duration - now
+        deadline_left = (self._txn_deadline - now) if self._txn_deadline is not None else None
+        if idle_left > 0 and (deadline_left is None or deadline_left > 0):
+            self._arm(idle_left if deadline_left is None else min(idle_left, deadline_left))
+            return
+        kind = "idle" if idle_left <= 0 else "transaction"
+        error = SessionTimeoutError()
+        self._log("session.timeout", timeout=kind, smtp_code=error.code)
+        self._write_reply(error)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def _arm(self, seconds: float) -> None:
+        """Re-arm aiosmtpd's timer without touching the idle clock."""
+        super()._reset_timeout(max(seconds, 0.001))
+
+    async def push(self, status: str | bytes) -> None:
+        # Every reply ends the relay's work on a command: the client's idle time starts now.
+        self._last_activity = self.loop.time()
+        if self._client_gone():
+            # The client is gone (or the relay closed on it): nothing can be answered, and
+            # uvloop raises RuntimeError on a write to a closed transport. Yield once, so
+            # that connection_lost (which ends aiosmtpd's command loop) and a pending
+            # cancellation can arrive: the loop's next read may fail without suspending.
+            self._reply_logged = False
+            await asyncio.sleep(0)
+            return
+        if not self._reply_logged and status[:1] in ("4", "5", b"4", b"5"):
+            self._log_protocol_refusal(status)
+        self._reply_logged = False
+        await super().push(status)  # type: ignore[type-var]
+
+    def _log_protocol_refusal(self, status: str | bytes) -> None:
+        """A refusal aiosmtpd wrote itself (sequence, syntax, unknown command), which the
+        relay's hooks never saw: one line for it, without the client's text."""
+        text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
+        code = int(text[:3]) if text[:3].isdigit() else None
+        self._log("command.refused", smtp_code=code, reply=_redact_reply(text))
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        status = await super()._call_handler_hook(command, *args)
+        # The hooks log their own refusals (mail.refused, rcpt.refused, delivery.finished).
+        self._reply_logged = status is not MISSING
+        return status
+
+    # -- STARTTLS and errors ------------------------------------------------------------------
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS with a deadline of its own on the handshake: a client that
+        sends anything but a TLS handshake would otherwise hold the connection until the idle
+        timeout (the relay waits on the handshake, not on the client's reads)."""
+        if self.tls_active:
+            await self.push(await self.handle_exception(TlsAlreadyActiveError()))
+            return
+        try:
+            async with asyncio.timeout(self._tls_handshake_timeout):
+                await super().smtp_STARTTLS(arg)
+        except TimeoutError:
+            self._log("tls.failed", reason="handshake_timeout",
+                      seconds=self._tls_handshake_timeout)
+            # After "220 Ready to start TLS" the client expects TLS records: no clear-text
+            # reply can reach it; close.
+            self._close_transports()
+
+    def _close_transports(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        original = cast("asyncio.Transport | None", self._original_transport)
+        if original is not None:
+            original.abort()
+
+    def _abort_transports(self) -> None:
+        for transport in (self.transport, self._original_transport):
+            if transport is not None:
+                cast("asyncio.Transport", transport).abort()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Exceptions out of aiosmtpd's command loop. The relay's refusals and the client's
+        own misbehaviour (a failed TLS handshake, a connection gone mid-reply) are named
+        lines without a traceback; anything else is a bug, logged by the handler."""
+        self._reply_logged = True
+        if isinstance(error, CommandSyntaxError):
+            self._log("command.refused", command=error.command, reason=type(error).__name__,
+                      smtp_code=error.code)
+            return error.reply
+        if isinstance(error, RelayError):
+            fields: dict[str, Any] = {"reason": type(error).__name__, "smtp_code": error.code}
+            role = getattr(error, "role", None)
+            event = ("mail.refused" if role == "sender" else
+                     "rcpt.refused" if role == "recipient" else "command.refused")
+            self._log(event, **fields)
+            return error.reply
+        if isinstance(error, TLSSetupException):
+            cause = error.__cause__
+            self._log("tls.failed", reason=_tls_reason(cause),
+                      error=type(cause).__name__ if cause else None)
+            return InternalError().reply  # aiosmtpd closes the connection instead
+        if (isinstance(error, asyncio.IncompleteReadError | ConnectionError)
+                or self.transport is None or self.transport.is_closing()):
+            # The client went away: an end of file in the middle of a line, a reset, or,
+            # while the relay answered it, asyncio's TLS layer raising from inside the write
+            # (AttributeError, TypeError). Nothing is wrong with the relay. Drop the
+            # connection now: aiosmtpd's loop reads again until connection_lost, and a read
+            # after the end of file fails at once, so waiting for a graceful close (a
+            # client that does not read can delay it forever) would spin.
+            self._log("session.lost", during="command", error=type(error).__name__)
+            self._abort_transports()
+            return InternalError().reply
+        return await self._relay_handler.handle_exception(error)
+
+    async def _handle_client(self) -> None:
+        # aiosmtpd's connection task: refuse here rather than greet, when admission failed.
+        if self._refusal is not None:
+            self._refuse(self._refusal)
+            return
+        try:
+            await super()._handle_client()
+        except ConnectionError as exc:
+            # aiosmtpd re-raises a reset out of its task, where asyncio would report it as
+            # "Task exception was never retrieved" at error level.
+            self._log("session.lost", during="command", error=type(exc).__name__)
+
+
+def _redact_reply(text: str) -> str:
+    # aiosmtpd quotes the client's command in '500 Error: command "X" not recognized'; a
+    # client that sends its password as a line would have it logged.
+    return _QUOTED.sub('"…"', text.strip())[:120]
+
+
+def _tls_reason(cause: BaseException | None) -> str:
+    """A short name for why a handshake failed: OpenSSL's reason (WRONG_VERSION_NUMBER,
+    NO_SHARED_CIPHER, UNSUPPORTED_PROTOCOL...), else the exception's class."""
+    if isinstance(cause, ssl.SSLError) and cause.reason:
+        return str(cause.reason).lower()
+    return type(cause).__name__ if cause is not None else "unknown"
+
+
+def _guard(name: str, method: Any) -> Any:
+    """``method`` (an smtp_* command) behind the relay's command-line rules (relay.
+    commandsyntax): invalid UTF-8 or a control character is refused before aiosmtpd parses
+    anything."""
+    command = name.removeprefix("smtp_")
+
+    @functools.wraps(method)
+    async def guarded(self: RelaySMTP, arg: str | None) -> None:
+        problem = command_problem(command, arg)
+        if problem is not None:
+            await self.push(await self.handle_exception(problem))
+            return
+        await method(self, arg)
+    return guarded
+
+
+for _name in [n for n in dir(RelaySMTP) if n.startswith("smtp_")]:
+    setattr(RelaySMTP, _name, _guard(_name, getattr(RelaySMTP, _name)))
+del _name
 
 
 class _ProxyPhase(enum.Enum):
@@ -360,7 +538,8 @@ def make_factory(handler: RelayHandler, *, hostname: str, data_size_limit: int,
                  allow_plaintext_auth: bool, implicit_tls: bool,
                  connections: ConnectionLimiter | None = None,
                  proxy: ProxyPolicy | None = None,
-                 transaction_timeout: float = 600.0) -> Any:
+                 transaction_timeout: float = 600.0,
+                 tls_handshake_timeout: float = 10.0) -> Any:
     """A protocol factory for ``loop.create_server``. ``connections`` is shared by every
     listener of the process; ``proxy`` turns the PROXY protocol on."""
     def factory() -> RelaySMTP:
@@ -370,6 +549,7 @@ def make_factory(handler: RelayHandler, *, hostname: str, data_size_limit: int,
             connections=connections,
             proxy=proxy,
             transaction_timeout=transaction_timeout,
+            tls_handshake_timeout=tls_handshake_timeout,
             hostname=hostname,  # explicit, or aiosmtpd would call socket.getfqdn() (DNS)
             ident=IDENT,
             data_size_limit=data_size_limit,
@@ -389,10 +569,15 @@ def make_factory(handler: RelayHandler, *, hostname: str, data_size_limit: int,
 
 async def listen(factory: Any, endpoint: Endpoint,
                  ssl_context: ssl.SSLContext | None = None,
-                 sock: socket.socket | None = None) -> asyncio.Server:
-    """Listen on ``endpoint``, or on ``sock`` when a supervisor bound it for its workers."""
+                 sock: socket.socket | None = None,
+                 tls_handshake_timeout: float = 10.0) -> asyncio.Server:
+    """Listen on ``endpoint``, or on ``sock`` when a supervisor bound it for its workers.
+    With ``ssl_context`` (implicit TLS), a handshake gets ``tls_handshake_timeout`` seconds."""
     loop = asyncio.get_running_loop()
+    tls: dict[str, Any] = {}
+    if ssl_context is not None:
+        tls = {"ssl": ssl_context, "ssl_handshake_timeout": tls_handshake_timeout}
     if sock is not None:
-        return await loop.create_server(factory, sock=sock, ssl=ssl_context)
+        return await loop.create_server(factory, sock=sock, **tls)
     return await loop.create_server(factory, host=endpoint.host, port=endpoint.port,
-                                    ssl=ssl_context, reuse_address=True)
+                                    reuse_address=True, **tls)

@@ -189,6 +189,9 @@ class Settings:
     auth_max_failures_per_login: int = 10
     auth_failure_window: float = 600.0
     transaction_timeout: float = 600.0
+    # Seconds a TLS handshake (STARTTLS or the smtps listener) may take before the connection
+    # is closed: a client sending anything but TLS must not hold it until the idle timeout.
+    tls_handshake_timeout: float = 10.0
     # /metrics, /healthz and /readyz of serve and of the notifier; None = no listener.
     metrics_listen: Endpoint | None = Endpoint("127.0.0.1", 9465)
     notifier_metrics_listen: Endpoint | None = Endpoint("127.0.0.1", 9466)
@@ -360,6 +363,7 @@ _PARSERS: dict[str, Any] = {
     "auth_max_failures_per_login": _non_negative_int,
     "auth_failure_window": _positive_float,
     "transaction_timeout": _positive_float,
+    "tls_handshake_timeout": _positive_float,
     "metrics_listen": _optional_endpoint,
     "notifier_metrics_listen": _optional_endpoint,
 }

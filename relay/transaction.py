@@ -36,6 +36,7 @@ from relay.errors import (
     PlanMisconfiguredError,
     QuotaExceededError,
     RelayError,
+    SmtpUtf8RequiredError,
     TooManyRecipientsError,
     UnknownSenderError,
     UserDisabledError,
@@ -133,6 +134,8 @@ class Transaction:
         """
         rcpt_domain = address.rpartition("@")[2].lower()
         try:
+            if not address.isascii() and not self._smtputf8:
+                raise SmtpUtf8RequiredError()
             if len(self.accepted) >= self._services.max_recipients:
                 raise TooManyRecipientsError()
             if not self.deferred:

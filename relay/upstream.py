@@ -22,8 +22,9 @@ import aiosmtplib
 import structlog
 
 from relay.errors import (
-    PermanentError,
+    BadAddressError,
     RelayError,
+    SmtpUtf8UnsupportedError,
     UpstreamTemporaryError,
     UpstreamUnavailableError,
     upstream_reply_error,
@@ -42,19 +43,6 @@ _FORWARDED_MAIL_PARAMS = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "smtpu
 # for a dead upstream comes back by itself, without traffic, once the upstream does.
 PROBE_INTERVAL = 5.0
 _REPLY_CLASSES = {2: "2xx", 4: "4xx", 5: "5xx"}
-
-
-class BadAddressError(PermanentError):
-    code = 553
-    status = "5.1.3"
-    text = "Address contains characters that cannot be forwarded"
-
-
-class SmtpUtf8UnsupportedError(PermanentError):
-    # RFC 6531 §3.4: a non-ASCII envelope cannot go to a server without SMTPUTF8.
-    code = 553
-    status = "5.6.7"
-    text = "Upstream does not accept internationalized (SMTPUTF8) addresses"
 
 
 def translate_error(exc: BaseException) -> RelayError:

@@ -15,6 +15,7 @@ import pytest
 
 from relay import errors, upstream
 from relay.errors import (
+    BadAddressError,
     InternalError,
     OverLimitReply,
     PermanentError,
@@ -27,7 +28,7 @@ from relay.errors import (
     upstream_reply_error,
 )
 from relay.policies import load_policies
-from relay.upstream import BadAddressError, translate_error
+from relay.upstream import translate_error
 
 REPLY = re.compile(r"^(?P<code>[45]\d\d) (?P<status>[45]\.\d{1,3}\.\d{1,3}) (?P<text>\S[^\r\n]*)$")
 POLICIES = Path(__file__).resolve().parent.parent / "policies"

@@ -1,0 +1,91 @@
+"""What the relay accepts in a command line and in an envelope path, before aiosmtpd parses it
+(STYLE §1 step 1; issue 10 items 5 and 6).
+
+aiosmtpd decodes a command's argument as UTF-8 with ``surrogateescape`` and hands it on, so
+invalid bytes travelled into handlers, the logs (orjson refuses lone surrogates: the line
+raised and the client got ``451 4.3.0``) and Redis. Its path parser (the email package's)
+also *changes* what it was given: it drops a bare CR (``<a@b\\rc.example>`` became
+``a@bc.example``), comments and source routes. The rules here:
+
+- a command argument with bytes that are not UTF-8 is a syntax error (500 5.5.2);
+- a C0 control character or DEL anywhere in a command argument is a syntax error (501 5.5.2);
+- a path in angle brackets is acknowledged only if the parsed address is exactly the text
+  between the brackets, so the address forwarded is the address the client was told 250 for.
+
+Pure functions: no I/O, tested with plain tables.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from relay.errors import (
+    AddressSyntaxError,
+    CommandSyntaxError,
+    ControlCharacterError,
+    InvalidUtf8Error,
+)
+
+# surrogateescape maps each undecodable byte to U+DC80..U+DCFF.
+_SURROGATE = re.compile("[\udc80-\udcff]")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+# The common shape of a MAIL FROM / RCPT TO argument: <dot-atom@hostname> and parameters.
+# For it, aiosmtpd's parser (email._header_value_parser, a class created per call) gives the
+# address unchanged; anything else still goes through that parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>")
+
+Parser = Callable[[str], tuple[str | None, str | None]]
+
+
+def command_problem(command: str, arg: str | None) -> CommandSyntaxError | None:
+    """The refusal for a command argument the relay will not interpret, or None."""
+    if not arg:
+        return None
+    if _SURROGATE.search(arg):
+        return InvalidUtf8Error(command)
+    if _CONTROL.search(arg):
+        return ControlCharacterError(command)
+    return None
+
+
+def parse_path(arg: str, role: str, *, local_part_limit: int,
+               full_parser: Parser) -> tuple[str | None, str | None]:
+    """``(address, rest)`` as aiosmtpd's ``_getaddr`` returns it (None, None: unparsable),
+    through the fast expression when it fits, else ``full_parser``.
+
+    Raises AddressSyntaxError (``role``: "sender" or "recipient") when the parser would
+    return an address other than the one written between the angle brackets.
+    """
+    simple = SIMPLE_PATH.match(arg)
+    # The parser also eats the blanks after ">" (CFWS); a comment there goes to it.
+    rest = arg[simple.end():].lstrip(" \t") if simple else ""
+    if simple is not None and not rest.startswith("(") and not (
+            local_part_limit and len(simple.group(1).rpartition("@")[0]) > local_part_limit):
+        return simple.group(1), rest
+    address, rest_parsed = full_parser(arg)
+    # aiosmtpd gives the null reverse-path as "<>" and an empty argument as "".
+    if address not in (None, "", "<>"):
+        text = arg.lstrip()
+        written = _bracketed(text) if text.startswith("<") else text.split(None, 1)[0]
+        if address != written:
+            raise AddressSyntaxError(role)
+    return address, rest_parsed
+
+
+def _bracketed(arg: str) -> str | None:
+    """The text between the opening "<" and its ">" (a ">" inside a quoted local part does not
+    close it), or None when there is no closing bracket."""
+    quoted = escaped = False
+    for index, char in enumerate(arg[1:], start=1):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return arg[1:index]
+    return None
