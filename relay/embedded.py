@@ -105,12 +105,14 @@ class EmbeddedRedis:
         return f"unix://{self.socket_path}"
 
     def _server_pid(self) -> int | None:
-        """The pid of a live server from its pid file, if any."""
+        """The pid of a live server from its pid file, if any (a pid the kernel gave to
+        another program since is not)."""
         try:
             pid = int(self.pid_path.read_text().strip())
+            program = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if b"redis-server" in program and _alive(pid) else None
 
     async def _lock(self, name: str, mode: int, deadline: float) -> IO[str]:
         """``name`` in the folder, locked with ``mode``; waits (polling) until ``deadline``."""
