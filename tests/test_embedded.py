@@ -253,7 +253,7 @@ class Notifier:
     def stdout(self) -> str:
         return self.stdout_path.read_text(encoding="utf-8")
 
-    def wait_started(self, seconds: float = 30) -> None:
+    def wait_started(self, seconds: float = 60) -> None:
         deadline = time.monotonic() + seconds
         while "notifier.started" not in log_events(self.stdout):
             if self.process.poll() is not None or time.monotonic() > deadline:
