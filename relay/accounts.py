@@ -29,14 +29,27 @@ PREFERENCE_PREFIX = "route:"
 ACTIVE = "active"
 DISABLED = "disabled"
 _APP_NAME = re.compile(r"^[a-z][a-z0-9_-]{1,63}$")
-_USER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# The same patterns as relay/openapi.json states (the admin API's users): "$(?!\n)" is the end
+# of the text in both Python's and ECMAScript's regular expressions (Python's "$" alone also
+# matches before a final newline).
+USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$(?!\n)"
 # Deliberately simple: one @, no spaces or angle brackets. RFC 5321 validity is the
 # upstream's business; this only keeps junk out of the sender index.
-_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
+# "Spaces" are spelled out: what \s matches differs between Python's and ECMAScript's (and
+# Rust's) regular expressions, and the document must mean the same to every validator.
+_ADDRESS_CHAR = (r"[^@<>\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f"
+                 r"\u3000\ufeff]")
+ADDRESS_PATTERN = rf"^{_ADDRESS_CHAR}+@{_ADDRESS_CHAR}+$(?!\n)"
+_USER_ID = re.compile(USER_ID_PATTERN)
+_ADDRESS = re.compile(ADDRESS_PATTERN)
 
 
 class AccountError(ValueError):
     """An admin operation on users or apps was refused (exists, not found, bad value)."""
+
+
+class AccountConflictError(AccountError):
+    """The id, name or an address is already taken (the admin API's 409)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +118,11 @@ def normalize_address(address: str) -> str:
 
 
 def check_address(address: str) -> str:
-    normalized = normalize_address(address)
-    if not _ADDRESS.match(normalized):
+    """A new address, lower-cased; AccountError unless it matches ADDRESS_PATTERN as given
+    (no surrounding spaces taken away: what is refused is what the API document refuses)."""
+    if not _ADDRESS.match(address):
         raise AccountError(f"not an email address: {address!r}")
-    return normalized
+    return address.lower()
 
 
 def _now() -> str:
@@ -157,7 +171,7 @@ class AccountStore:
         or the id is already taken."""
         email = check_address(email)
         addresses = {email, *(check_address(s) for s in senders)}
-        user_id = user_id or f"u-{secrets.token_hex(5)}"
+        user_id = f"u-{secrets.token_hex(5)}" if user_id is None else user_id
         if not _USER_ID.match(user_id):
             raise AccountError(f"user id must be letters, digits, - and _: {user_id!r}")
         record = {"email": email, "plan": plan, "tz": tz, "status": ACTIVE,
@@ -168,7 +182,7 @@ class AccountStore:
             record["password"] = password_hash
         with store_errors():
             if await self._redis.exists(keys.user(user_id)):
-                raise AccountError(f"user id {user_id} already exists")
+                raise AccountConflictError(f"user id {user_id} already exists")
             claimed: list[str] = []
             for address in sorted(addresses):
                 # SET NX claims each address atomically, so two admins racing cannot both
@@ -178,7 +192,7 @@ class AccountStore:
                     continue
                 if claimed:
                     await self._redis.delete(*(keys.sender_index(a) for a in claimed))
-                raise AccountError(f"address {address} already belongs to a user")
+                raise AccountConflictError(f"address {address} already belongs to a user")
             async with self._redis.pipeline(transaction=False) as pipe:
                 # redis-py's stubs want a Mapping with a union key type; ours is all str.
                 pipe.hset(keys.user(user_id), mapping=record)  # type: ignore[arg-type]
@@ -245,7 +259,7 @@ class AccountStore:
         with store_errors():
             added = await self._redis.hsetnx(keys.app(name), "password", password_hash)
             if not added:
-                raise AccountError(f"app {name} already exists")
+                raise AccountConflictError(f"app {name} already exists")
             await self._redis.hset(keys.app(name),
                                    mapping={"status": ACTIVE, "created_at": created})
             await self._redis.sadd(keys.apps_index(), name)

@@ -7,18 +7,28 @@ unreachable.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict
 from typing import Any
 
 import structlog
 
 from relay import events
-from relay.accounts import ACTIVE, DISABLED, AccountError, AccountStore, User
+from relay.accounts import (
+    ACTIVE,
+    DISABLED,
+    AccountConflictError,
+    AccountError,
+    AccountStore,
+    App,
+    User,
+    check_address,
+)
 from relay.credentials import CredentialStore, RouteCredentials
 from relay.events import EventLog
 from relay.passwords import hash_password
-from relay.period import Clock, UnknownTimeZoneError, zone
-from relay.policies import Policies
+from relay.period import Clock, time_zone_names
+from relay.policies import Policies, check_limit
 from relay.quota import QuotaStore
 from relay.routing import Route, choose_route
 from relay.store import RedisClient
@@ -29,11 +39,14 @@ log = structlog.get_logger()
 
 
 class AdminError(ValueError):
-    """A refused admin request; ``not_found`` distinguishes 404 from 400 in the API."""
+    """A refused admin request; ``not_found`` (404) and ``conflict`` (409: the id or an
+    address is taken) distinguish it from a bad request (400) in the API."""
 
-    def __init__(self, message: str, *, not_found: bool = False) -> None:
+    def __init__(self, message: str, *, not_found: bool = False,
+                 conflict: bool = False) -> None:
         super().__init__(message)
         self.not_found = not_found
+        self.conflict = conflict
 
 
 def user_view(user: User, policies: Policies, period: str) -> dict[str, Any]:
@@ -73,20 +86,51 @@ class Admin:
         plan = plan or self.policies.default_plan
         if plan not in self.policies.plans:
             raise AdminError(f"unknown plan {plan!r}; plans: {', '.join(self.policies.plans)}")
-        if custom_limit is not None and custom_limit <= 0:
-            raise AdminError("the custom limit must be a positive integer")
+        if custom_limit is not None:
+            try:
+                check_limit(custom_limit)
+            except ValueError as exc:
+                raise AdminError(str(exc)) from None
         tz = tz or self.default_tz
+        if tz not in time_zone_names():
+            raise AdminError(f"unknown time zone {tz!r}")
+        if password is not None:
+            try:
+                self.policies.passwords.check(password, app=False)
+            except ValueError as exc:
+                raise AdminError(str(exc)) from None
         try:
-            zone(tz)
-        except UnknownTimeZoneError as exc:
-            raise AdminError(str(exc)) from None
-        if password is not None and not password:
-            raise AdminError("the password is empty")
-        try:
+            # A taken address is refused before the password is hashed (tens of ms of CPU);
+            # the claim in add_user stays the atomic check.
+            if user_id is not None and await self.accounts.find_user(user_id) is not None:
+                raise AccountConflictError(f"user id {user_id} already exists")
+            for address in (email, *senders):
+                if await self.accounts.find_user(check_address(address)) is not None:
+                    raise AccountConflictError(f"address {address.lower()} already belongs "
+                                               "to a user")
+            # In a thread: the admin API shares its event loop with the SMTP sessions.
+            password_hash = None if password is None else \
+                await asyncio.to_thread(hash_password, password)
             return await self.accounts.add_user(
                 email, plan=plan, tz=tz, custom_limit=custom_limit, senders=senders,
-                password_hash=hash_password(password) if password is not None else None,
-                user_id=user_id)
+                password_hash=password_hash, user_id=user_id)
+        except AccountConflictError as exc:
+            raise AdminError(str(exc), conflict=True) from None
+        except AccountError as exc:
+            raise AdminError(str(exc)) from None
+
+    async def add_app(self, name: str, password: str) -> App:
+        """An app credential (``smartplans``, ``campaigns``…); the password must be at least
+        ``[passwords] app_min_length`` long."""
+        try:
+            self.policies.passwords.check(password, app=True)
+        except ValueError as exc:
+            raise AdminError(str(exc)) from None
+        try:
+            return await self.accounts.add_app(
+                name, password_hash=await asyncio.to_thread(hash_password, password))
+        except AccountConflictError as exc:
+            raise AdminError(str(exc), conflict=True) from None
         except AccountError as exc:
             raise AdminError(str(exc)) from None
 

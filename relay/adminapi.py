@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
@@ -19,19 +20,34 @@ from aiohttp import web
 
 from relay.admin import Admin, AdminError
 from relay.errors import StoreUnavailableError
-from relay.policies import EVENT_KINDS
+from relay.period import PERIOD_PATTERN, time_zone_names
+from relay.policies import EVENT_KINDS, Policies
 from relay.settings import Endpoint
 
 log = structlog.get_logger()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PERIOD = re.compile(PERIOD_PATTERN)
+_INTEGER = re.compile(r"^-?[0-9]{1,12}$(?!\n)")
 ADMIN_KEY = web.AppKey("admin", Admin)
 TOKEN_KEY = web.AppKey("token", str)
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(policies: Policies | None = None) -> dict[str, Any]:
+    """relay/openapi.json; with ``policies``, as this relay serves it: the plans, the time
+    zones and the minimum password length it accepts filled in, so that the document states
+    every constraint the server enforces (and nothing it does not)."""
     text = files("relay").joinpath("openapi.json").read_text(encoding="utf-8")
-    return dict(json.loads(text))
+    document: dict[str, Any] = json.loads(text)
+    if policies is not None:
+        schemas = document["components"]["schemas"]
+        plans = sorted(policies.plans)
+        schemas["NewUser"]["properties"]["plan"]["enum"] = plans
+        schemas["PlanChangeRequest"]["properties"]["plan"]["enum"] = plans
+        schemas["NewUser"]["properties"]["tz"]["enum"] = sorted(time_zone_names())
+        schemas["NewUser"]["properties"]["password"]["minLength"] = \
+            policies.passwords.user_min_length
+    return document
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -51,7 +67,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
     except AdminError as exc:
-        return _error(404 if exc.not_found else 400, str(exc))
+        return _error(404 if exc.not_found else 409 if exc.conflict else 400, str(exc))
     except StoreUnavailableError:
         return _error(503, "Redis is unreachable, try again")
     except web.HTTPException as exc:
@@ -68,24 +84,41 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+def _not_json(constant: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON does not have.
+    raise ValueError(constant)
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = json.loads(await request.text(), parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError):
         raise AdminError("the body must be a JSON object") from None
     if not isinstance(body, dict):
         raise AdminError("the body must be a JSON object")
+    try:
+        # JSON's \ud800 escapes can spell lone surrogates, which no text (nor Redis) holds.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise AdminError("the body holds a lone surrogate (\\ud800-\\udfff): not text") from None
     return body
 
 
-def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = False) -> Any:
-    value = body.get(name)
-    if value is None:
+def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = False,
+           nullable: bool = False) -> Any:
+    """``body[name]`` checked against its schema type. An absent field is None; ``null`` is
+    refused unless the schema allows it (``nullable``). An integer may be written 5.0 (JSON
+    does not tell them apart)."""
+    if name not in body or (nullable and body[name] is None):
         if required:
             raise AdminError(f"{name!r} is required")
         return None
+    value = body[name]
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise AdminError(f"{name!r} must be of type {kind.__name__}")
+        raise AdminError(f"{name!r} must be of type {kind.__name__}"
+                         + (" or null" if nullable else ""))
     return value
 
 
@@ -113,7 +146,8 @@ async def add_user(request: web.Request) -> web.Response:
     admin = _admin(request)
     user = await admin.add_user(
         _field(body, "email", str, required=True), plan=_field(body, "plan", str),
-        tz=_field(body, "tz", str), custom_limit=_field(body, "custom_limit", int),
+        tz=_field(body, "tz", str),
+        custom_limit=_field(body, "custom_limit", int, nullable=True),
         password=_field(body, "password", str), senders=tuple(senders),
         user_id=_field(body, "id", str))
     return web.json_response(admin.view(user), status=201)
@@ -139,8 +173,12 @@ async def enable_user(request: web.Request) -> web.Response:
 
 
 async def get_usage(request: web.Request) -> web.Response:
-    report = await _admin(request).usage(request.match_info["user"],
-                                         request.query.get("period"))
+    period = request.query.get("period")
+    if period is not None and not _PERIOD.match(period):
+        # Checked before the user is looked up: a malformed request is 400 for anyone.
+        raise AdminError(f"period must look like YYYY-MM, a month from 1970-01 to 2999-12, "
+                         f"got {period!r}")
+    report = await _admin(request).usage(request.match_info["user"], period)
     return web.json_response(report)
 
 
@@ -153,7 +191,8 @@ async def set_plan(request: web.Request) -> web.Response:
     _check_fields(body, {"plan", "custom_limit", "by"})
     result = await _admin(request).change_plan(
         request.match_info["user"], _field(body, "plan", str, required=True),
-        custom_limit=_field(body, "custom_limit", int), by=_field(body, "by", str) or "api")
+        custom_limit=_field(body, "custom_limit", int, nullable=True),
+        by=_field(body, "by", str) or "api")
     return web.json_response(result)
 
 
@@ -162,10 +201,11 @@ async def plan_history(request: web.Request) -> web.Response:
 
 
 async def list_events(request: web.Request) -> web.Response:
-    try:
-        count = int(request.query.get("count", "100"))
-    except ValueError:
-        raise AdminError("'count' must be an integer") from None
+    text = request.query.get("count", "100")
+    # Digits only: Python's int() would also take " 5", "1_0" and other scripts' digits.
+    if not _INTEGER.match(text):
+        raise AdminError("'count' must be an integer")
+    count = int(text)
     if not 1 <= count <= 1000:
         raise AdminError("'count' must be between 1 and 1000")
     kind = request.query.get("kind")
@@ -177,7 +217,7 @@ async def list_events(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.json_response(openapi_document(_admin(request).policies))
 
 
 def make_app(admin: Admin, token: str) -> web.Application:
@@ -218,6 +258,9 @@ class AdminServer:
         else:
             self._site = web.TCPSite(self._runner, self._endpoint.host, self._endpoint.port)
         await self._site.start()
+        host, port = self._runner.addresses[0][:2]
+        log.info("admin_api.listening", listen=f"{host}:{port}",
+                 **({"shared": True} if self._sock is not None else {}))
 
     @property
     def port(self) -> int:

@@ -60,16 +60,16 @@ class StartupError(RuntimeError):
 
 
 @asynccontextmanager
-async def redis_url_for(settings: Settings, *, share: bool) -> AsyncIterator[str]:
-    """The configured Redis URL, or the embedded development server's (started and stopped
-    here). The worker supervisor uses this too: the embedded server is started once."""
+async def redis_url_for(settings: Settings) -> AsyncIterator[str]:
+    """The configured Redis URL, or the embedded development server's: used while inside,
+    started by whoever needs it first and stopped by the last user (``relay/embedded.py``).
+    The worker supervisor uses this too: its workers share its use."""
     if settings.redis_url:
         yield settings.redis_url
         return
     embedded = EmbeddedRedis(settings.state_dir)
-    # serve waits a little for an admin command that owns the server for a moment.
-    await embedded.start(share=share, wait_seconds=15 if share else 5)
-    if embedded.owned:
+    await embedded.start()
+    if embedded.started:
         log.warning("dev.embedded_redis", url=embedded.url, directory=str(embedded.directory),
                     note="development default: set RELAY_REDIS_URL in production")
     try:
@@ -79,10 +79,10 @@ async def redis_url_for(settings: Settings, *, share: bool) -> AsyncIterator[str
 
 
 @asynccontextmanager
-async def redis_for(settings: Settings, *, share: bool) -> AsyncIterator[RedisClient]:
+async def redis_for(settings: Settings) -> AsyncIterator[RedisClient]:
     """The configured Redis (one server, a Sentinel-managed master or a Cluster: see
-    redisconf.py), or the embedded development one (started and stopped here)."""
-    async with redis_url_for(settings, share=share) as url:
+    redisconf.py), or the embedded development one (shared, see ``redis_url_for``)."""
+    async with redis_url_for(settings) as url:
         client = connect_redis(url, timeout=settings.redis_timeout,
                                wait_replicas=settings.redis_wait_replicas)
         try:
@@ -376,7 +376,7 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
-    async with redis_for(settings, share=False) as redis:
+    async with redis_for(settings) as redis:
         await wait_for_redis(redis, 10)
         app = RelayApp(settings, redis, sockets=worker.sockets if worker else None)
         await app.start()
@@ -404,7 +404,7 @@ async def run_notifier(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     policies = load_policies(settings.policies_dir)
     policy = policies.notifications
-    async with redis_for(settings, share=True) as redis, aiohttp.ClientSession() as http:
+    async with redis_for(settings) as redis, aiohttp.ClientSession() as http:
         await wait_for_redis(redis, 10)
         upstream = make_upstream(settings)
         channels: dict[str, Channel] = {}

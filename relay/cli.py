@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+
+import structlog
 
 from relay import eventloop
 from relay.accounts import AccountError
@@ -27,7 +31,6 @@ from relay.embedded import EmbeddedRedisError
 from relay.errors import StoreUnavailableError
 from relay.events import Event, format_event
 from relay.logs import configure_logging
-from relay.passwords import hash_password
 from relay.period import SystemClock
 from relay.policies import PolicyError, load_policies
 from relay.settings import Settings, SettingsError, load_settings
@@ -35,6 +38,11 @@ from relay.usage import format_report
 from relay.workers import Supervisor, WorkerLink, tag_logs
 
 PROG = "command-relay"
+# events tail -f: seconds between attempts while Redis is unreachable (doubling).
+FOLLOW_RETRY_FIRST = 0.2
+FOLLOW_RETRY_MAX = 5.0
+
+log = structlog.get_logger()
 
 
 class CommandError(Exception):
@@ -59,8 +67,12 @@ def _build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION")
     add = users.add_parser("add", help="create a user")
     add.add_argument("email")
-    add.add_argument("--password-stdin", action="store_true",
-                     help="read an SMTP password for this user from standard input")
+    login = add.add_mutually_exclusive_group()
+    login.add_argument("--password-stdin", action="store_true",
+                       help="read an SMTP password for this user from standard input")
+    login.add_argument("--no-password", action="store_true",
+                       help="no SMTP login for this user: they send only through app "
+                            "credentials (smartplans, campaigns…)")
     add.add_argument("--plan", help="plan name from policies/plans.toml (default: [defaults])")
     add.add_argument("--limit", type=int, help="custom monthly limit, replacing the plan's")
     add.add_argument("--tz", help="IANA time zone of the user's month (default: RELAY_DEFAULT_TZ)")
@@ -195,6 +207,10 @@ def _operator() -> str:
 
 async def _users(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:
     if args.action == "add":
+        if not args.password_stdin and not args.no_password:
+            raise CommandError("give the user an SMTP password with --password-stdin, or "
+                               "pass --no-password for a user who sends only through app "
+                               "credentials")
         user = await admin.add_user(
             args.email, plan=args.plan, tz=args.tz, custom_limit=args.limit,
             password=_read_password() if args.password_stdin else None,
@@ -223,8 +239,7 @@ async def _users(args: argparse.Namespace, settings: Settings, admin: Admin) -> 
 
 async def _apps(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:
     if args.action == "add":
-        app = await admin.accounts.add_app(args.name,
-                                           password_hash=hash_password(_read_password()))
+        app = await admin.add_app(args.name, _read_password())
         print(json.dumps(asdict(app)))
         return
     apps = await admin.accounts.list_apps()
@@ -299,18 +314,18 @@ async def _events(args: argparse.Namespace, settings: Settings, admin: Admin) ->
             last = stream_id
         if not args.follow:
             return
-        last = last if last != "0-0" else "$"
-        while True:
-            for stream_id, event in await admin.events.wait_after(last, block_ms=5000):
-                last = stream_id
-                if kinds is None or event.kind in kinds:
-                    show(stream_id, event)
+        if last == "0-0":
+            last = await admin.events.last_id()
+        await _follow(admin, last, kinds, show, settings.redis_timeout)
     elif args.action == "dead":
         letters = await admin.events.dead()
         if args.json:
             print(json.dumps([{"stream_id": d.stream_id, "channel": d.channel,
                                "error": d.error, "attempts": d.attempts,
                                "event": json.loads(d.event.to_json())} for d in letters]))
+            return
+        if not letters:
+            print("no dead letters: every event was delivered, or is still being retried")
             return
         for d in letters:
             print(f"{d.stream_id}  {d.channel:<7} attempts={d.attempts} error={d.error!r}  "
@@ -323,6 +338,43 @@ async def _events(args: argparse.Namespace, settings: Settings, admin: Admin) ->
             raise CommandError(f"re-queued {count} of {len(set(args.ids))}: some ids are not "
                                "in the dead-letter stream (see `events dead`)")
         print(f"re-queued {count} event(s)")
+
+
+async def _follow(admin: Admin, last: str, kinds: frozenset[str] | None,
+                  show: Callable[[str, Event], None], redis_timeout: float) -> None:
+    """``events tail -f``: print events as they come, until Ctrl-C. Each read blocks for less
+    than the Redis client's socket timeout (a longer block would read as Redis being gone);
+    when Redis is unreachable it says so once, retries with backoff, and goes on from the
+    last event it printed once Redis is back."""
+    block_ms = max(100, int(redis_timeout * 500))
+    delay, down = FOLLOW_RETRY_FIRST, False
+    # Ctrl-C (or SIGTERM) ends the loop between two reads, at most one short block later:
+    # cancelling a task in the middle of redis-py's blocking read is not reliably seen.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        try:
+            found = await admin.events.wait_after(last, block_ms=block_ms)
+        except StoreUnavailableError:
+            if not down:
+                log.warning("events.redis_unavailable",
+                            note="Redis is unreachable; retrying until it is back (Ctrl-C "
+                                 "to stop)")
+                down = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, FOLLOW_RETRY_MAX)
+            continue
+        if down:
+            log.warning("events.redis_back", note="Redis answers again; following")
+            delay, down = FOLLOW_RETRY_FIRST, False
+        for stream_id, event in found:
+            last = stream_id
+            if kinds is None or event.kind in kinds:
+                show(stream_id, event)
+    raise KeyboardInterrupt  # exit status 130, as for any Ctrl-C
 
 
 async def _route(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:
@@ -366,7 +418,7 @@ _ADMIN: dict[str, AdminCommand] = {"users": _users, "apps": _apps, "usage": _usa
 async def _run_admin(command: AdminCommand, args: argparse.Namespace,
                      settings: Settings) -> None:
     policies = load_policies(settings.policies_dir)
-    async with redis_for(settings, share=True) as redis:
+    async with redis_for(settings) as redis:
         await wait_for_redis(redis, 2)
         credentials = CredentialStore(redis, lambda: load_key(settings.credentials_key,
                                                               settings.state_dir))
@@ -384,7 +436,9 @@ def _check_config(settings: Settings) -> None:
           f"upstream {settings.upstream or 'capture folder (development)'}")
     print(f"policies OK: {settings.policies_dir}: plans "
           + ", ".join(f"{p.name}={p.monthly_limit}" for p in policies.plans.values())
-          + "; notify at " + ", ".join(f"{t}%" for t in policies.notifications.thresholds))
+          + "; notify at " + ", ".join(f"{t}%" for t in policies.notifications.thresholds)
+          + f"; passwords of {policies.passwords.user_min_length}+ characters for users, "
+            f"{policies.passwords.app_min_length}+ for apps")
     print(f"admin API: {settings.admin_listen if settings.admin_token else 'off'}; "
           f"in-app webhook: {'on' if settings.notify_webhook_url else 'off'}")
     print(f"metrics: {settings.metrics_listen or 'off'}; "
@@ -398,11 +452,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("usage: name a USER, or use --all")
     try:
         settings = load_settings(config_file=args.config)
-        # Admin commands print their results on stdout (one JSON document with --json), so
-        # their warnings and errors are logged to stderr.
         serving = args.command in ("serve", "notifier")
-        configure_logging(settings.log_format, settings.log_level if serving else "warning",
-                          stream=sys.stdout if serving else sys.stderr)
+        if serving:
+            configure_logging(settings.log_format, settings.log_level)
+        else:
+            # Admin commands print their results on stdout (one JSON document with --json),
+            # so their warnings go to stderr: one readable line each next to human output,
+            # JSON lines with --json (or RELAY_LOG_FORMAT=json) for a script to parse.
+            machine = getattr(args, "json", False) or settings.log_format == "json"
+            configure_logging("json" if machine else "line", "warning", stream=sys.stderr)
         if args.command == "serve":
             return _serve(args, settings)
         elif args.command == "notifier":

@@ -153,6 +153,13 @@ class EventLog:
                 upper = f"({page[-1][0]}"
         return list(reversed(chosen))
 
+    async def last_id(self) -> str:
+        """The stream id of the newest event ("0-0" when there is none): where a follower
+        starts, so nothing published between two of its reads is missed (as "$" would)."""
+        with store_errors():
+            newest = _entries(await self._redis.xrevrange(keys.events(), count=1))
+        return newest[0][0] if newest else "0-0"
+
     async def wait_after(self, after: str, block_ms: int) -> list[tuple[str, Event]]:
         """Events newer than ``after`` ("$" for only new ones), waiting up to ``block_ms``."""
         with store_errors():

@@ -33,6 +33,7 @@ from relay.errors import (
 from relay.limits import AuthThrottle
 from relay.message import received_header
 from relay.period import Clock, UnknownTimeZoneError, period_at, zone
+from relay.refusals import finish_refused_mail
 from relay.routing import choose_route
 from relay.transaction import Opened, RouteRefusedError, Services, State, Transaction
 
@@ -170,6 +171,11 @@ class RelayHandler:
             return refusal.reply
         mail_log = session_log.bind(login=principal.login, app=principal.app)
         opened: Opened | None = None
+        txn_id = secrets.token_hex(8)
+        # What the canonical line of a refusal here carries: filled in as it becomes known.
+        known = mail_log.bind(txn_id=txn_id,
+                              sender_domain=address.rpartition("@")[2].lower())
+        mail_started = time.monotonic()
         try:
             if not address.isascii() and not envelope.smtp_utf8:
                 raise SmtpUtf8RequiredError()
@@ -185,12 +191,14 @@ class RelayHandler:
             except UnknownTimeZoneError:
                 tz = zone(self._default_tz)
             period = period_at(self._clock.now(), tz)
+            known = known.bind(user_id=user.id, plan=user.plan, period=period.label)
             routing = services.policies.routing
             if not routing.app(principal.app).decided_at_data:
                 # The route is known now: open the upstream and mirror each RCPT in step.
                 decision = choose_route(routing, app=principal.app,
                                         preference=user.preferences.get(principal.app),
                                         header="")
+                known = known.bind(route=decision.route and decision.route.name)
                 if decision.route is None:
                     raise RouteRefusedError(decision.refusal)
                 opened = Opened(*await services.routes.begin(
@@ -199,9 +207,10 @@ class RelayHandler:
             metrics.senders("refused", type(exc).__name__).inc()
             mail_log.info("mail.refused", reason=type(exc).__name__, smtp_code=exc.code,
                           sender_domain=address.rpartition("@")[2].lower())
+            finish_refused_mail(known, metrics, exc, started=mail_started)
             return exc.reply
         envelope.txn = Transaction(
-            txn_id=secrets.token_hex(8), principal=principal, user=user, sender=address,
+            txn_id=txn_id, principal=principal, user=user, sender=address,
             mail_options=list(mail_options), smtputf8=envelope.smtp_utf8, period=period,
             opened=opened, services=services, log=mail_log)
         envelope.mail_from = address

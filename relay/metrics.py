@@ -188,12 +188,16 @@ class _PoolCollector:
 class UpstreamMetrics:
     """The children of one pool label (``default``, or a route with its own upstream)."""
 
-    __slots__ = ("duration", "pool", "pool_timeouts", "replies", "track")
+    __slots__ = ("duration", "pool", "pool_timeouts", "replies", "track", "up")
 
     def __init__(self, pool: str, replies: Children[Counter], duration: Children[Histogram],
-                 pool_timeouts: Children[Counter], track: Callable[[PoolStats], None]) -> None:
+                 pool_timeouts: Children[Counter], track: Callable[[PoolStats], None],
+                 up: Children[Gauge]) -> None:
         self.pool = pool
         self.pool_timeouts = pool_timeouts(pool)
+        # relay_upstream_up{pool}: set by every connection attempt of the pool's upstreams
+        # (a route's per-user pools share their route's label), not only by /readyz.
+        self.up = up(pool)
         # step -> reply class -> child, and step -> child: plain dict lookups on the hot path.
         self.replies = {step: {cls: replies(pool, step, cls) for cls in REPLY_CLASSES}
                         for step in UPSTREAM_STEPS}
@@ -307,7 +311,7 @@ class RelayMetrics:
         if found is None:
             found = self._upstreams[pool] = UpstreamMetrics(
                 pool, self._upstream_replies, self._upstream_seconds, self._pool_timeouts,
-                self._pools.pools.add)
+                self._pools.pools.add, self.upstream_up)
         return found
 
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Protocol
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-_LABEL = re.compile(r"^\d{4}-\d{2}$")
+# A month from 1970-01 to 2999-12 (the same pattern as relay/openapi.json's ``period``;
+# "$(?!\n)" is the end of the text in Python and in ECMAScript alike).
+PERIOD_PATTERN = r"^(19[7-9][0-9]|2[0-9]{3})-(0[1-9]|1[0-2])$(?!\n)"
+_LABEL = re.compile(PERIOD_PATTERN)
 
 
 class Clock(Protocol):
@@ -76,5 +80,12 @@ def period_named(label: str, tz: ZoneInfo) -> Period:
             raise ValueError(label)
         start = datetime.strptime(label, "%Y-%m").replace(tzinfo=tz)
     except ValueError as exc:
-        raise ValueError(f"period must look like YYYY-MM, got {label!r}") from exc
+        raise ValueError(f"period must look like YYYY-MM, a month from 1970-01 to 2999-12, "
+                         f"got {label!r}") from exc
     return period_at(start, tz)
+
+
+@cache
+def time_zone_names() -> frozenset[str]:
+    """Every IANA zone name a new user may be given (what the admin API document lists)."""
+    return frozenset(available_timezones())

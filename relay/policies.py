@@ -23,6 +23,17 @@ NOTIFICATIONS_FILE = "notifications.toml"
 EVENT_KINDS = ("quota.threshold", "quota.reached", "quota.rejected", "plan.changed",
                "timeline.email_failed")
 _PLAN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# The highest monthly limit (a plan's or a user's): reserve.lua compares used x 100 with
+# limit x percent in Lua's numbers (doubles, exact up to 2**53) and formats the limit into
+# keys and audit entries with 14 significant digits. Up to 2**53 // 100 both are exact.
+MAX_MONTHLY_LIMIT = 2**53 // 100  # 90,071,992,547,409
+
+
+def check_limit(limit: int, what: str = "the custom limit") -> None:
+    """Raises ValueError unless ``limit`` is a monthly limit the quota scripts hold exactly."""
+    if not 1 <= limit <= MAX_MONTHLY_LIMIT:
+        raise ValueError(f"{what} must be a positive integer of at most "
+                         f"{MAX_MONTHLY_LIMIT:,} (2**53 / 100), got {limit:,}")
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
 
@@ -63,12 +74,31 @@ class Notifications:
 
 
 @dataclass(frozen=True, slots=True)
+class Passwords:
+    """The shortest SMTP password accepted for a new credential, in characters."""
+
+    user_min_length: int = 12
+    app_min_length: int = 24
+
+    def check(self, password: str, *, app: bool) -> None:
+        """Raises ValueError saying what is wrong (never repeating the password)."""
+        key, minimum = (("app_min_length", self.app_min_length) if app else
+                        ("user_min_length", self.user_min_length))
+        if len(password) < minimum:
+            raise ValueError(
+                f"the password is too short: {len(password)} characters, "
+                f"{'an app' if app else 'a user'} password needs at least {minimum} "
+                f"({PLANS_FILE} [passwords] {key})")
+
+
+@dataclass(frozen=True, slots=True)
 class Policies:
     plans: Mapping[str, Plan]
     default_plan: str
     over_limit: OverLimitReply
     notifications: Notifications
     routing: Routing
+    passwords: Passwords = Passwords()
 
     def plan_limits(self) -> list[str | int]:
         """Flat ``[name, limit, name, limit, …]`` as the quota script takes it."""
@@ -80,7 +110,7 @@ def load_policies(directory: Path) -> Policies:
     source = TomlSource(directory / PLANS_FILE)
     data = source.data
     for section in data:
-        if section not in {"defaults", "plans", "over_limit"}:
+        if section not in {"defaults", "plans", "over_limit", "passwords"}:
             raise source.error(section, None, "unknown section")
     for section in ("defaults", "plans", "over_limit"):
         if not isinstance(data.get(section), dict):
@@ -96,6 +126,10 @@ def load_policies(directory: Path) -> Policies:
         fields = source.table(body, table, {"title": str, "monthly_limit": int})
         if fields["monthly_limit"] <= 0:
             raise source.error(table, "monthly_limit", "must be greater than 0")
+        if fields["monthly_limit"] > MAX_MONTHLY_LIMIT:
+            raise source.error(table, "monthly_limit",
+                               f"must be at most {MAX_MONTHLY_LIMIT} (2**53 / 100: what the "
+                               "quota scripts count exactly)")
         plans[name] = Plan(name, fields["title"], fields["monthly_limit"])
     if not plans:
         raise source.error("plans", None, "define at least one plan")
@@ -126,7 +160,27 @@ def load_policies(directory: Path) -> Policies:
         over_limit=OverLimitReply(over["code"], over["status"], over["text"]),
         notifications=_load_notifications(directory / NOTIFICATIONS_FILE),
         routing=load_routing(TomlSource(directory / ROUTING_FILE)),
+        passwords=_load_passwords(source, data.get("passwords", {})),
     )
+
+
+def _load_passwords(source: TomlSource, section: object) -> Passwords:
+    """``[passwords]``: optional, and so is each key (the defaults are Passwords')."""
+    if not isinstance(section, dict):
+        raise source.error("passwords", None, "expected a table")
+    defaults = Passwords()
+    found = {}
+    for key in ("user_min_length", "app_min_length"):
+        if key in section:
+            found[key] = source.table({key: section[key]}, "passwords", {key: int})[key]
+        else:
+            found[key] = getattr(defaults, key)
+        if not 1 <= found[key] <= 1024:
+            raise source.error("passwords", key, "must be between 1 and 1024")
+    unknown = sorted(set(section) - set(found))
+    if unknown:
+        raise source.error("passwords", unknown[0], "unknown key")
+    return Passwords(**found)
 
 
 def _load_notifications(path: Path) -> Notifications:

@@ -61,25 +61,51 @@ class UpstreamTarget:
 
 
 _SCHEMES = {"smtp": ("none", 25), "smtp+starttls": ("starttls", 587), "smtps": ("implicit", 465)}
+_SCHEME_NAME = re.compile(r"^[a-z][a-z0-9+.-]*$")
+UPSTREAM_URL_EXAMPLE = ("smtp+starttls://user:password@smtp.example.com:587 (also smtps://…:465 "
+                        "or smtp://host:25)")
+
+
+class SafeValueError(SettingsError):
+    """A bad value whose message never repeats the value: shown even for a secret setting
+    (an upstream URL holds a password)."""
 
 
 def parse_upstream_url(url: str) -> UpstreamTarget:
-    """``smtp+starttls://user:pass@host:587``, ``smtps://…`` or plain ``smtp://host:port``."""
-    parts = urlsplit(url)
-    if parts.scheme not in _SCHEMES:
-        raise SettingsError(
-            f"upstream URL scheme must be one of {', '.join(_SCHEMES)}, got {parts.scheme!r}")
-    if not parts.hostname:
-        raise SettingsError("upstream URL has no host")
-    tls, default_port = _SCHEMES[parts.scheme]
+    """``smtp+starttls://user:pass@host:587``, ``smtps://…`` or plain ``smtp://host:port``.
+
+    Raises SafeValueError naming what is wrong, with a valid example; the message never
+    repeats the URL (it may hold a password)."""
+    example = f"; expected e.g. {UPSTREAM_URL_EXAMPLE}"
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise SafeValueError("not a URL (no scheme:// at the start)" + example)
+    if scheme not in _SCHEMES:
+        named = f"{scheme!r} " if _SCHEME_NAME.match(scheme) else ""
+        raise SafeValueError(f"scheme {named}is not one of {', '.join(_SCHEMES)}" + example)
     try:
-        port = parts.port or default_port
-    except ValueError as exc:
-        raise SettingsError(f"upstream URL has a bad port: {exc}") from exc
+        parts = urlsplit(url)
+    except ValueError:
+        raise SafeValueError("malformed host (an IPv6 address goes in [brackets])"
+                             + example) from None
+    if not parts.hostname:
+        raise SafeValueError("no host after scheme://" + example)
+    tls, default_port = _SCHEMES[scheme]
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise SafeValueError("the port must be a number from 1 to 65535" + example)
+    port = port or default_port
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise SafeValueError("nothing may follow host:port (no path, ?query or #fragment)"
+                             + example)
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     if (username is None) != (password is None):
-        raise SettingsError("upstream URL needs both a user and a password, or neither")
+        raise SafeValueError("needs both a user and a password (user:password@host), or "
+                             "neither" + example)
     return UpstreamTarget(parts.hostname, port, tls, username, password)
 
 
@@ -271,7 +297,9 @@ def _http_url(value: str) -> str:
 def _secret(value: str) -> str:
     # Short secrets are guessable: a signing key or bearer token needs real entropy.
     if len(value) < 16:
-        raise ValueError("must be at least 16 characters")
+        raise SafeValueError(f"must be at least 16 characters (this one has {len(value)}); "
+                             "e.g. the output of: python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))'")
     return value
 
 
@@ -286,7 +314,7 @@ def _fernet_key(value: str) -> str:
     except (ValueError, binascii.Error):
         raw = b""
     if len(raw) != 32:
-        raise ValueError("must be a Fernet key: 32 bytes, url-safe base64 "
+        raise SafeValueError("must be a Fernet key: 32 bytes, url-safe base64 "
                          "(python -c 'from cryptography.fernet import Fernet; "
                          "print(Fernet.generate_key().decode())')")
     return value
@@ -351,7 +379,10 @@ def _parse(name: str, raw: object, source: str) -> object:
     try:
         return _PARSERS[name](text)
     except (ValueError, SettingsError) as exc:
-        detail = "invalid value" if name in _SECRET else str(exc)
+        # A secret's own parser says what is wrong without repeating it (SafeValueError);
+        # any other message about a secret might quote it.
+        detail = str(exc) if name not in _SECRET or isinstance(exc, SafeValueError) \
+            else "invalid value"
         raise SettingsError(f"{source}: {name}: {detail}") from None
 
 

@@ -24,7 +24,7 @@ from redis.commands.core import AsyncScript
 from relay import keys
 from relay.accounts import User
 from relay.period import Period
-from relay.policies import Policies
+from relay.policies import Policies, check_limit
 from relay.scripts import lua_source
 from relay.store import RedisClient, store_errors
 
@@ -94,8 +94,13 @@ class SubscriptionStore:
         """
         if plan not in policies.plans:
             raise PlanChangeError(f"unknown plan {plan!r}; plans: {', '.join(policies.plans)}")
-        if custom_limit is not None and custom_limit <= 0:
-            raise PlanChangeError("the custom limit must be a positive integer")
+        if custom_limit is not None:
+            try:
+                check_limit(custom_limit)
+            except ValueError as exc:
+                # Refused before anything is written: the Lua step would store the number
+                # but format it inexactly (7.7628786148293e+17) in the audit trail.
+                raise PlanChangeError(str(exc)) from None
         with store_errors():
             outcome, effective_from, old_plan, _old_custom, old_limit, new_limit = \
                 await self._change(

@@ -103,6 +103,9 @@ class Transaction:
         self.state = State.OPEN
         self.deferred = opened is None
         self._opened = opened
+        # The route chosen at the end of DATA, before it is opened: events about a message
+        # refused then (over the limit, say) still name it.
+        self._chosen: Route | None = None
         self._mail_options = mail_options
         self._smtputf8 = smtputf8
         self._services = services
@@ -233,6 +236,7 @@ class Transaction:
                                  decision.route.name)
         if decision.route is None:
             raise RouteRefusedError(decision.refusal)
+        self._chosen = decision.route
         numbers = list(range(1, len(self.accepted) + 1))
         self._next_rcpt = len(numbers)
         if decision.route.counted:
@@ -339,10 +343,11 @@ class Transaction:
     # -- bookkeeping --------------------------------------------------------------------------
     async def _publish(self, kind: str, **data: object) -> None:
         """Append one event about this transaction's user (never fails the SMTP reply)."""
+        route = self.route or self._chosen
         await self._services.events.publish_quietly(events.new_event(
             kind, self.user.id, email=self.user.email, app=self.principal.app,
             sender=self.sender, txn_id=self.txn_id, period=self.period.label,
-            route=self.route.name if self.route else None,
+            route=route.name if route else None,
             used=self._last_used, limit=self._last_limit,
             resets_at=self.period.resets_at.isoformat(), resets_on=self.period.resets_on,
             **data), self.log)

@@ -207,11 +207,13 @@ class SmtpUpstream:
             # message: the client must keep it and retry, so it is always temporary.
             client.close()
             self._reachable = False
+            self._metrics.up.set(0)
             self._observe("connect", started, exc)
             log.warning("upstream.connect_failed", upstream=self.name,
                         error=type(exc).__name__, detail=str(exc)[:200])
             raise UpstreamUnavailableError() from exc
         self._reachable = True
+        self._metrics.up.set(1)
         self._observe("connect", started, None)
         return client
 

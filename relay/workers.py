@@ -194,7 +194,7 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
-        async with redis_url_for(s, share=False) as redis_url:
+        async with redis_url_for(s) as redis_url:
             self._env = await self._worker_env(redis_url)
             self._sockets = bind_listeners(s)
             listen = {name: _address(sock) for name, sock in self._sockets.items()}

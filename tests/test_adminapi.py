@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import shutil
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,10 +19,12 @@ from relay import keys
 from relay.admin import Admin
 from relay.adminapi import make_app, openapi_document
 from relay.app import RelayApp
+from relay.policies import MAX_MONTHLY_LIMIT
 from relay.settings import Endpoint
 from relay.store import connect_redis
 from tests.conftest import (
     PASSWORD,
+    POLICIES,
     CapturingUpstream,
     MutableClock,
     RedisServer,
@@ -111,11 +114,44 @@ async def test_adminapi_refuses_a_missing_or_wrong_token(api, accounts, authoriz
     assert await accounts.list_users() == []
 
 
-async def test_adminapi_openapi_document_needs_no_token(api):
-    """/v1/openapi.json is served without a token and is relay/openapi.json."""
+async def test_adminapi_openapi_document_needs_no_token(api, api_relay):
+    """/v1/openapi.json is served without a token: relay/openapi.json with this relay's time
+    zones filled in (the shipped file already states the shipped plans and password
+    length)."""
     reply = await api.call("GET", "/v1/openapi.json", token=None)
     assert reply.status == 200
+    assert reply.body == openapi_document(api_relay.policies)
+    served = reply.body["components"]["schemas"]
+    assert "UTC" in served["NewUser"]["properties"]["tz"]["enum"]
+    del served["NewUser"]["properties"]["tz"]["enum"]
     assert reply.body == DOCUMENT
+
+
+async def test_adminapi_openapi_document_states_this_relays_policies(make_relay, upstream,
+                                                                     tmp_path):
+    """The served document lists the plans and the password length of the relay's own
+    policies (not the shipped ones), so a client validating against it is never refused."""
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    plans = policies / "plans.toml"
+    plans.write_text(plans.read_text().replace("[plans.team]", "[plans.gold]")
+                     .replace("user_min_length = 12", "user_min_length = 20"))
+    app = await make_relay(upstream=upstream, admin_token=TOKEN, policies_dir=policies,
+                           admin_listen=Endpoint("127.0.0.1", 0))
+    async with aiohttp.ClientSession() as session:
+        api = Api(session, app.admin_server.port)
+        schemas = (await api.call("GET", "/v1/openapi.json", token=None)).body[
+            "components"]["schemas"]
+        assert schemas["NewUser"]["properties"]["plan"]["enum"] == \
+            ["free", "gold", "plus", "pro"]
+        assert schemas["PlanChangeRequest"]["properties"]["plan"]["enum"] == \
+            ["free", "gold", "plus", "pro"]
+        assert schemas["NewUser"]["properties"]["password"]["minLength"] == 20
+        short = await api.call("POST", "/v1/users", json={"email": "a@kw.test",
+                                                          "password": "x" * 19})
+        assert short.status == 400 and "at least 20" in short.body["error"]
+        assert (await api.call("POST", "/v1/users", json={"email": "a@kw.test",
+                                                          "password": "x" * 20})).status == 201
 
 
 async def test_adminapi_not_started_without_a_token(make_relay, upstream):
@@ -147,7 +183,7 @@ async def test_adminapi_add_user_then_smtp_auth_works(api, api_relay, upstream):
                                      message(sender="alias@kw.test"))
     assert errors == {} and len(upstream.messages) == 1
     again = await api.call("POST", "/v1/users", json={"email": "new@kw.test"})
-    assert again.status == 400 and "error" in again.body
+    assert again.status == 409 and "already belongs" in again.body["error"]
 
 
 async def test_adminapi_add_user_defaults(api):
@@ -355,7 +391,100 @@ async def test_adminapi_refused_fields_are_400(api, accounts, method, path, body
     assert [(u.email, u.plan, u.pending) for u in users] == [("agent@kw.test", "free", None)]
 
 
-@pytest.mark.parametrize("period", ["2026-13", "november", "2026/11", ""])
+@pytest.mark.parametrize(("method", "field"), [("PUT", "custom_limit"), ("POST", "custom_limit")])
+@pytest.mark.parametrize("limit", [776287861482925568, MAX_MONTHLY_LIMIT + 1, 2**63, 1e300])
+async def test_adminapi_limit_beyond_what_lua_counts_exactly_is_400_and_changes_nothing(
+        api, accounts, redis_client, method, field, limit):
+    """A custom limit over 2**53 / 100 (what reserve.lua counts exactly) is refused with 400
+    at PUT plan and POST users, naming the bound; nothing is stored, no audit entry or event
+    is written, and the plan history still answers 200."""
+    user = await add_user(accounts)
+    if method == "PUT":
+        reply = await api.call("PUT", f"/v1/users/{user.id}/plan",
+                               json={"plan": "plus", field: limit})
+    else:
+        reply = await api.call("POST", "/v1/users", json={"email": "new@kw.test", field: limit})
+    assert reply.status == 400
+    assert f"at most {MAX_MONTHLY_LIMIT:,}" in reply.body["error"]
+    assert [(u.email, u.plan, u.custom_limit) for u in await accounts.list_users()] == \
+        [("agent@kw.test", "free", None)]
+    assert await redis_client.xlen(keys.audit(user.id)) == 0
+    assert await redis_client.xlen(keys.events()) == 0
+    history = await api.call("GET", f"/v1/users/{user.id}/plan/history")
+    assert (history.status, history.body) == (200, [])
+
+
+async def test_adminapi_the_highest_limit_is_stored_and_read_back_exactly(api, accounts):
+    """The bound itself is accepted and comes back exactly from the plan change, the user,
+    the usage report and the audit trail (the Lua step does not round it)."""
+    user = await add_user(accounts)
+    reply = await api.call("PUT", f"/v1/users/{user.id}/plan",
+                           json={"plan": "plus", "custom_limit": MAX_MONTHLY_LIMIT, "by": "b"})
+    assert (reply.status, reply.body["new_limit"]) == (200, MAX_MONTHLY_LIMIT)
+    assert (await api.call("GET", f"/v1/users/{user.id}")).body["limit"] == MAX_MONTHLY_LIMIT
+    usage = await api.call("GET", f"/v1/users/{user.id}/usage")
+    assert usage.body["limit"] == MAX_MONTHLY_LIMIT
+    [entry] = (await api.call("GET", f"/v1/users/{user.id}/plan/history")).body
+    assert entry["new_limit"] == MAX_MONTHLY_LIMIT
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    ({"plan": "plus", "by": None}, "'by' must be of type str"),
+    ({"plan": None}, "'plan' must be of type str"),
+    ({"plan": "plus", "custom_limit": 10.5}, "'custom_limit' must be of type int or null"),
+])
+async def test_adminapi_null_only_where_the_document_allows_it(api, accounts, body, error):
+    """``null`` is refused for a field whose schema is a plain string ("by", "plan"); it is
+    accepted for custom_limit, whose schema allows it (the plan's own limit), and 5.0 is
+    the integer 5."""
+    user = await add_user(accounts)
+    reply = await api.call("PUT", f"/v1/users/{user.id}/plan", json=body)
+    assert (reply.status, reply.body["error"]) == (400, error)
+    assert (await accounts.get_user(user.id)).plan == "free"
+    ok = await api.call("PUT", f"/v1/users/{user.id}/plan",
+                        json={"plan": "plus", "custom_limit": None, "by": "x"})
+    assert (ok.status, ok.body["new_limit"]) == (200, 10_000)
+    whole = await api.call("PUT", f"/v1/users/{user.id}/plan",
+                           json={"plan": "plus", "custom_limit": 20000.0})
+    assert (whole.status, whole.body["new_limit"]) == (200, 20_000)
+
+
+async def test_adminapi_taken_address_or_id_is_409(api, accounts):
+    """POST /v1/users for an address or id another user holds answers 409 (documented), not
+    400: the request was well formed."""
+    user = await add_user(accounts)
+    for body in ({"email": "AGENT@kw.test"}, {"email": "x@kw.test", "id": user.id},
+                 {"email": "y@kw.test", "senders": ["agent@kw.test"]}):
+        reply = await api.call("POST", "/v1/users", json=body)
+        assert reply.status == 409, body
+    assert len(await accounts.list_users()) == 1
+
+
+@pytest.mark.parametrize("body", [
+    {"email": " agent@kw.test"}, {"email": "agent@kw.test\n"}, {"email": "a b@kw.test"},
+    {"email": "agent@kw.test", "id": ""}, {"email": "agent@kw.test", "id": "x\n"},
+    {"email": "agent@kw.test", "tz": "posixrules"}, {"email": "agent@kw.test\u00a0"},
+])
+async def test_adminapi_values_the_document_refuses_are_400(api, accounts, body):
+    """What the document's patterns and enums refuse (spaces around an address, a trailing
+    newline, an empty id, a zone name outside the list) the server refuses too, and
+    creates nothing."""
+    reply = await api.call("POST", "/v1/users", json=body)
+    assert reply.status == 400, reply.body
+    assert await accounts.list_users() == []
+
+
+async def test_adminapi_body_with_a_lone_surrogate_or_nan_is_400(api, accounts):
+    """JSON text that is not text (a lone \\ud800) or not JSON (NaN) is refused with 400."""
+    for data in ('{"email": "a\\ud800@kw.test"}', '{"email": "a@kw.test", "custom_limit": NaN}'):
+        reply = await api.call("POST", "/v1/users", data=data)
+        assert reply.status == 400, data
+    assert await accounts.list_users() == []
+
+
+@pytest.mark.parametrize("period", ["2026-13", "november", "2026/11", "", "2026-00",
+                                    "1969-12", "3000-01", "\u0662\u0660\u0662\u0666-11",
+                                    "2026-11\n"])
 async def test_adminapi_bad_period_is_400(api, accounts, period):
     """?period= that is not a YYYY-MM month is refused with 400."""
     await add_user(accounts)
@@ -364,7 +493,7 @@ async def test_adminapi_bad_period_is_400(api, accounts, period):
     assert "YYYY-MM" in reply.body["error"]
 
 
-@pytest.mark.parametrize("count", ["0", "1001", "-5", "ten", "1.5"])
+@pytest.mark.parametrize("count", ["0", "1001", "-5", "ten", "1.5", "1_0", " 5", "\u0665"])
 async def test_adminapi_events_count_out_of_range_is_400(api, count):
     """count must be an integer from 1 to 1000."""
     reply = await api.call("GET", "/v1/events", params={"count": count})

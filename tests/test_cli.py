@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+import redis
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
 
@@ -31,6 +33,7 @@ from relay.period import SystemClock, period_at, zone
 from relay.policies import load_policies
 from relay.quota import QuotaStore, ReserveStatus
 from relay.settings import UpstreamTarget
+from relay.store import connect_redis
 from relay.tlsconfig import server_context
 
 from .conftest import (
@@ -45,6 +48,7 @@ from .conftest import (
 )
 
 CLI_PASSWORD = "s3cret pass phrase"
+APP_PASSWORD = "an app secret of 30 characters"
 
 
 def clean_env(**relay: str) -> dict[str, str]:
@@ -228,7 +232,8 @@ async def test_users_add_refuses_a_taken_id(
         env: dict[str, str], redis_client: aioredis.Redis) -> None:
     """A second user with the same --id exits 1."""
     await add_user(env, "agent@kw.test", "--id", "agent-1")
-    stderr = failed(await cli(["users", "add", "boss@kw.test", "--id", "agent-1"], env))
+    stderr = failed(await cli(["users", "add", "boss@kw.test", "--id", "agent-1", "--no-password"],
+                              env))
     assert "already exists" in stderr
 
 
@@ -237,6 +242,7 @@ async def test_users_add_refuses_a_taken_id(
     (["--tz", "Mars/Olympus_Mons"], CLI_PASSWORD, "unknown time zone 'Mars/Olympus_Mons'"),
     (["--limit", "0"], CLI_PASSWORD, "limit must be a positive integer"),
     (["--limit", "-5"], CLI_PASSWORD, "limit must be a positive integer"),
+    (["--limit", "90071992547410"], CLI_PASSWORD, "of at most 90,071,992,547,409"),
     ([], "", "no password on standard input"),
     ([], "\n", "no password on standard input"),
     (["--id", "no spaces"], CLI_PASSWORD, "user id must be letters"),
@@ -252,10 +258,56 @@ async def test_users_add_rejects_bad_values(
     assert await redis_client.get(keys.sender_index("agent@kw.test")) is None
 
 
+async def test_users_add_refuses_a_password_shorter_than_the_policy(
+        env: dict[str, str], redis_client: aioredis.Redis, tmp_path: Path) -> None:
+    """A user password under [passwords] user_min_length (12 by default) is refused naming
+    the rule and its key, without echoing it, and nothing is created; the policy sets it."""
+    stderr = failed(await cli(["users", "add", "agent@kw.test", "--password-stdin"], env,
+                              stdin="5char\n"))
+    assert "the password is too short: 5 characters, a user password needs at least 12 " \
+           "(plans.toml [passwords] user_min_length)" in stderr
+    assert "5char" not in stderr
+    assert await redis_client.smembers(keys.users_index()) == set()
+    assert await redis_client.get(keys.sender_index("agent@kw.test")) is None
+    await add_user(env, "agent@kw.test")  # 18 characters: fine by default
+
+    stricter = _broken_policies(tmp_path, "user_min_length = 12", "user_min_length = 20")
+    stderr = failed(await cli(["users", "add", "boss@kw.test", "--password-stdin"],
+                              {**env, "RELAY_POLICIES_DIR": str(stricter)},
+                              stdin=CLI_PASSWORD + "\n"))
+    assert "needs at least 20" in stderr
+
+
+async def test_users_add_needs_a_password_or_an_explicit_no_password(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """users add without --password-stdin no longer creates a user without a password
+    silently: it says to choose; --no-password creates one that cannot log in over SMTP."""
+    stderr = failed(await cli(["users", "add", "agent@kw.test"], env))
+    assert "--password-stdin, or pass --no-password" in stderr
+    assert await redis_client.smembers(keys.users_index()) == set()
+    view = ok_json(await cli(["users", "add", "agent@kw.test", "--no-password"], env))
+    assert await redis_client.hget(keys.user(view["id"]), "password") is None
+    assert await AccountStore(redis_client).user_password_hash("agent@kw.test") is None
+    result = await cli(["users", "add", "boss@kw.test", "--no-password", "--password-stdin"],
+                       env, stdin=CLI_PASSWORD + "\n")
+    assert "not allowed with argument" in failed(result, code=2)
+
+
+async def test_apps_add_refuses_a_password_shorter_than_24(
+        env: dict[str, str], redis_client: aioredis.Redis) -> None:
+    """An app password needs [passwords] app_min_length characters (24 by default): one good
+    enough for a user (18) is refused for an app, and no app is created."""
+    stderr = failed(await cli(["apps", "add", "smartplans", "--password-stdin"], env,
+                              stdin=CLI_PASSWORD + "\n"))
+    assert "18 characters, an app password needs at least 24 (plans.toml [passwords] " \
+           "app_min_length)" in stderr
+    assert await redis_client.smembers(keys.apps_index()) == set()
+
+
 async def test_users_add_rejects_a_malformed_address(
         env: dict[str, str], redis_client: aioredis.Redis) -> None:
     """An email without a single @ exits 1 naming it."""
-    stderr = failed(await cli(["users", "add", "not-an-address"], env))
+    stderr = failed(await cli(["users", "add", "not-an-address", "--no-password"], env))
     assert "not an email address: 'not-an-address'" in stderr
 
 
@@ -264,7 +316,7 @@ async def test_apps_add_and_list(env: dict[str, str], redis_client: aioredis.Red
     """apps add prints the app as JSON; apps list shows it as JSON and as a table."""
     assert ok_json(await cli(["apps", "list", "--json"], env)) == []
     added = ok_json(await cli(["apps", "add", "smartplans", "--password-stdin"], env,
-                              stdin=CLI_PASSWORD + "\n"))
+                              stdin=APP_PASSWORD + "\n"))
     assert added["name"] == "smartplans"
     assert added["status"] == "active"
     assert "password" not in added
@@ -276,7 +328,7 @@ async def test_apps_add_and_list(env: dict[str, str], redis_client: aioredis.Red
 
     found = await AccountStore(redis_client).app_password_hash("smartplans")
     assert found is not None
-    assert await asyncio.to_thread(verify_password, CLI_PASSWORD.encode(), found[1])
+    assert await asyncio.to_thread(verify_password, APP_PASSWORD.encode(), found[1])
     assert not await asyncio.to_thread(verify_password, PASSWORD.encode(), found[1])
 
 
@@ -284,18 +336,18 @@ async def test_apps_add_refuses_a_duplicate_name(
         env: dict[str, str], redis_client: aioredis.Redis) -> None:
     """A second app with the same name exits 1 and keeps the first app's password."""
     ok(await cli(["apps", "add", "smartplans", "--password-stdin"], env,
-                 stdin=CLI_PASSWORD + "\n"))
+                 stdin=APP_PASSWORD + "\n"))
     stderr = failed(await cli(["apps", "add", "smartplans", "--password-stdin"], env,
-                              stdin="another password\n"))
+                              stdin="another app password, long enough\n"))
     assert "app smartplans already exists" in stderr
     found = await AccountStore(redis_client).app_password_hash("smartplans")
     assert found is not None
-    assert await asyncio.to_thread(verify_password, CLI_PASSWORD.encode(), found[1])
+    assert await asyncio.to_thread(verify_password, APP_PASSWORD.encode(), found[1])
 
 
 @pytest.mark.parametrize(("name", "stdin", "message"), [
-    ("SmartPlans", CLI_PASSWORD, "app name must be"),
-    ("x", CLI_PASSWORD, "app name must be"),
+    ("SmartPlans", APP_PASSWORD, "app name must be"),
+    ("x", APP_PASSWORD, "app name must be"),
     ("smartplans", "", "no password on standard input"),
 ])
 async def test_apps_add_rejects_bad_values(
@@ -428,6 +480,7 @@ def test_check_config_accepts_the_shipped_files(tmp_path: Path) -> None:
     assert "settings OK" in out
     assert "redis embedded" in out
     assert "policies OK" in out
+    assert "passwords of 12+ characters for users, 24+ for apps" in out
     for plan in plans.values():
         assert f"{plan.name}={plan.monthly_limit}" in out
     # Validating must not start anything or create the state folder.
@@ -443,7 +496,8 @@ def test_check_config_accepts_the_shipped_files(tmp_path: Path) -> None:
     ({"RELAY_MAX_RECIPIENTS": "0"}, "max_recipients: must be a positive integer"),
     ({"RELAY_REDIS_URL": "http://127.0.0.1:6379"}, "redis_url: scheme must be"),
     ({"RELAY_UPSTREAM_URL": "smtp+starttls://user:hunter2@127.0.0.1:587x"},
-     "upstream_url: invalid value"),
+     "upstream_url: the port must be a number from 1 to 65535; expected e.g. "
+     "smtp+starttls://user:password@smtp.example.com:587"),
     ({"RELAY_TLS_CERT": "/nonexistent/cert.pem"}, "tls_cert, tls_key: set both or neither"),
 ])
 def test_check_config_names_a_bad_setting(tmp_path: Path, settings: dict[str, str],
@@ -575,7 +629,7 @@ def test_cli_rejects_a_missing_config_file(tmp_path: Path) -> None:
 # -- Redis unreachable -----------------------------------------------------------------------
 @pytest.mark.parametrize(("argv", "stdin"), [
     (["users", "list", "--json"], ""),
-    (["apps", "add", "smartplans", "--password-stdin"], CLI_PASSWORD + "\n"),
+    (["apps", "add", "smartplans", "--password-stdin"], APP_PASSWORD + "\n"),
 ])
 def test_cli_reports_unreachable_redis(tmp_path: Path, argv: list[str], stdin: str) -> None:
     """With nothing listening at RELAY_REDIS_URL a command exits 1 saying Redis, promptly."""
@@ -706,6 +760,9 @@ async def test_plan_history_lists_the_audit_trail(
     (["plan", "set", "agent@kw.test", "gold"], "unknown plan 'gold'; plans: free, plus, pro"),
     (["plan", "set", "agent@kw.test", "plus", "--limit", "0"],
      "the custom limit must be a positive integer"),
+    # Beyond what reserve.lua counts exactly (issue 11): refused before anything is written.
+    (["plan", "set", "agent@kw.test", "plus", "--limit", "776287861482925568"],
+     "the custom limit must be a positive integer of at most 90,071,992,547,409 (2**53 / 100)"),
     (["plan", "set", "nobody@kw.test", "plus"], "no user 'nobody@kw.test'"),
     (["plan", "cancel", "nobody@kw.test"], "no user 'nobody@kw.test'"),
     (["plan", "history", "nobody@kw.test"], "no user 'nobody@kw.test'"),
@@ -812,6 +869,89 @@ async def test_events_tail_prints_readable_lines_and_filters_by_kind(
     assert ok(await cli(["events", "tail", "--kind", "quota.reached"], env)) == ""
 
 
+def _xread_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_xread")
+    return int(stats["calls"]) if stats else 0
+
+
+def _until(predicate: Any, what: str, follower: subprocess.Popen[bytes], out: Path,
+           err: Path, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if follower.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{what}: exit={follower.poll()}\n{out.read_text()}\n"
+                                 f"{err.read_text()}")
+        time.sleep(0.05)
+
+
+def test_events_tail_follow_keeps_following_and_reconnects_to_a_restarted_redis(
+        tmp_path: Path) -> None:
+    """events tail -f follows until Ctrl-C: it outlives many blocking reads (each shorter
+    than the client's socket timeout, which used to end it with "Redis is unreachable"),
+    says once when Redis goes away, reconnects by itself when it is back, prints what is
+    published then, and exits 130 on Ctrl-C without a traceback."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    follower: subprocess.Popen[bytes] | None = None
+    try:
+        env = clean_env(RELAY_REDIS_URL=server.url, RELAY_POLICIES_DIR=str(POLICIES),
+                        RELAY_STATE_DIR=str(tmp_path / "state"), RELAY_REDIS_TIMEOUT="0.5")
+        admin = redis.Redis(port=server.port)
+        _publish_one(server, "before")
+        out, err = tmp_path / "tail.out", tmp_path / "tail.err"
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            follower = subprocess.Popen([sys.executable, "-m", "relay", "events", "tail", "-f"],
+                                        env=env, stdout=stdout, stderr=stderr,
+                                        stdin=subprocess.DEVNULL)
+        _until(lambda: "by before" in out.read_text(), "first event", follower, out, err)
+        # Several blocking reads go by, with no event: it keeps following.
+        calls = _xread_calls(admin)
+        _until(lambda: _xread_calls(admin) >= calls + 4, "blocking reads", follower,
+                     out, err)
+        _publish_one(server, "while-up")
+        _until(lambda: "by while-up" in out.read_text(), "a new event", follower, out,
+                     err)
+
+        server.stop()
+        _until(lambda: "events.redis_unavailable" in err.read_text(), "outage noticed",
+                     follower, out, err)
+        server.start()  # the same port, an empty database (persistence off)
+        admin = redis.Redis(port=server.port)
+        # Published once it has reconnected (a read was made on the new server).
+        _until(lambda: _xread_calls(admin) >= 1, "reconnected", follower, out, err)
+        _publish_one(server, "after-restart")
+        _until(lambda: "by after-restart" in out.read_text(), "event after the restart",
+                     follower, out, err)
+        assert "events.redis_back" in err.read_text()
+        assert err.read_text().count("events.redis_unavailable") == 1
+        assert all(line.startswith("command-relay: warning: ")
+                   for line in err.read_text().splitlines())
+
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(20) == 130
+        assert "Traceback" not in err.read_text()
+        printed = out.read_text().splitlines()
+        assert [line.rpartition(" by ")[2] for line in printed] == \
+            ["before", "while-up", "after-restart"]
+    finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        server.stop()
+
+
+def _publish_one(server: RedisServer, by: str) -> None:
+    async def publish() -> None:
+        client = connect_redis(server.url, timeout=2)
+        try:
+            await EventLog(client).publish(new_event(
+                "plan.changed", "u-2", email="boss@kw.test", outcome="upgrade",
+                old_plan="free", new_plan="plus", effective_from="2026-11", by=by))
+        finally:
+            await client.aclose()
+    asyncio.run(publish())
+
+
 async def _bury(redis_client: aioredis.Redis) -> list[Event]:
     log = EventLog(redis_client)
     buried = [new_event("quota.reached", "u-1", email="agent@kw.test", used=5000, limit=5000),
@@ -829,6 +969,9 @@ async def test_events_dead_lists_dead_letters(
     """events dead --json lists each dead letter with its channel, error, attempts and event;
     the text form prints one line each."""
     assert ok_json(await cli(["events", "dead", "--json"], env)) == []
+    # None yet: the text form says so rather than printing nothing.
+    assert ok(await cli(["events", "dead"], env)) == \
+        "no dead letters: every event was delivered, or is still being retried\n"
     buried = await _bury(redis_client)
     letters = ok_json(await cli(["events", "dead", "--json"], env))
     assert [(d["channel"], d["error"], d["attempts"], d["event"]) for d in letters] == [
@@ -986,7 +1129,7 @@ async def test_route_credentials_are_used_by_the_relay_then_deleted(
     try:
         view = await add_user(cred_env)
         ok(await cli(["apps", "add", "campaigns", "--password-stdin"], cred_env,
-                     stdin=CLI_PASSWORD + "\n"))
+                     stdin=APP_PASSWORD + "\n"))
         ok(await cli(["route", "credentials", view["id"], "mailchimp", "--username", "mcuser",
                       "--secret-stdin"], cred_env, stdin=MC_SECRET + "\n"))
         explain = ["route", "explain", "--app", "campaigns", "--user", view["id"], "--header",
@@ -998,7 +1141,7 @@ async def test_route_credentials_are_used_by_the_relay_then_deleted(
             upstream_ca_file=tls_files[0])
         content = (b"From: agent@kw.test\r\nTo: c@example.test\r\nSubject: hi\r\n"
                    b"X-KW-Route: mailchimp\r\n\r\nBody\r\n")
-        async with smtp_client(app, login="campaigns", password=CLI_PASSWORD) as client:
+        async with smtp_client(app, login="campaigns", password=APP_PASSWORD) as client:
             errors, _ = await client.sendmail("agent@kw.test", ["c@example.test"], content)
         assert errors == {}
         assert mailchimp.handler.auth_logins == ["mcuser"]
@@ -1013,7 +1156,7 @@ async def test_route_credentials_are_used_by_the_relay_then_deleted(
                               "--delete"], cred_env))
         assert again.strip() == "credentials not found"
         assert ok_json(await cli(explain, cred_env))["user_has_credentials"] is False
-        async with smtp_client(app, login="campaigns", password=CLI_PASSWORD) as client:
+        async with smtp_client(app, login="campaigns", password=APP_PASSWORD) as client:
             await client.mail("agent@kw.test")
             await client.rcpt("c@example.test")
             with pytest.raises(aiosmtplib.SMTPDataError) as refused:

@@ -212,7 +212,8 @@ async def test_cluster_admin_events_notifier_and_credentials(
     policies = load_policies(POLICIES)
     credentials = CredentialStore(cluster_client, Fernet.generate_key())
     admin = Admin(cluster_client, policies, SystemClock(), "UTC", credentials)
-    one = await admin.add_user("one@kw.test", senders=("one@other.test",), password="pw-one")
+    one = await admin.add_user("one@kw.test", senders=("one@other.test",),
+                               password="pw-one-long-enough")
     # The second user's claim collides on its last address: the addresses it claimed first
     # (other slots) are released again by one multi-key DEL across slots.
     with pytest.raises(AdminError, match="already belongs"):

@@ -238,27 +238,111 @@ def test_serve_first_run_uses_embedded_redis_and_capture_folder(
     assert not socket_answers(state_dir)
 
 
-def test_serve_refuses_a_second_owner_of_the_embedded_redis(
+class Notifier:
+    """``python -m relay notifier`` in a subprocess on the embedded defaults."""
+
+    def __init__(self, state: Path, workdir: Path, name: str = "notifier") -> None:
+        self.stdout_path = workdir / f"{name}.out"
+        self.stderr_path = workdir / f"{name}.err"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "relay", "notifier"], env=env_for(state), cwd=workdir,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(encoding="utf-8")
+
+    def wait_started(self, seconds: float = 60) -> None:
+        deadline = time.monotonic() + seconds
+        while "notifier.started" not in log_events(self.stdout):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"notifier not started (exit {self.process.poll()}): "
+                                     f"{self.stdout}{self.stderr_path.read_text()}")
+            time.sleep(0.05)
+
+    def terminate(self, seconds: float = 30) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(seconds)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _serving_mail(relay: Serve, state: Path, workdir: Path) -> None:
+    """The relay answers and its Redis works: a user added through the CLI can send."""
+    ok(run_cli(["users", "add", "agent@kw.test", "--password-stdin"], env_for(state), workdir,
+               stdin=PASSWORD + "\n"))
+    content = b"Subject: shared\r\nMessage-ID: <shared@kw.test>\r\n\r\nHello.\r\n"
+    assert send_over_starttls(relay.port, content) == {}
+
+
+@pytest.mark.parametrize("order", ["notifier_first", "serve_first", "same_moment"])
+def test_embedded_redis_is_shared_by_serve_and_notifier_in_any_start_order(
+        state_dir: Path, tmp_path: Path, order: str) -> None:
+    """serve and notifier share one embedded redis-server whichever starts first (or both at
+    once): the first starts it, the other attaches; it keeps running while either runs and
+    stops (its data kept) when the last one stops."""
+    relay: Serve | None = None
+    notifier: Notifier | None = None
+    try:
+        if order == "notifier_first":
+            notifier = Notifier(state_dir, tmp_path)
+            notifier.wait_started()
+            relay = Serve(state_dir, tmp_path)
+        elif order == "serve_first":
+            relay = Serve(state_dir, tmp_path)
+            relay.wait_listening()
+            notifier = Notifier(state_dir, tmp_path)
+        else:
+            relay = Serve(state_dir, tmp_path)
+            notifier = Notifier(state_dir, tmp_path)
+        relay.wait_listening()
+        notifier.wait_started()
+        assert len(embedded_servers(state_dir)) == 1
+        started = [name for name, text in (("serve", relay.stdout), ("notifier", notifier.stdout))
+                   if "dev.embedded_redis" in log_events(text)]
+        assert len(started) == 1, started  # whoever started it says so; the other attached
+        _serving_mail(relay, state_dir, tmp_path)
+
+        # Stop the first one that started: the other keeps its Redis.
+        first, second = (notifier, relay) if order == "notifier_first" else (relay, notifier)
+        assert first.terminate() == 0
+        assert socket_answers(state_dir) and len(embedded_servers(state_dir)) == 1
+        report, _ = usage_of(state_dir, tmp_path)
+        assert report["used"] == 1
+        assert second.terminate() == 0
+        assert embedded_servers(state_dir) == []
+        assert not socket_answers(state_dir)
+        assert "Traceback" not in relay.stderr
+    finally:
+        for process in (relay, notifier):
+            if process is not None:
+                process.kill()
+    report, _ = usage_of(state_dir, tmp_path)  # the append-only file kept the count
+    assert report["used"] == 1
+
+
+def test_embedded_redis_second_serve_attaches_and_outlives_the_first(
         state_dir: Path, tmp_path: Path) -> None:
-    """A second serve on the same state folder exits 1 saying another process owns it."""
+    """A second serve on the same state folder (another port) attaches to the running Redis
+    instead of refusing to start; an admin command in between attaches and leaves it
+    running; after the first serve stops, the second still serves, and stops the Redis."""
     first = Serve(state_dir, tmp_path, "first")
     second: Serve | None = None
     try:
         first.wait_listening()
         second = Serve(state_dir, tmp_path, "second")
-        assert second.process.wait(40) == 1
-        assert "owns the embedded Redis" in second.stderr
-        assert "command-relay: error:" in second.stderr
-        assert "Traceback" not in second.stderr
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", second.port), timeout=1).close()
-
-        # The first one is untouched: still one redis-server, still serving.
+        second.wait_listening()
         assert len(embedded_servers(state_dir)) == 1
-        assert socket_answers(state_dir)
         assert json.loads(ok(run_cli(["users", "list", "--json"], env_for(state_dir),
                                      tmp_path))) == []
         assert first.terminate() == 0
+        assert socket_answers(state_dir)
+        _serving_mail(second, state_dir, tmp_path)
+        assert second.terminate() == 0
         assert embedded_servers(state_dir) == []
     finally:
         first.kill()
@@ -266,10 +350,11 @@ def test_serve_refuses_a_second_owner_of_the_embedded_redis(
             second.kill()
 
 
-def test_serve_replaces_the_redis_orphaned_by_a_killed_serve(
+def test_serve_attaches_to_the_redis_left_by_a_killed_serve(
         state_dir: Path, tmp_path: Path) -> None:
-    """After serve is SIGKILLed its redis-server lives on; the next serve stops that orphan
-    (keeping its data) instead of running a second server on the same append-only file."""
+    """After serve is SIGKILLed its redis-server lives on (nobody's child); the next serve
+    uses that server, data intact, instead of running a second one on the same append-only
+    file, and stops it when it stops."""
     first = Serve(state_dir, tmp_path, "first")
     second: Serve | None = None
     try:
@@ -284,9 +369,7 @@ def test_serve_replaces_the_redis_orphaned_by_a_killed_serve(
 
         second = Serve(state_dir, tmp_path, "second")
         second.wait_listening()
-        running = embedded_servers(state_dir)
-        assert [p.pid for p in running] != [orphans[0].pid]
-        assert len(running) == 1
+        assert [p.pid for p in embedded_servers(state_dir)] == [orphans[0].pid]
         listed = json.loads(ok(run_cli(["users", "list", "--json"], env_for(state_dir),
                                        tmp_path)))
         assert [u["email"] for u in listed] == ["agent@kw.test"]

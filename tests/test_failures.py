@@ -16,6 +16,7 @@ from tests.conftest import (
     CapturingUpstream,
     RedisServer,
     RelayFactory,
+    add_app,
     add_user,
     message,
     smtp_client,
@@ -181,3 +182,66 @@ async def test_failures_internal_error_reply_hides_the_exception(relay):
         reply = await relay.handler.handle_exception(RuntimeError("secret detail"))
     assert reply == "451 4.3.0 Internal error, try again later"
     assert logs[0]["event"] == "session.exception"
+
+
+async def _refuse_mail(relay, upstream, accounts, case: str) -> tuple[str, int]:
+    """Set up one kind of MAIL FROM refusal; returns the login and the expected code."""
+    if case == "upstream_down":
+        await add_user(accounts)
+        await upstream.stop()
+        return "agent@kw.test", 451
+    if case == "sender_not_allowed":
+        await add_user(accounts)
+        await add_user(accounts, "other@kw.test")
+        return "agent@kw.test", 553
+    await add_app(accounts, "command")  # an app sending for an address nobody owns
+    return "command", 550
+
+
+@pytest.mark.parametrize(("case", "outcome"), [("upstream_down", "deferred"),
+                                               ("sender_not_allowed", "rejected"),
+                                               ("unknown_sender", "rejected")])
+async def test_failures_mail_from_refusal_ends_in_one_canonical_line(relay, upstream, accounts,
+                                                                     case, outcome):
+    """A transaction refused at MAIL FROM (upstream unreachable, sender not the login's, a
+    sender nobody owns) still ends in exactly one delivery.finished line, with the outcome
+    by the reply's class, its code and the session's fields, and counts in
+    relay_messages_total; so the jq recipe for non-delivered outcomes sees an outage."""
+    login, code = await _refuse_mail(relay, upstream, accounts, case)
+    sender = "other@kw.test" if case == "sender_not_allowed" else (
+        "nobody@kw.test" if case == "unknown_sender" else "agent@kw.test")
+    before = relay.metrics.messages(outcome, "none")._value.get()
+    with capture_logs() as logs:
+        async with smtp_client(relay, login=login) as client:
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await client.mail(sender)
+    assert refused.value.code == code
+    finished = [e for e in logs if e["event"] == "delivery.finished"]
+    assert len(finished) == 1, finished
+    line = finished[0]
+    assert (line["outcome"], line["smtp_code"], line["rcpt_accepted"]) == (outcome, code, 0)
+    assert line["log_level"] == "info"
+    assert line["login"] == login and line["sender_domain"] == "kw.test"
+    assert len(line["txn_id"]) == 16
+    assert isinstance(line["duration_ms"], float)
+    if case == "upstream_down":
+        assert line["reason"] == "UpstreamUnavailableError"
+        assert line["route"] == "command" and line["plan"] == "free"
+        assert line["user_id"] and line["period"]
+    assert relay.metrics.messages(outcome, "none")._value.get() == before + 1
+
+
+async def test_failures_refused_mail_then_a_sent_message_are_two_lines(relay, upstream,
+                                                                      accounts):
+    """A refused MAIL FROM and the next, delivered transaction on the same connection end in
+    one canonical line each (no line is doubled, none is missing)."""
+    await add_user(accounts)
+    await add_user(accounts, "other@kw.test")
+    with capture_logs() as logs:
+        async with smtp_client(relay) as client:
+            with pytest.raises(aiosmtplib.SMTPSenderRefused):
+                await client.mail("other@kw.test")
+            await client.sendmail("agent@kw.test", ["a@example.test"], message())
+    finished = [e for e in logs if e["event"] == "delivery.finished"]
+    assert [e["outcome"] for e in finished] == ["rejected", "delivered"]
+    assert finished[0]["txn_id"] != finished[1]["txn_id"]

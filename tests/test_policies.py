@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from relay.policies import NOTIFICATIONS_FILE, PLANS_FILE, Plan, PolicyError, load_policies
+from relay.policies import (
+    NOTIFICATIONS_FILE,
+    PLANS_FILE,
+    Passwords,
+    Plan,
+    PolicyError,
+    load_policies,
+)
 from tests.conftest import POLICIES
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"
@@ -194,3 +201,41 @@ def test_load_policies_accepts_a_4xx_over_limit_reply(tmp_path: Path) -> None:
     write_plans(tmp_path, variant('code = 550\nstatus = "5.7.1"', 'code = 452\nstatus = "4.5.3"'))
     policies = load_policies(tmp_path)
     assert (policies.over_limit.code, policies.over_limit.status) == (452, "4.5.3")
+
+
+# -- [passwords] -----------------------------------------------------------------------------
+def test_load_policies_password_lengths_default_to_12_and_24(tmp_path: Path) -> None:
+    """Without [passwords] (or with some of its keys) the minimum lengths are 12 for users
+    and 24 for apps; the shipped file states those same values."""
+    assert load_policies(SHIPPED).passwords == Passwords(12, 24)
+    write_plans(tmp_path, BASE)
+    assert load_policies(tmp_path).passwords == Passwords(12, 24)
+    write_plans(tmp_path, BASE + "\n[passwords]\nuser_min_length = 16\n")
+    assert load_policies(tmp_path).passwords == Passwords(16, 24)
+
+
+@pytest.mark.parametrize(("section", "key", "reason"), [
+    ("[passwords]\nuser_min_length = 0\n", "passwords.user_min_length",
+     "must be between 1 and 1024"),
+    ("[passwords]\napp_min_length = \"long\"\n", "passwords.app_min_length", "expected"),
+    ("[passwords]\nuser_min_lenght = 12\n", "passwords.user_min_lenght", "unknown key"),
+])
+def test_load_policies_bad_password_lengths_name_the_key(tmp_path: Path, section: str,
+                                                         key: str, reason: str) -> None:
+    """A bad [passwords] value stops loading, naming the file, the key and why."""
+    write_plans(tmp_path, BASE + "\n" + section)
+    with pytest.raises(PolicyError) as info:
+        load_policies(tmp_path)
+    assert f"{key}: {reason}" in str(info.value)
+    assert str(tmp_path / PLANS_FILE) in str(info.value)
+
+
+def test_load_policies_refuses_a_monthly_limit_lua_cannot_count_exactly(tmp_path: Path) -> None:
+    """A plan's monthly_limit over 2**53 / 100 stops loading, naming the key and the bound;
+    the bound itself loads."""
+    write_plans(tmp_path, variant("monthly_limit = 5000", f"monthly_limit = {2**53 // 100}"))
+    assert load_policies(tmp_path).plans["free"].monthly_limit == 2**53 // 100
+    write_plans(tmp_path, variant("monthly_limit = 5000", "monthly_limit = 776287861482925568"))
+    with pytest.raises(PolicyError) as info:
+        load_policies(tmp_path)
+    assert "plans.free.monthly_limit: must be at most 90071992547409" in str(info.value)

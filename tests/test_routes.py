@@ -508,6 +508,10 @@ async def test_routes_smartplan_over_limit_writes_timeline_and_is_permanent(
             ("quota", 550, "sp-17", 3, "contact-99")
         assert event["user_id"] == user.id and event["app"] == "smartplans"
         assert event["reply"].startswith("550 5.7.1 ")
+        # Refused before the route was opened, the event still names the route chosen.
+        assert event["route"] == "command"
+    for event in await recorded(redis_client, REJECTED):
+        assert event["route"] == "command"
     assert upstream.messages == []
 
 
@@ -648,3 +652,28 @@ async def test_routes_invalid_control_header_is_ignored_and_logged(
     finished = [e for e in logs if e["event"] == "delivery.finished"]
     assert finished[0]["outcome"] == "delivered" and finished[0]["smartplan_id"] == "sp-17"
     assert (await routed.quota.usage(user.id, PERIOD)).used == 1
+
+
+async def test_routes_mailchimp_deliveries_set_its_upstream_up_gauge(
+        routed: RelayApp, upstream: CapturingUpstream, mailchimp: CapturingUpstream,
+        accounts: AccountStore) -> None:
+    """relay_upstream_up{pool="mailchimp"} follows the MailChimp route's own connections: 1
+    after a delivery through it, 0 once a connection to it fails; the default pool's gauge
+    is its own."""
+    from tests.test_metrics import scrape
+
+    await setup_user(accounts, routed)
+    before = await scrape(routed.metrics_port)
+    assert before.value("relay_upstream_up", pool="mailchimp") == 0
+    errors, _ = await send(routed, "campaigns", compose("X-KW-Route: mailchimp"))
+    assert errors == {} and len(mailchimp.messages) == 1
+    after = await scrape(routed.metrics_port)
+    assert after.value("relay_upstream_up", pool="mailchimp") == 1
+    await mailchimp.stop()
+    # Stopping the server leaves the pooled connection open: drop the pools, so the next
+    # send has to connect.
+    await routed.routes.close()
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await send(routed, "campaigns", compose("X-KW-Route: mailchimp"))
+    assert refused.value.code == 451
+    assert (await scrape(routed.metrics_port)).value("relay_upstream_up", pool="mailchimp") == 0

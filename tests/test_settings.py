@@ -360,6 +360,39 @@ def test_load_settings_bad_redis_url_hides_secret(url: str) -> None:
     assert SECRET not in str(info.value)
 
 
+@pytest.mark.parametrize(("url", "problem"), [
+    ("smtp//mail.example.test", "not a URL (no scheme:// at the start)"),
+    ("http://mail.example.test", "scheme 'http' is not one of smtp, smtp+starttls, smtps"),
+    ("mail.example.test:notaport", "not a URL (no scheme:// at the start)"),
+    ("smtp://mail.example.test:notaport", "the port must be a number from 1 to 65535"),
+    ("smtp://mail.example.test:0", "the port must be a number from 1 to 65535"),
+    ("smtp://", "no host after scheme://"),
+    (f"smtp+starttls://user:{SECRET}@mail.example.test:587/x", "nothing may follow host:port"),
+    (f"smtp+starttls://:{SECRET}@mail.example.test", "needs both a user and a password"),
+])
+def test_load_settings_bad_upstream_url_says_what_is_wrong(url: str, problem: str) -> None:
+    """A malformed RELAY_UPSTREAM_URL (or route URL) names what is wrong and shows a valid
+    example, like every other setting, and still never repeats the URL or its password."""
+    for var in ("RELAY_UPSTREAM_URL", "RELAY_ROUTE_MAILCHIMP_URL"):
+        with pytest.raises(SettingsError) as info:
+            load_settings(environ={var: url})
+        text = str(info.value)
+        assert problem in text, text
+        assert "e.g. smtp+starttls://user:password@smtp.example.com:587" in text
+        assert "invalid value" not in text
+        assert SECRET not in text
+        assert url not in text or url == "smtp://"  # (the example itself has "smtp://")
+
+
+@pytest.mark.parametrize("var", ["RELAY_ADMIN_TOKEN", "RELAY_NOTIFY_WEBHOOK_SECRET"])
+def test_load_settings_short_secret_says_how_long_without_repeating_it(var: str) -> None:
+    """A secret that is too short is named with what is wrong (its length), never echoed."""
+    with pytest.raises(SettingsError) as info:
+        load_settings(environ={var: "short-secret"})
+    assert "must be at least 16 characters (this one has 12)" in str(info.value)
+    assert "short-secret" not in str(info.value)
+
+
 def test_load_settings_bad_secret_in_toml_hides_it(tmp_path: Path) -> None:
     """A bad upstream URL in the TOML file is named by file and key, without the secret."""
     path = write_toml(tmp_path, f'upstream_url = "smtp://u:{SECRET}@mail.example.test:0x19"\n')
