@@ -85,6 +85,16 @@ def not_as_written(path: str, address: str) -> bool:
     return address not in ("", "<>") and address != written_address(path)
 
 
+def has_domain(address: str) -> bool:
+    """local-part "@" domain, both non-empty; an "@" in a quoted local part is not one."""
+    if address.startswith('"'):
+        end = re.search(r'(?<!\\)"', address[1:])
+        rest = address[end.end() + 1:] if end else ""
+        return rest.startswith("@") and len(rest) > 1
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and domain)
+
+
 def address_problems(arg: str, address: str | None = None) -> set[str]:
     """Why the address in ``arg`` (up to the parameters), or ``address`` as the parser read
     it, must be refused, by the model's own rules: a C0 control or DEL anywhere in <...>
@@ -207,8 +217,10 @@ class SessionModel:
             return only(500, "unrecognised command")
         if arg and any(0xDC80 <= ord(c) <= 0xDCFF for c in arg):
             return only(500, "argument not UTF-8")  # RFC 6531 §3.3
-        if arg and any(ord(c) in CONTROL for c in arg):
-            return only(501, "control character in a command")  # RFC 5321 §4.1.2
+        if any(byte in CONTROL for byte in line):
+            # RFC 5321 §4.1.2; anywhere in the line as sent, the blanks aiosmtpd strips
+            # around the argument and a CR before the CRLF included.
+            return only(501, "control character in a command")
         return getattr(self, f"_{verb.lower()}")(arg)
 
     def _helo(self, arg: str | None) -> Prediction:
@@ -331,6 +343,8 @@ class SessionModel:
             return only(553, "MAIL: no address the parser can read")
         if not_as_written(path, address):
             return only(501, "MAIL: the parser would change the address")
+        if address not in ("", "<>") and not has_domain(address):
+            return only(501, "MAIL: no domain")  # RFC 5321 §4.1.2
         if not address:
             return only(501, "MAIL FROM:<>: the relay sends no bounces")
         if self.helo != "EHLO" and params:
@@ -408,6 +422,8 @@ class SessionModel:
             return only(553, "RCPT: no address the parser can read")
         if not_as_written(path, address):
             return only(501, "RCPT: the parser would change the address")
+        if address not in ("", "<>") and not has_domain(address):
+            return only(501, "RCPT: no domain")  # RFC 5321 §4.1.2
         if not address:
             return only(501, "RCPT TO:<>")
         if self.helo != "EHLO" and params:

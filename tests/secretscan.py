@@ -60,7 +60,11 @@ STATIC_SECRETS: dict[str, str] = {
     "test_deploy_k8s.timeline secret": "a-timeline-signing-secret",
     "test_deploy_k8s.upstream password": "a-password",
     "test_adminapi.new user password": "a-long-password",
-    "test_cluster.user password": "pw-one",
+    "test_cluster.user password": "pw-one-long-enough",
+    "test_cli.APP_PASSWORD": "an app secret of 30 characters",
+    "test_adminapi_schema.TOKEN": "s" * 32,
+    "test_adminapi.password": "x" * 20,
+    "test_logs.SECRET": "hunter2-in-a-local",
     "test_security.OTHER_PASSWORD": "another user's passphrase 42",
     "fuzzinput.APP_PASSWORD": "fuzz app credential passphrase",
 }
