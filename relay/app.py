@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
+# How long a delivery whose client is gone may still run once the drain's time is up: the
+# upstream usually answers the final dot within it, and its outcome is then counted exactly.
+_DELIVERY_GRACE_SECONDS = 2.0
+
 
 class StartupError(RuntimeError):
     pass
@@ -319,16 +323,20 @@ class RelayApp:
         if self._servers:
             log.info("relay.draining", sessions=len(self._sessions.open_sessions()),
                      timeout=drain_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
         cut = await self._sessions.drain(drain_timeout)
         await self._sessions.wait_closed(5)
         for server in self._servers:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 5)
         self._servers.clear()
-        # The transactions of the sessions that ended are retired in tasks of their own:
-        # wait for their refunds before the Redis client goes away.
+        # The transactions of the sessions that ended are retired in tasks of their own, and
+        # a delivery whose client left (or was cut) goes on in its own: wait for them, and
+        # their commits and refunds, before the Redis client goes away. A delivery gets what
+        # is left of the drain, and at least a moment to hear the upstream's reply.
         await asyncio.sleep(0)
-        await self.handler.drain()
+        await self.handler.drain(max(deadline - loop.time(), _DELIVERY_GRACE_SECONDS))
         if self.admin_server is not None:
             await self.admin_server.stop()
         async with self.reload_lock:  # not while a reload swaps the routes

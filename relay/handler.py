@@ -56,6 +56,8 @@ class RelayHandler:
         self._hostname = hostname
         self._default_tz = default_tz
         self._retiring: set[asyncio.Task[None]] = set()
+        # Deliveries the client's dot started; they may outlive the client's connection.
+        self._delivering: set[asyncio.Task[str]] = set()
         # Set when the relay drains (SIGTERM): open transactions may finish, new ones are
         # refused (a client pipelining its next message on a pooled connection, say).
         self.draining = False
@@ -243,11 +245,28 @@ class RelayHandler:
             helo=session.host_name or "unknown", peer_ip=peer, hostname=self._hostname,
             protocol="ESMTPSA" if server.tls_active else "ESMTPA", txn_id=txn.txn_id,
             now=self._clock.now())
+        # The dot commits the message: the delivery runs in a task of its own, so a client
+        # that leaves now (aiosmtpd cancels its connection task) cannot cut the upstream
+        # transaction half way. It finishes, and commits or refunds on the real outcome.
+        delivery = asyncio.get_running_loop().create_task(
+            txn.deliver(envelope.message, trace))
+        self._delivering.add(delivery)
+        delivery.add_done_callback(self._delivered)
         try:
-            await txn.deliver(envelope.message, trace)
+            await asyncio.shield(delivery)
         except RelayError as exc:
             return exc.reply
         return errors.message_accepted(txn.txn_id)
+
+    def _delivered(self, delivery: asyncio.Task[str]) -> None:
+        self._delivering.discard(delivery)
+        if not delivery.cancelled():
+            # Retrieved here: when the client left, nobody awaits the task any more. The
+            # refusal (RelayError) is the transaction's own, logged by it.
+            error = delivery.exception()
+            if error is not None and not isinstance(error, RelayError):
+                self.services.metrics.session_exceptions.inc()
+                log.error("delivery.exception", exc_info=error)
 
     async def handle_exception(self, error: Exception) -> str:
         # A bug, not a refusal: log the traceback, tell the client only to retry later
@@ -266,8 +285,22 @@ class RelayHandler:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    async def drain(self) -> None:
-        """Wait for every pending abort (refunds) to finish; used at shutdown and in tests."""
+    @property
+    def deliveries(self) -> int:
+        """Deliveries under way, those whose client has left included."""
+        return len(self._delivering)
+
+    async def drain(self, seconds: float | None = None) -> None:
+        """Wait for the deliveries under way (up to ``seconds``; the rest are
+        cancelled, which leaves their units counted) and for every pending abort (refunds);
+        used at shutdown and in tests."""
+        if self._delivering:
+            _, late = await asyncio.wait(list(self._delivering), timeout=seconds)
+            for delivery in late:
+                delivery.cancel()
+            if late:
+                log.warning("relay.deliveries_cut", deliveries=len(late))
+                await asyncio.wait(late)
         while self._retiring:
             await asyncio.gather(*list(self._retiring), return_exceptions=True)
 

@@ -14,13 +14,15 @@ Two ways to decide, chosen per app in ``routing.toml``:
 
 A reservation counts against the limit from the moment it is made. The upstream's 250 after
 DATA makes the units final (commit); a refusal, RSET, disconnect or timeout gives them back
-(refund). If the connection dies after the message was sent and before the upstream
-answered, the units stay counted: high by what was in flight, never low. Every outcome ends
-in one canonical ``delivery.finished`` log line.
+(refund). The client's final dot hands the message to ``deliver``, which then owns the
+outcome: a client leaving afterwards does not cut it. If the upstream never answers, or the
+relay stops before it does, the units stay counted: high by what was in flight, never low.
+Every outcome ends in one canonical ``delivery.finished`` log line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -101,6 +103,8 @@ class Transaction:
         self.accepted: list[str] = []
         self.refused = 0
         self.state = State.OPEN
+        # Set once the client's final dot handed the message to ``deliver``.
+        self._delivering = False
         self.deferred = opened is None
         self._opened = opened
         # The route chosen at the end of DATA, before it is opened: events about a message
@@ -204,7 +208,21 @@ class Transaction:
     async def deliver(self, message: WireMessage, trace: bytes) -> str:
         """Send ``trace`` + ``message`` (control and other routes' headers removed) upstream;
         commit on 250, refund on a refusal. Returns the upstream's reply. Raises the refusal
-        (RelayError); at the end of DATA, for the whole message."""
+        (RelayError); at the end of DATA, for the whole message.
+
+        The client's final dot commits the message: from here on the delivery owns the
+        outcome, and ``abort`` (the client leaving, a reset) leaves it alone. The handler runs
+        this in a task of its own, so the client's connection going away cannot cut it.
+        Cancelled itself (the relay stopping past its deadline), it ends like an abort."""
+        self._delivering = True
+        try:
+            return await self._deliver(message, trace)
+        except asyncio.CancelledError:
+            self._delivering = False
+            await self.abort("cancelled")
+            raise
+
+    async def _deliver(self, message: WireMessage, trace: bytes) -> str:
         if self.deferred:
             self._controls = read_controls(message.header_content())
             if self._controls.problems:
@@ -321,7 +339,7 @@ class Transaction:
     async def abort(self, reason: str) -> None:
         """End an unfinished transaction (RSET, new EHLO, disconnect, timeout). Never raises;
         idempotent."""
-        if self.state is State.DONE:
+        if self.state is State.DONE or self._delivering:
             return
         session = self._opened.session if self._opened else None
         if self.state is State.SENDING:

@@ -26,13 +26,8 @@ from relay.server import RelaySMTP
 
 # Items of issue 10 still open; each names what the model lets through meanwhile. Delete an
 # entry when its fix lands: the fuzzer then fails on the pattern again.
-KNOWN_ISSUES = {
-    # A client reset right after the final dot: the transaction's units stay counted
-    # (in_flight) and its reservation key stays. Tolerated: at most the recipients of the
-    # transactions the fuzzer ended that way.
-    "item3": "a reset right after the final dot leaks quota",
-}
-# Items 5, 6, 9 and 10 were let through here until their fixes landed on main (merged):
+KNOWN_ISSUES: dict[str, str] = {}
+# Items 3, 5, 6, 9 and 10 were let through here until their fixes landed on main (merged):
 # invalid UTF-8 and control characters are now refused as syntax errors, client
 # misbehaviour logs no traceback, and a TLS handshake has its own deadline.
 KNOWN_TRACEBACKS: frozenset[str] = frozenset()

@@ -93,12 +93,15 @@ async def test_failures_disconnect_before_data_refunds(relay, upstream, accounts
     assert upstream.messages == []
 
 
-async def test_failures_disconnect_while_upstream_answers_data_stays_counted(
-        relay, upstream, accounts):
-    """Cut off after the message went upstream and before its reply: the upstream may have
-    accepted it, so the unit stays counted (high, never low) and the case is logged."""
+@pytest.mark.parametrize("data_reply", [None, "554 5.6.0 Message refused"])
+async def test_failures_disconnect_while_upstream_answers_data_is_settled_on_its_reply(
+        relay, upstream, accounts, data_reply):
+    """Cut off after the final dot, while the upstream holds its reply: the dot committed the
+    message, so the relay still hears the upstream out and counts exactly its outcome (250:
+    committed; a refusal: refunded), with the canonical line of a finished delivery."""
     user = await add_user(accounts)
     upstream.behaviour.data_gate = asyncio.Event()
+    upstream.behaviour.data_reply = data_reply
     with capture_logs() as logs:
         async with smtp_client(relay) as client:
             await client.mail("agent@kw.test")
@@ -108,9 +111,41 @@ async def test_failures_disconnect_while_upstream_answers_data_stays_counted(
             client.close()
             with pytest.raises(aiosmtplib.SMTPException):
                 await sending
+        assert relay.handler.deliveries == 1  # outlived its client
         upstream.behaviour.data_gate.set()
-        await wait_for(lambda: any(e["event"] == "quota.unreconciled" for e in logs))
         await relay.handler.drain()
+    finished = [e for e in logs if e["event"] == "delivery.finished"]
+    usage = await relay.quota.usage(user.id, "2026-11")
+    if data_reply is None:
+        assert [e["outcome"] for e in finished] == ["delivered"]
+        assert (usage.used, usage.delivered, len(upstream.messages)) == (1, 1, 1)
+    else:
+        assert [e["outcome"] for e in finished] == ["failed"]
+        assert (usage.used, usage.delivered) == (0, 0)
+    assert not any(e["event"] == "quota.unreconciled" for e in logs)
+
+
+async def test_failures_stop_cuts_a_delivery_that_outlives_the_drain(relay, upstream,
+                                                                     accounts):
+    """A delivery whose upstream never answers does not hold the relay's stop for ever: past
+    the drain (and its short grace) it is cut, and its unit stays counted (high, never low:
+    the upstream may have taken the message), logged for reconciliation."""
+    user = await add_user(accounts)
+    upstream.behaviour.data_gate = asyncio.Event()
+    with capture_logs() as logs:
+        async with smtp_client(relay) as client:
+            await client.mail("agent@kw.test")
+            await client.rcpt("a@example.test")
+            sending = asyncio.create_task(client.data(message()))
+            await upstream.handler.data_started.wait()
+            client.close()
+            with pytest.raises(aiosmtplib.SMTPException):
+                await sending
+        await relay.handler.drain(0.05)
+        upstream.behaviour.data_gate.set()
+    assert relay.handler.deliveries == 0
+    assert [e["reason"] for e in logs if e["event"] == "quota.unreconciled"] == ["cancelled"]
+    assert any(e["event"] == "relay.deliveries_cut" for e in logs)
     assert await _used(relay, user.id) == 1
 
 

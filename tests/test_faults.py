@@ -131,8 +131,6 @@ async def test_faults_clients_vanish_before_the_dot(scenario: Scenario, loop: st
     await _vanish(scenario, loop, ("rcpt", "data", "body"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 3: a client that leaves right after "
-                   "the final dot leaves its units counted and the message often unsent")
 @pytest.mark.parametrize("loop", LOOPS)
 async def test_faults_clients_vanish_right_after_the_dot(scenario: Scenario, loop: str) -> None:
     """Clients that send the final dot and leave at once (FIN or RST): the dot commits the
