@@ -23,7 +23,7 @@ NOTIFICATIONS_FILE = "notifications.toml"
 EVENT_KINDS = ("quota.threshold", "quota.reached", "quota.rejected", "plan.changed",
                "timeline.email_failed")
 _PLAN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-# The highest monthly limit (a plan's or a user's): reserve.lua compares used x 100 with
+# The highest monthly limit (a plan's or a user's): commit.lua compares delivered x 100 with
 # limit x percent in Lua's numbers (doubles, exact up to 2**53) and formats the limit into
 # keys and audit entries with 14 significant digits. Up to 2**53 // 100 both are exact.
 MAX_MONTHLY_LIMIT = 2**53 // 100  # 90,071,992,547,409
@@ -68,7 +68,7 @@ class Notifications:
 
     @property
     def threshold_argument(self) -> str:
-        """The thresholds as reserve.lua takes them: ascending percents, 100 = reached."""
+        """The thresholds as commit.lua takes them: ascending percents, 100 = reached."""
         return " ".join(str(p) for p in (*self.thresholds,
                                          *((100,) if self.notify_limit_reached else ())))
 

@@ -14,6 +14,7 @@ replicas, so a failover promoting one of them cannot lose it (README, Scaling ou
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -49,9 +50,6 @@ class Reservation:
     status: ReserveStatus
     used: int
     limit: int
-    # The highest notification threshold (percent; 100 = limit reached) this unit crossed
-    # for the first time this month at this limit, else 0. Decided inside reserve.lua.
-    crossed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +58,12 @@ class Settlement:
 
     units: int
     used: int
+    # A commit's: the month's delivered count after it, the limit in force, and the highest
+    # notification threshold (percent; 100 = limit reached) it crossed for the first time
+    # this month at this limit, else 0. Decided inside commit.lua, by delivered sends.
+    delivered: int = 0
+    limit: int = 0
+    crossed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +98,9 @@ class QuotaStore:
         self._seconds[step].observe(time.perf_counter() - started)
 
     async def reserve(self, user_id: str, period: str, txn_id: str, rcpt_no: int | list[int],
-                      plan_limits: list[str | int], thresholds: str = "") -> Reservation:
+                      plan_limits: list[str | int]) -> Reservation:
         """Take one unit for recipient ``rcpt_no`` of ``txn_id`` (or one for each of a list,
-        all or nothing) if under the limit, and mark any of ``thresholds`` (space-separated
-        percents) crossed.
+        all or nothing) if under the limit.
 
         Idempotent per (txn_id, rcpt_no). Raises StoreUnavailableError.
         """
@@ -106,7 +109,7 @@ class QuotaStore:
         script_keys = [keys.user(user_id), keys.usage(user_id, period),
                        keys.reservations(user_id, txn_id)]
         args: list[str | int] = [" ".join(str(n) for n in numbers), USAGE_TTL_SECONDS,
-                                 RESERVATION_TTL_SECONDS, period, thresholds, *plan_limits]
+                                 RESERVATION_TTL_SECONDS, period, *plan_limits]
         wanted = durability(self._redis)
         replicated = True
         started = time.perf_counter()
@@ -122,8 +125,8 @@ class QuotaStore:
             self._reserve_failed.inc(units)
             raise
         self._observe("reserve", started)
-        status, used, limit, crossed = (int(v) for v in raw)
-        result = Reservation(ReserveStatus(status), used, limit, crossed)
+        status, used, limit = (int(v) for v in raw)
+        result = Reservation(ReserveStatus(status), used, limit)
         if not replicated and result.status in {ReserveStatus.RESERVED,
                                                 ReserveStatus.ALREADY_RESERVED}:
             self._reserve_failed.inc(units)
@@ -135,32 +138,34 @@ class QuotaStore:
                                       numbers: list[int], result: Reservation) -> None:
         """The units are on the master only: refund them (a failover may have lost both the
         reservation and this refund, which leaves the count as it was) and refuse with a
-        451, so the client retries once a replica is back. A threshold the units crossed
-        stays marked on the master; its notice is not sent (logged here)."""
+        451, so the client retries once a replica is back."""
         log.warning("quota.unreplicated", user_id=user_id, txn_id=txn_id, units=len(numbers),
-                    used=result.used, limit=result.limit, crossed=result.crossed)
+                    used=result.used, limit=result.limit)
         try:
             await self.refund(user_id, period, txn_id, numbers)
         except StoreUnavailableError:
             pass  # counted high until the transaction's own refund: never low
         raise StoreUnavailableError()
 
-    async def commit(self, user_id: str, period: str, txn_id: str,
-                     route: str = "command") -> Settlement:
-        """Make every open reservation of ``txn_id`` final, counted under ``route``.
-        Idempotent."""
+    async def commit(self, user_id: str, period: str, txn_id: str, route: str = "command",
+                     plan_limits: Sequence[str | int] = (), thresholds: str = "") -> Settlement:
+        """Make every open reservation of ``txn_id`` final, counted under ``route``, and mark
+        any of ``thresholds`` (space-separated percents) the delivered count crossed.
+        Idempotent: a repeat commits and crosses nothing."""
         started = time.perf_counter()
         try:
             with store_errors():
-                units, used = await self._commit(
-                    keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],
-                    args=[route])
+                raw = await self._commit(
+                    keys=[keys.user(user_id), keys.usage(user_id, period),
+                          keys.reservations(user_id, txn_id)],
+                    args=[route, period, thresholds, *plan_limits])
         except StoreUnavailableError:
             self._errors["commit"].inc()
             raise
         self._observe("commit", started)
-        self._metrics.units_committed.inc(int(units))
-        return Settlement(int(units), int(used))
+        units, used, delivered, limit, crossed = (int(v) for v in raw)
+        self._metrics.units_committed.inc(units)
+        return Settlement(units, used, delivered, limit, crossed)
 
     async def tally(self, user_id: str, period: str, route: str, units: int) -> None:
         """Count ``units`` sent through an uncounted route (shown in usage, never limited)."""
@@ -217,7 +222,7 @@ def _usage_from(record: dict[str, str]) -> Usage:
     routes = {name.removeprefix("route:"): int(value) for name, value in record.items()
               if name.startswith("route:")}
     for name in record:
-        # n:<limit>:<percent>, written by reserve.lua when a threshold is crossed.
+        # n:<limit>:<percent>, written by commit.lua when a threshold is crossed.
         if name.startswith("n:"):
             _, limit, percent = name.split(":")
             notified.setdefault(int(limit), []).append(int(percent))

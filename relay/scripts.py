@@ -1,6 +1,7 @@
 """Lua sources from ``relay/lua/``, read with importlib.resources (STYLE §6).
 
-Scripts that resolve the plan in force (``reserve.lua``, ``plan_change.lua``) get the shared
+Scripts that resolve the plan in force (``reserve.lua``, ``commit.lua``,
+``plan_change.lua``) get the shared
 prologue ``terms.lua`` prepended, so the rule for a pending plan change is written once.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 
-_WITH_TERMS = {"reserve.lua", "plan_change.lua"}
+_WITH_TERMS = {"reserve.lua", "commit.lua", "plan_change.lua"}
 
 
 def lua_source(name: str) -> str:

@@ -47,7 +47,7 @@ from relay.message import CONTROL_HEADER_PREFIX
 from relay.metrics import RelayMetrics, detached
 from relay.period import Period
 from relay.policies import Policies
-from relay.quota import QuotaStore, Reservation, ReserveStatus
+from relay.quota import QuotaStore, Reservation, ReserveStatus, Settlement
 from relay.routes import RouteUpstreams
 from relay.routing import Route, choose_route
 from relay.upstream import UpstreamOutcomeUnknownError, UpstreamSession
@@ -180,11 +180,8 @@ class Transaction:
         """Reserve units (all or nothing); raises the over-limit or account refusal."""
         result = await self._services.quota.reserve(
             self.user.id, self.period.label, self.txn_id, rcpt_nos,
-            self._policies.plan_limits(), self._policies.notifications.threshold_argument)
+            self._policies.plan_limits())
         self._last_used, self._last_limit = result.used, result.limit
-        if result.crossed:
-            await self._publish(events.REACHED if result.crossed == 100 else events.THRESHOLD,
-                                percent=result.crossed)
         self._raise_for(result)
 
     def _raise_for(self, result: Reservation) -> None:
@@ -326,8 +323,11 @@ class Transaction:
                 # Commit before handing the connection back: the units become final as soon
                 # as possible after the upstream's 250.
                 settlement = await self._services.quota.commit(
-                    self.user.id, self.period.label, self.txn_id, route.name)
+                    self.user.id, self.period.label, self.txn_id, route.name,
+                    self._policies.plan_limits(),
+                    self._policies.notifications.threshold_argument)
                 self._last_used = settlement.used
+                await self._notify_crossing(settlement)
             else:
                 await self._services.quota.tally(self.user.id, self.period.label, route.name,
                                                  len(self.accepted))
@@ -360,15 +360,24 @@ class Transaction:
 
     # -- bookkeeping --------------------------------------------------------------------------
     async def _publish(self, kind: str, **data: object) -> None:
-        """Append one event about this transaction's user (never fails the SMTP reply)."""
+        """Append one event about this transaction's user (never fails the SMTP reply).
+        ``used`` and ``limit`` default to the transaction's last known count and limit."""
         route = self.route or self._chosen
+        counts = {"used": self._last_used, "limit": self._last_limit}
         await self._services.events.publish_quietly(events.new_event(
             kind, self.user.id, email=self.user.email, app=self.principal.app,
             sender=self.sender, txn_id=self.txn_id, period=self.period.label,
             route=route.name if route else None,
-            used=self._last_used, limit=self._last_limit,
             resets_at=self.period.resets_at.isoformat(), resets_on=self.period.resets_on,
-            **data), self.log)
+            **(counts | data)), self.log)
+
+    async def _notify_crossing(self, settlement: Settlement) -> None:
+        """The event for a threshold this commit's delivered sends crossed: it names the
+        delivered count ("16 of 20"), the sends that really went out."""
+        if settlement.crossed:
+            kind = events.REACHED if settlement.crossed == 100 else events.THRESHOLD
+            await self._publish(kind, percent=settlement.crossed,
+                                used=settlement.delivered, limit=settlement.limit)
 
     async def _refund_all(self) -> None:
         try:

@@ -313,7 +313,8 @@ async def test_adminapi_downgrade_waits_for_next_month_and_is_audited(api, accou
 async def test_adminapi_events_count_and_kind_filter(api, api_relay, accounts, redis_client):
     """GET /v1/events returns the newest `count` events, oldest first; kind filters."""
     user = await add_user(accounts, limit=10)
-    await redis_client.hset(keys.usage(user.id, "2026-11"), "used", 7)
+    await redis_client.hset(keys.usage(user.id, "2026-11"),
+                            mapping={"used": 7, "delivered": 7})  # 7 sent already
     async with smtp_client(api_relay) as client:
         await client.sendmail("agent@kw.test", ["a@example.test"], message())  # 80 %
     await api.call("PUT", f"/v1/users/{user.id}/plan", json={"plan": "plus"})

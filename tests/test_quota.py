@@ -145,10 +145,54 @@ async def test_quota_commit_is_idempotent(redis_client: aioredis.Redis,
     """A commit makes the open units delivered once; a second commit changes nothing."""
     await make_user(redis_client)
     await reserve_n(quota, "txn1", 2)
-    assert await quota.commit(UID, NOV, "txn1") == Settlement(units=2, used=2)
-    assert await quota.commit(UID, NOV, "txn1") == Settlement(units=0, used=2)
+    assert await quota.commit(UID, NOV, "txn1") == Settlement(units=2, used=2, delivered=2)
+    assert await quota.commit(UID, NOV, "txn1") == Settlement(units=0, used=2, delivered=2)
     assert await quota.usage(UID, NOV) == Usage(used=2, delivered=2, routes={"command": 2})
     assert not await redis_client.exists(keys.reservations(UID, "txn1"))
+
+
+THRESHOLDS = "80 90 100"
+
+
+async def test_quota_thresholds_are_crossed_by_delivered_sends(
+        redis_client: aioredis.Redis, quota: QuotaStore) -> None:
+    """Limit 10: eight units reserved and refunded cross nothing (a notice would name sends
+    that never happened); the commit that makes the 8th delivered crosses 80 %, naming 8,
+    once; a repeat commit crosses nothing."""
+    await make_user(redis_client, plan="pro")
+    await reserve_n(quota, "refused", 8)
+    await quota.refund(UID, NOV, "refused")
+    await reserve_n(quota, "sent", 7)
+    seven = await quota.commit(UID, NOV, "sent", "command", PLANS, THRESHOLDS)
+    assert (seven.delivered, seven.limit, seven.crossed) == (7, 10, 0)
+    await reserve_n(quota, "eighth", 1)
+    await reserve_n(quota, "open", 2)  # reserved, not delivered: does not count for 90 %
+    eighth = await quota.commit(UID, NOV, "eighth", "command", PLANS, THRESHOLDS)
+    assert eighth == Settlement(units=1, used=10, delivered=8, limit=10, crossed=80)
+    again = await quota.commit(UID, NOV, "eighth", "command", PLANS, THRESHOLDS)
+    assert (again.units, again.crossed) == (0, 0)
+    assert (await quota.usage(UID, NOV)).notified == {10: (80,)}
+    assert await redis_client.hget(keys.usage(UID, NOV), "n:10:80") == "8"
+
+
+async def test_quota_threshold_crossings_are_exactly_once_under_concurrent_commits(
+        redis_client: aioredis.Redis, quota: QuotaStore, redis_server: RedisServer) -> None:
+    """Ten one-unit transactions committed at once from three clients: 80, 90 and 100 %
+    are each crossed by exactly one commit, each naming the delivered count it made."""
+    await make_user(redis_client, plan="pro")
+    for txn in range(10):
+        await reserve_n(quota, f"t{txn}", 1)
+    clients = [connect_redis(redis_server.url, timeout=2) for _ in range(3)]
+    try:
+        stores = [QuotaStore(c) for c in clients]
+        settled = await asyncio.gather(*(
+            stores[t % 3].commit(UID, NOV, f"t{t}", "command", PLANS, THRESHOLDS)
+            for t in range(10)))
+    finally:
+        for c in clients:
+            await c.aclose()
+    crossings = sorted((s.crossed, s.delivered) for s in settled if s.crossed)
+    assert crossings == [(80, 8), (90, 9), (100, 10)]
 
 
 async def test_quota_refund_after_commit_refunds_nothing(redis_client: aioredis.Redis,
@@ -172,7 +216,7 @@ async def test_quota_refund_specific_recipients(redis_client: aioredis.Redis,
     assert await quota.refund(UID, NOV, "txn1", [9]) == Settlement(units=0, used=2)
     assert await quota.refund(UID, NOV, "txn1", [3, 3]) == Settlement(units=1, used=1)
     # What is left (recipient 1) is committed as delivered.
-    assert await quota.commit(UID, NOV, "txn1") == Settlement(units=1, used=1)
+    assert await quota.commit(UID, NOV, "txn1") == Settlement(units=1, used=1, delivered=1)
     assert await quota.usage(UID, NOV) == Usage(used=1, delivered=1, routes={"command": 1})
 
 

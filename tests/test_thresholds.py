@@ -1,5 +1,6 @@
-"""Threshold and over-limit events from the SMTP path: decided inside reserve.lua, so each
-fires exactly once per user, month and limit, even under concurrency on several relays."""
+"""Threshold and over-limit events from the SMTP path. Thresholds are decided inside
+commit.lua, by delivered sends, so each fires exactly once per user, month and limit, even
+under concurrency on several relays, and never for a send the upstream refused."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import json
 
 import aiosmtplib
+import pytest
 
 from relay import keys
 from relay.admin import Admin
@@ -26,6 +28,12 @@ async def _events(redis_client) -> list[dict]:
     return [json.loads(e.to_json()) for _, e in await EventLog(redis_client).recent(10_000)]
 
 
+async def _sent_already(redis_client, user_id: str, count: int) -> None:
+    """``count`` sends delivered this month already (used == delivered: none in flight)."""
+    await redis_client.hset(keys.usage(user_id, "2026-11"),
+                            mapping={"used": count, "delivered": count})
+
+
 async def _send_one(app, i: int, login: str = "smartplans") -> bool:
     try:
         async with smtp_client(app, login=login) as client:
@@ -43,7 +51,7 @@ async def test_thresholds_fire_once_under_concurrency_on_two_relays(
     reach 100 %; each threshold event appears exactly once, and exactly 30 sends go out."""
     user = await add_user(accounts, limit=50)
     await add_app(accounts)
-    await redis_client.hset(keys.usage(user.id, "2026-11"), "used", 20)
+    await _sent_already(redis_client, user.id, 20)
     other = connect_redis(redis_server.url, timeout=2)
     try:
         first = await make_relay(upstream=upstream)
@@ -74,14 +82,13 @@ async def test_thresholds_rearm_after_an_upgrade(relay, upstream, accounts, redi
     """4,500 of 5,000 notified up to 90 %; after upgrading to 10,000 the 80 % alert fires
     again at 8,000, and not before."""
     user = await add_user(accounts, plan="free")
-    usage_key = keys.usage(user.id, "2026-11")
-    await redis_client.hset(usage_key, "used", 4499)
+    await _sent_already(redis_client, user.id, 4499)
     async with smtp_client(relay) as client:
         await client.sendmail("agent@kw.test", ["a@example.test"], message())  # 4,500: 90 %
     admin = Admin(redis_client, relay.policies, clock, "UTC")
     change = await admin.change_plan(user.id, "plus", by="billing")
     assert (change["outcome"], change["new_limit"]) == ("upgrade", 10_000)
-    await redis_client.hset(usage_key, "used", 7998)
+    await _sent_already(redis_client, user.id, 7998)
     async with smtp_client(relay) as client:
         await client.sendmail("agent@kw.test", ["b@example.test"], message())  # 7,999: 79.99 %
         await client.sendmail("agent@kw.test", ["c@example.test"], message())  # 8,000: 80 %
@@ -99,11 +106,11 @@ async def test_thresholds_a_jump_reports_only_the_highest(relay, upstream, accou
     """A count that jumps past several thresholds at once (a downgrade took effect, say)
     yields one event, for the highest; the lower ones never fire later this month."""
     user = await add_user(accounts, limit=100)
-    await redis_client.hset(keys.usage(user.id, "2026-11"), "used", 92)
+    await _sent_already(redis_client, user.id, 92)
     async with smtp_client(relay) as client:
         await client.sendmail("agent@kw.test", ["a@example.test", "b@example.test"], message())
     found = [e for e in await _events(redis_client) if e["kind"] == "quota.threshold"]
-    assert [(e["percent"], e["used"]) for e in found] == [(90, 93)]
+    assert [(e["percent"], e["used"]) for e in found] == [(90, 94)]
 
 
 async def test_thresholds_event_failure_never_changes_the_reply(relay, upstream, accounts,
@@ -113,7 +120,7 @@ async def test_thresholds_event_failure_never_changes_the_reply(relay, upstream,
     from structlog.testing import capture_logs
 
     user = await add_user(accounts, limit=10)
-    await redis_client.hset(keys.usage(user.id, "2026-11"), "used", 7)
+    await _sent_already(redis_client, user.id, 7)
     await redis_client.set(keys.events(), "not a stream")
     with capture_logs() as logs:
         async with smtp_client(relay) as client:
@@ -121,3 +128,23 @@ async def test_thresholds_event_failure_never_changes_the_reply(relay, upstream,
     assert errors == {}
     failed = [e for e in logs if e["event"] == "event.publish_failed"]
     assert len(failed) == 1 and json.loads(failed[0]["event_json"])["percent"] == 80
+
+
+async def test_thresholds_a_refused_send_crosses_nothing(relay, upstream, accounts,
+                                                         redis_client):
+    """Limit 20, 15 sent: the 16th is refused by the upstream at DATA (reserved, then
+    refunded): no 80 % notice for it. The next 16th, delivered, gets it, naming 16."""
+    user = await add_user(accounts, limit=20)
+    await _sent_already(redis_client, user.id, 15)
+    upstream.behaviour.data_reply = "554 5.6.0 Message refused"
+    async with smtp_client(relay) as client:
+        with pytest.raises(aiosmtplib.SMTPDataError):
+            await client.sendmail("agent@kw.test", ["a@example.test"], message())
+    assert [e for e in await _events(redis_client) if e["kind"] == "quota.threshold"] == []
+    upstream.behaviour.data_reply = None
+    async with smtp_client(relay) as client:
+        await client.sendmail("agent@kw.test", ["b@example.test"], message())
+    found = [e for e in await _events(redis_client) if e["kind"] == "quota.threshold"]
+    assert [(e["percent"], e["used"], e["limit"]) for e in found] == [(80, 16, 20)]
+    usage = await relay.quota.usage(user.id, "2026-11")
+    assert (usage.used, usage.delivered, usage.notified) == (16, 16, {20: (80,)})

@@ -1,21 +1,62 @@
 --[[
-commit.lua: make a transaction's reservations final once the upstream accepted the message.
+commit.lua: make a transaction's reservations final once the upstream accepted the message,
+and decide, in the same step, whether these delivered sends crossed a notification
+threshold.
 
 After a commit the units can no longer be refunded (delivered mail is never refunded).
-Idempotent: a second commit of the same transaction finds no open reservations.
+Idempotent: a second commit of the same transaction finds no open reservations, and crosses
+nothing.
 
-KEYS[1]  relay:usage:{uid}:YYYY-MM   hash: used, delivered, route:<name>
-KEYS[2]  relay:resv:{uid}:TXN        hash: recipient number -> 1
+Thresholds are crossed by delivered sends, not by reservations: a reservation the upstream
+then refuses is refunded, and a notice for it would name a send that never happened. The
+limit is the one in force now (terms.lua), so the percent is of the limit the user sees. A
+threshold is marked with HSETNX in the usage hash, keyed by the limit, so it fires exactly
+once per user, month and limit (concurrent commits on any number of relays included), and
+re-arms after an upgrade.
+
+KEYS[1]  relay:user:{uid}            hash: status, plan, limit, pending_plan/limit/from
+KEYS[2]  relay:usage:{uid}:YYYY-MM   hash: used, delivered, route:<name>,
+                                           n:<limit>:<percent> -> delivered when crossed
+KEYS[3]  relay:resv:{uid}:TXN        hash: recipient number -> 1
 ARGV[1]  the route the message went through (its count per route: field route:<name>)
+ARGV[2]  the month, YYYY-MM (selects a pending plan change that has come due)
+ARGV[3]  notification thresholds, percent, space separated, ascending (e.g. "80 85 90 95 100")
+ARGV[4..] plan limits as pairs: plan name, sends per month
 
-Returns {committed, used}
+Returns {committed, used, delivered, limit, crossed}
   committed  units made final by this call (0 on a repeat)
-  used       the month's count after the call
+  used       the month's count after the call (reserved + delivered)
+  delivered  the month's delivered count after the call
+  limit      the limit in force (0 if the user or the plan is gone)
+  crossed    the highest threshold (percent) this commit crossed for the first time, else 0
 ]]
-local n = redis.call('HLEN', KEYS[2])
+local PLANS = 4
+local n = redis.call('HLEN', KEYS[3])
+local delivered
 if n > 0 then
-  redis.call('HINCRBY', KEYS[1], 'delivered', n)
-  redis.call('HINCRBY', KEYS[1], 'route:' .. ARGV[1], n)
-  redis.call('DEL', KEYS[2])
+  delivered = redis.call('HINCRBY', KEYS[2], 'delivered', n)
+  redis.call('HINCRBY', KEYS[2], 'route:' .. ARGV[1], n)
+  redis.call('DEL', KEYS[3])
+else
+  delivered = tonumber(redis.call('HGET', KEYS[2], 'delivered') or '0')
 end
-return {n, tonumber(redis.call('HGET', KEYS[1], 'used') or '0')}
+local used = tonumber(redis.call('HGET', KEYS[2], 'used') or '0')
+local state, plan, custom = terms(KEYS[1], ARGV[2])
+local limit = 0
+if state ~= 'missing' then
+  limit = tonumber(custom) or plan_limit(plan, PLANS) or 0
+end
+local crossed = 0
+if n > 0 and limit > 0 then
+  for percent in string.gmatch(ARGV[3], '%d+') do
+    local p = tonumber(percent)
+    -- The first delivered count at or above p% of the limit (integer arithmetic, no float
+    -- rounding).
+    if delivered * 100 >= limit * p then
+      if redis.call('HSETNX', KEYS[2], 'n:' .. limit .. ':' .. p, delivered) == 1 then
+        crossed = p
+      end
+    end
+  end
+end
+return {n, used, delivered, limit, crossed}
