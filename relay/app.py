@@ -44,6 +44,7 @@ from relay.reload import reload_policies
 from relay.routes import RouteUpstreams
 from relay.server import listen, make_factory
 from relay.settings import Settings
+from relay.settle import LateSettlements
 from relay.store import REDIS_ERRORS, RedisClient, close_redis, connect_redis
 from relay.tlsconfig import ensure_dev_certificate, server_context
 from relay.transaction import Services
@@ -163,6 +164,7 @@ class RelayApp:
             failovers=[(r.name, r.failover) for r in routes.values() if r.failover])
         self.accounts = AccountStore(redis)
         self.quota = QuotaStore(redis, self.metrics)
+        self.settlements = LateSettlements(self.quota, self.metrics)
         self.events = EventLog(redis, self.metrics)
         self.upstream = make_upstream(settings, self.metrics.upstream("default"))
         self.credentials = CredentialStore(redis, lambda: load_key(settings.credentials_key,
@@ -173,7 +175,7 @@ class RelayApp:
             accounts=self.accounts,
             services=Services(quota=self.quota, events=self.events, routes=self.routes,
                               policies=self.policies, max_recipients=settings.max_recipients,
-                              metrics=self.metrics),
+                              metrics=self.metrics, settlements=self.settlements),
             clock=self.clock, hostname=settings.hostname, default_tz=settings.default_tz,
             throttle=AuthThrottle(redis, per_client=settings.auth_max_failures_per_ip,
                                   per_login=settings.auth_max_failures_per_login,
@@ -337,6 +339,8 @@ class RelayApp:
         # is left of the drain, and at least a moment to hear the upstream's reply.
         await asyncio.sleep(0)
         await self.handler.drain(max(deadline - loop.time(), _DELIVERY_GRACE_SECONDS))
+        # Commits and refunds still waiting for Redis get one more timeout's worth of tries.
+        await self.settlements.close(max(deadline - loop.time(), self.settings.redis_timeout))
         if self.admin_server is not None:
             await self.admin_server.stop()
         async with self.reload_lock:  # not while a reload swaps the routes

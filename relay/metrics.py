@@ -59,7 +59,7 @@ REPLY_CLASSES = ("2xx", "4xx", "5xx", "error")
 NOTIFY_OUTCOMES = ("delivered", "dead_lettered")
 # transaction.py's _log_unreconciled reasons: its own, and the abort reasons of server.py.
 UNRECONCILED_REASONS = ("upstream_no_reply", "commit_failed", "refund_failed", "reset",
-                        "disconnect")
+                        "disconnect", "cancelled")
 
 # Buckets in seconds (bytes for sizes), chosen around what each step costs on loopback and in
 # production: Redis in well under a millisecond, an upstream command in milliseconds to
@@ -266,6 +266,9 @@ class RelayMetrics:
         self.units_refunded = Counter(
             "relay_quota_units_refunded_total", "Units given back (refund.lua): recipients "
             "refused upstream, failed messages, RSET and disconnects.", registry=r)
+        self.settlements_pending = Gauge(
+            "relay_quota_settlements_pending", "Commits and refunds that met Redis away and "
+            "wait to be written again (relay/settle.py).", registry=r)
         self.unreconciled = Children(Counter(
             "relay_quota_unreconciled_total", "Transactions whose count may be high (the log's "
             "quota.unreconciled), by reason.", ["reason"], registry=r),

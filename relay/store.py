@@ -39,6 +39,11 @@ RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 # client raises RedisClusterException (not a RedisError) when no node answers at all.
 REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
 
+# Connections one client may open to one server: one per command in flight, so the SMTP
+# sessions of a busy process (each waits on at most one command) rarely need more; Redis's
+# own maxclients (10,000) leaves room for many relay processes at this size.
+MAX_CONNECTIONS = 512
+
 
 @contextmanager
 def store_errors() -> Iterator[None]:
@@ -92,14 +97,24 @@ def connect_redis(url: str, *, timeout: float, wait_replicas: int = 0) -> RedisC
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
             username=target.username, password=target.password, **_tls(target), **common)
     else:
-        client = aioredis.Redis.from_url(url, **common)
+        # A blocking pool: a burst of more concurrent commands than connections waits (up
+        # to the timeout) for one to come free, where redis-py's default pool raises
+        # MaxConnectionsError past 100 and 150 simultaneous logins would get 454.
+        # from_pool: the client owns the pool, so aclose() closes its connections too.
+        client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=timeout, **common))
     if wait_replicas:
         _DURABILITY[client] = Durability(wait_replicas, max(1, int(timeout * 500)))
     return client
 
 
 def _fail_fast() -> Retry:
-    return Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1)
+    # Retried once: a broken connection (ConnectionError), which a Redis restart or a
+    # failover leaves in the pool, and which a fresh one replaces at once. Not a timeout:
+    # Redis took the command and did not answer in time (paused, overloaded), and asking
+    # again would hold the SMTP client twice the timeout for the same answer.
+    return Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1,
+                 supported_errors=(redis.exceptions.ConnectionError,))
 
 
 def _sentinel_master(target: RedisTarget, common: dict[str, Any]) -> aioredis.Redis:
@@ -118,7 +133,7 @@ def _sentinel_master(target: RedisTarget, common: dict[str, Any]) -> aioredis.Re
                          "decode_responses": True, **tls})
     master: aioredis.Redis = sentinel.master_for(
         target.service, db=target.db, username=target.username, password=target.password,
-        **tls, **common)
+        max_connections=MAX_CONNECTIONS, **tls, **common)
     return master
 
 

@@ -50,6 +50,7 @@ from relay.policies import Policies
 from relay.quota import QuotaStore, Reservation, ReserveStatus, Settlement
 from relay.routes import RouteUpstreams
 from relay.routing import Route, choose_route
+from relay.settle import LateSettlements, PendingSettlement
 from relay.upstream import UpstreamOutcomeUnknownError, UpstreamSession
 from relay.wire import Outgoing, WireMessage
 
@@ -76,6 +77,9 @@ class Services:
     policies: Policies
     max_recipients: int
     metrics: RelayMetrics = field(default_factory=detached)
+    # Where a commit or refund that met Redis away goes to be written later; None (tests of
+    # the transaction alone) logs it as unreconciled at once.
+    settlements: LateSettlements | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +175,8 @@ class Transaction:
             await self._opened.session.rcpt(address, options)
         except RelayError:
             if self._opened.route.counted:
-                settlement = await self._services.quota.refund(
-                    self.user.id, self.period.label, self.txn_id, [rcpt_no])
-                self._last_used = settlement.used
+                # The client hears the upstream's refusal, whatever Redis does meanwhile.
+                await self._refund([rcpt_no])
             raise
 
     async def _reserve(self, rcpt_nos: int | list[int]) -> None:
@@ -322,19 +325,29 @@ class Transaction:
             if route.counted:
                 # Commit before handing the connection back: the units become final as soon
                 # as possible after the upstream's 250.
-                settlement = await self._services.quota.commit(
-                    self.user.id, self.period.label, self.txn_id, route.name,
-                    self._policies.plan_limits(),
-                    self._policies.notifications.threshold_argument)
+                commit = PendingSettlement(
+                    "commit", self.user.id, self.period.label, self.txn_id, self.log,
+                    route=route.name, plan_limits=self._policies.plan_limits(),
+                    thresholds=self._policies.notifications.threshold_argument,
+                    on_committed=self._notify_crossing)
+                try:
+                    settlement = await self._services.quota.commit(
+                        commit.user_id, commit.period, commit.txn_id, commit.route,
+                        commit.plan_limits, commit.thresholds)
+                except RelayError:
+                    # Delivered mail stays counted (reserve took the units); the commit that
+                    # makes them final is written once Redis is back.
+                    self._settle_later(commit)
+                    return
                 self._last_used = settlement.used
                 await self._notify_crossing(settlement)
             else:
                 await self._services.quota.tally(self.user.id, self.period.label, route.name,
                                                  len(self.accepted))
         except RelayError:
-            # Delivered mail stays counted: reserve already took the units. Only the
-            # bookkeeping is missing; log it for reconciliation.
-            self._log_unreconciled("commit_failed")
+            # A tally is not idempotent (HINCRBY), so it is not retried: the per-route count
+            # of an uncounted route is for reports only and may be low by this message.
+            self.log.warning("quota.tally_failed", rcpt_accepted=len(self.accepted))
 
     async def abort(self, reason: str) -> None:
         """End an unfinished transaction (RSET, new EHLO, disconnect, timeout). Never raises;
@@ -380,15 +393,29 @@ class Transaction:
                                 used=settlement.delivered, limit=settlement.limit)
 
     async def _refund_all(self) -> None:
+        await self._refund(None)
+
+    async def _refund(self, rcpt_nos: list[int] | None) -> None:
+        """Give back the open units of ``rcpt_nos`` (all when None); a refund that meets
+        Redis away is written once it is back. Never raises a Redis failure."""
         try:
             settlement = await self._services.quota.refund(self.user.id, self.period.label,
-                                                           self.txn_id)
+                                                           self.txn_id, rcpt_nos)
         except RelayError:
-            self._log_unreconciled("refund_failed")
+            self._settle_later(PendingSettlement(
+                "refund", self.user.id, self.period.label, self.txn_id, self.log,
+                rcpt_nos=rcpt_nos))
             return
         self._last_used = settlement.used
         if settlement.units:
             self.log.info("quota.refunded", units=settlement.units, used=settlement.used)
+
+    def _settle_later(self, pending: PendingSettlement) -> None:
+        settlements = self._services.settlements
+        if settlements is None:
+            self._log_unreconciled(f"{pending.kind}_failed")
+        else:
+            settlements.add(pending)
 
     def _log_unreconciled(self, reason: str) -> None:
         # The reservation key relay:resv:{user}:<txn_id> keeps the units for a week; this line

@@ -63,7 +63,7 @@ STATIC_SECRETS: dict[str, str] = {
     "test_cluster.user password": "pw-one-long-enough",
     "test_cli.APP_PASSWORD": "an app secret of 30 characters",
     "test_adminapi_schema.TOKEN": "s" * 32,
-    "test_adminapi.password": "x" * 20,
+    "test_adminapi.password": "exactly-20-chars-pw!",
     "test_logs.SECRET": "hunter2-in-a-local",
     "test_security.OTHER_PASSWORD": "another user's passphrase 42",
     "fuzzinput.APP_PASSWORD": "fuzz app credential passphrase",

@@ -475,8 +475,6 @@ async def _commit_while_redis_is_away(upstream: UpstreamProcess, relay: Relay,
     return txn
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 8: a commit (or refund) that fails "
-                   "while Redis is away is never retried: delivered stays low, in_flight > 0")
 async def test_faults_redis_killed_and_restarted(
         serve: Start, persistent_redis: PersistentRedis, tmp_path: Path) -> None:
     """Redis SIGKILLed under load (one commit meets the outage for sure) and restarted on
@@ -510,8 +508,6 @@ async def test_faults_redis_killed_and_restarted(
         await client.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 8: under CLIENT PAUSE a step waits "
-                   "twice RELAY_REDIS_TIMEOUT, and a commit that times out is never retried")
 async def test_faults_redis_paused(scenario: Scenario, redis_server: RedisServer) -> None:
     """Redis paused (CLIENT PAUSE ALL, 3 x RELAY_REDIS_TIMEOUT) under load: each SMTP step
     answers within about the timeout (never twice it), the commit that meets the pause is
