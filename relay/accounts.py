@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -112,17 +113,31 @@ class AppPrincipal:
 Principal = UserPrincipal | AppPrincipal
 
 
+# A-Z only. str.lower() also maps non-ASCII characters onto ASCII ones (KELVIN SIGN U+212A
+# becomes "k"), and str.strip() removes non-ASCII blanks (U+3000, U+00A0): either let a
+# look-alike that is another address on the wire match the ASCII address a user owns.
+_ASCII_UPPER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def ascii_lower(text: str) -> str:
+    """``text`` with A-Z lower-cased and every other character left as it is."""
+    return text.translate(_ASCII_UPPER)
+
+
 def normalize_address(address: str) -> str:
-    """Sender addresses are matched case-insensitively (what every provider does in practice)."""
-    return address.strip().lower()
+    """Sender addresses are matched case-insensitively in ASCII (what every provider does in
+    practice); non-ASCII characters are compared exactly, so a look-alike never folds onto an
+    ASCII address. Only ASCII blanks around it are taken away."""
+    return ascii_lower(address.strip(string.whitespace))
 
 
 def check_address(address: str) -> str:
-    """A new address, lower-cased; AccountError unless it matches ADDRESS_PATTERN as given
-    (no surrounding spaces taken away: what is refused is what the API document refuses)."""
+    """A new address, normalised like a looked-up one (A-Z lower-cased); AccountError unless it
+    matches ADDRESS_PATTERN as given (no surrounding spaces taken away: what is refused is
+    what the API document refuses)."""
     if not _ADDRESS.match(address):
         raise AccountError(f"not an email address: {address!r}")
-    return address.lower()
+    return ascii_lower(address)
 
 
 def _now() -> str:

@@ -105,8 +105,9 @@ class Admin:
             if user_id is not None and await self.accounts.find_user(user_id) is not None:
                 raise AccountConflictError(f"user id {user_id} already exists")
             for address in (email, *senders):
-                if await self.accounts.find_user(check_address(address)) is not None:
-                    raise AccountConflictError(f"address {address.lower()} already belongs "
+                normalized = check_address(address)
+                if await self.accounts.find_user(normalized) is not None:
+                    raise AccountConflictError(f"address {normalized} already belongs "
                                                "to a user")
             # In a thread: the admin API shares its event loop with the SMTP sessions.
             password_hash = None if password is None else \

@@ -14,7 +14,8 @@ module writes a reply string.
     │   ├── AuthThrottledError          454 4.7.0  too many AUTH failures (address or login)
     │   ├── SessionTimeoutError         421 4.4.2  idle or transaction timeout; then closed
     │   ├── UpstreamTemporaryError      4xx        the upstream said 4xx, or could not be reached
-    │   │   └── UpstreamUnavailableError 451 4.4.1 connection, TLS or login to the upstream failed
+    │   │   ├── UpstreamUnavailableError 451 4.4.1 connection, TLS or login to the upstream failed
+    │   │   └── UpstreamBusyError       451 4.4.5  every pooled upstream connection stayed busy
     │   ├── InternalError               451 4.3.0  a bug: logged with its traceback, never shown
     │   └── ShuttingDownError           421 4.3.2  the relay is draining (SIGTERM): goodbye
     ├── PermanentError                  5xx: the client must not retry as is
@@ -310,6 +311,17 @@ class UpstreamUnavailableError(UpstreamTemporaryError):
     code = 451
     status = "4.4.1"
     text = "Upstream unreachable, try again later"
+
+
+class UpstreamBusyError(UpstreamTemporaryError):
+    """Every connection of the upstream pool stayed busy for the whole wait (the upstream
+    timeout). The upstream is reachable: the relay is congested, RFC 3463 X.4.5 (mail system
+    congestion), not X.4.1 (no answer from host). Not an UpstreamUnavailableError on purpose:
+    a route's failover is for an upstream that cannot be reached."""
+
+    code = 451
+    status = "4.4.5"
+    text = "Upstream connections all busy, try again later"
 
 
 class UpstreamPermanentError(PermanentError):

@@ -16,7 +16,7 @@ def user(user_id: str) -> str:
 
 
 def user_senders(user_id: str) -> str:
-    """Set of sender addresses (lower case) the user owns."""
+    """Set of sender addresses (normalised: A-Z lower-cased) the user owns."""
     return f"{PREFIX}:senders:{{{user_id}}}"
 
 
@@ -31,8 +31,10 @@ def reservations(user_id: str, txn_id: str) -> str:
 
 
 def sender_index(address: str) -> str:
-    """String: the id of the user who owns this sender address (lower case)."""
-    return f"{PREFIX}:sender:{address.lower()}"
+    """String: the id of the user who owns this sender address, as
+    ``accounts.normalize_address`` gives it (A-Z lower-cased). Not folded again here: a
+    second, wider folding (str.lower()) would map a non-ASCII look-alike onto an ASCII key."""
+    return f"{PREFIX}:sender:{address}"
 
 
 def users_index() -> str:

@@ -56,9 +56,16 @@ def strip_headers(content: bytes, prefixes: tuple[bytes, ...]) -> bytes:
     return b"".join(kept) + content[header_len:]
 
 
+# What is stripped around a control header's name and value: the blanks of RFC 5322 (WSP)
+# only. bytes.strip() also took VT and FF away, so "X-KW-Route: <VT>mailchimp" (or a VT after
+# the name) reached the validation in relay.controls as a clean "mailchimp".
+_WSP = b" \t"
+
+
 def control_headers(content: bytes) -> dict[str, str]:
     """The X-KW-* fields of the header section: lower-case name without the prefix -> value
-    (unfolded, stripped; undecodable bytes replaced). The first of a repeated field wins."""
+    (unfolded, SP and HTAB stripped, any other character kept for the caller to judge;
+    undecodable bytes replaced). The first of a repeated field wins."""
     head = content[:header_length(content)]
     if CONTROL_HEADER_PREFIX not in head.lower():
         return {}
@@ -68,15 +75,15 @@ def control_headers(content: bytes) -> dict[str, str]:
         if line[:1] in (b" ", b"\t"):
             if name is not None:  # unfold (RFC 5322 §2.2.3); "X-KW-Route:" CRLF " v" is "v"
                 fields[name] = (fields[name] + " "
-                                + line.strip().decode("utf-8", "replace")).strip()
+                                + line.strip(_WSP).decode("utf-8", "replace")).strip(" ")
             continue
         name = None
         if line.lower().startswith(CONTROL_HEADER_PREFIX) and b":" in line:
             raw_name, _, value = line.partition(b":")
-            key = raw_name[len(CONTROL_HEADER_PREFIX):].strip().lower().decode("ascii",
-                                                                               "replace")
+            key = raw_name[len(CONTROL_HEADER_PREFIX):].strip(_WSP).lower().decode(
+                "ascii", "replace")
             if key not in fields:
-                fields[key] = value.strip().decode("utf-8", "replace")
+                fields[key] = value.strip(_WSP).decode("utf-8", "replace")
                 name = key
     return fields
 

@@ -298,7 +298,7 @@ class RelayMetrics:
             "includes waiting for a pooled connection).", ["pool", "step"],
             buckets=UPSTREAM_BUCKETS, registry=r))
         self._pool_timeouts = Children(Counter(
-            "relay_upstream_pool_timeouts_total", "Transactions refused (451) because every "
+            "relay_upstream_pool_timeouts_total", "Transactions refused (451 4.4.5) because every "
             "connection of the pool stayed busy for the upstream timeout.", ["pool"],
             registry=r))
         self._pools = _PoolCollector()

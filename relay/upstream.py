@@ -25,6 +25,7 @@ from relay.errors import (
     BadAddressError,
     RelayError,
     SmtpUtf8UnsupportedError,
+    UpstreamBusyError,
     UpstreamTemporaryError,
     UpstreamUnavailableError,
     upstream_reply_error,
@@ -231,8 +232,10 @@ class SmtpUpstream:
         try:
             await asyncio.wait_for(self._slots.acquire(), self.timeout)
         except TimeoutError:
+            # Nothing was asked of the upstream: it is the pool that is full, not the upstream
+            # that is down (451 4.4.5, and no failover, which is for an unreachable one).
             self._metrics.pool_timeouts.inc()
-            raise UpstreamUnavailableError("Upstream busy, try again later") from None
+            raise UpstreamBusyError() from None
         self._held += 1
         try:
             client = self._take_idle()

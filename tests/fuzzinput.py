@@ -37,7 +37,7 @@ GOOD_SENDERS = [b"agent@kw.test", b"alias@kw.test", b"AGENT@KW.TEST", b"Alias@Kw
                 b"other@kw.test"]
 BAD_SENDERS = [b"nobody@nowhere.test", b"agent@kw.test.", b"agent@kw.tes", b"agent@kw.test>",
                b"\xd0\xb0gent@kw.test", b"agent@kw.t\xc3\xa9st", b"agent", b"@kw.test",
-               b'"agent"@kw.test', b"agent@[127.0.0.1]"]
+               b'"agent"@kw.test', b"agent@[127.0.0.1]", "agent@\u212aw.test".encode()]
 RCPTS = [b"r1@example.test", b"r2@example.test", b"R3@Example.Test", b"refused@example.test",
          b"later@example.test", b"u%c.example@relay.test", b"c.example!u", b'"q u"@c.example',
          b"x@[192.0.2.1]", b"x@c\xc3\xa9.example", b"l" * 70 + b"@example.test", b"a@b",

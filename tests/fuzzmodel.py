@@ -359,8 +359,10 @@ class SessionModel:
         if problems:
             return self._refuse_or_tolerate(problems, "mail", "sender",
                                             lambda c: self._mail_done(c, address, "known"))
-        owned = address.lower() in (USER_SENDERS if self.principal == "user"
-                                    else USER_SENDERS | OTHER_SENDERS)
+        # Only A-Z match in any case: a non-ASCII look-alike (KELVIN SIGN for K) is never one
+        # of these ASCII addresses.
+        owned = address.isascii() and address.lower() in (
+            USER_SENDERS if self.principal == "user" else USER_SENDERS | OTHER_SENDERS)
         if not owned:
             return only(553 if self.principal == "user" else 550, "sender not allowed")
         return only(250, "sender allowed",

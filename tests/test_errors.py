@@ -22,6 +22,7 @@ from relay.errors import (
     QuotaExceededError,
     RelayError,
     TemporaryError,
+    UpstreamBusyError,
     UpstreamPermanentError,
     UpstreamTemporaryError,
     UpstreamUnavailableError,
@@ -161,8 +162,17 @@ def test_translate_error_refused_address_is_bad_address(exc: BaseException) -> N
 
 def test_translate_error_relay_error_passes_through() -> None:
     """A RelayError is returned as it is."""
-    original = UpstreamUnavailableError("Upstream busy, try again later")
+    original = UpstreamBusyError()
     assert translate_error(original) is original
+
+
+def test_upstream_busy_is_congestion_not_unreachable() -> None:
+    """A full upstream pool is 451 4.4.5 (RFC 3463: mail system congestion): an upstream
+    refusal of its own kind, not UpstreamUnavailableError (4.4.1, and the failover trigger)."""
+    busy = UpstreamBusyError()
+    assert busy.reply == "451 4.4.5 Upstream connections all busy, try again later"
+    assert isinstance(busy, UpstreamTemporaryError)
+    assert not isinstance(busy, UpstreamUnavailableError)
 
 
 def test_translate_error_unmapped_exception_raises() -> None:
@@ -254,7 +264,7 @@ def test_relay_error_classes_cover_the_tree() -> None:
             "InternalError", "AuthRequiredError", "SenderNotAllowedError",
             "UnknownSenderError", "UserDisabledError", "UpstreamPermanentError",
             "TooManyConnectionsError", "UntrustedPeerError", "AuthThrottledError",
-            "SessionTimeoutError"} <= names
+            "SessionTimeoutError", "UpstreamBusyError"} <= names
 
 
 def test_relay_error_instance_refinement_does_not_leak_to_class() -> None:

@@ -22,6 +22,7 @@ from tests.conftest import (
     smtp_client,
     wait_for,
 )
+from tests.test_metrics import scrape
 
 
 async def _used(app, user_id: str) -> int:
@@ -158,6 +159,37 @@ async def test_failures_upstream_down_gives_451_and_counts_nothing(relay, upstre
             await client.mail("agent@kw.test")
     assert (refused.value.code, refused.value.message[:5]) == (451, "4.4.1")
     assert await _used(relay, user.id) == 0
+
+
+async def test_failures_upstream_pool_busy_gives_451_4_4_5(make_relay, upstream, accounts):
+    """Every connection of the upstream pool stays busy for the whole wait (the upstream
+    timeout): the upstream is reachable, the relay is congested, so MAIL gets 451 4.4.5
+    (RFC 3463 system congestion), not 4.4.1 (unreachable). Nothing is reserved, the refusal
+    is logged and counted like the other upstream refusals, and the transaction holding the
+    connection is unaffected."""
+    user = await add_user(accounts)
+    relay = await make_relay(upstream=upstream, upstream_pool_size=1, upstream_timeout=0.5)
+    with capture_logs() as logs:
+        async with smtp_client(relay) as holder:
+            await holder.mail("agent@kw.test")  # opens, and holds, the pool's one connection
+            async with smtp_client(relay) as waiting:
+                with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                    await waiting.mail("agent@kw.test")
+            await holder.rcpt("a@example.test")
+            await holder.data(message())
+    assert (refused.value.code, refused.value.message) == (
+        451, "4.4.5 Upstream connections all busy, try again later")
+    assert [m.rcpt_tos for m in upstream.messages] == [["a@example.test"]]
+    assert await _used(relay, user.id) == 1
+    assert [e["reason"] for e in logs if e["event"] == "mail.refused"] == ["UpstreamBusyError"]
+    finished = {e["outcome"]: e for e in logs if e["event"] == "delivery.finished"}
+    assert sorted(finished) == ["deferred", "delivered"]
+    assert (finished["deferred"]["smtp_code"], finished["deferred"]["reason"]) == (
+        451, "UpstreamBusyError")
+    scraped = await scrape(relay.metrics_port)
+    assert scraped.value("relay_upstream_pool_timeouts_total", pool="default") == 1
+    assert scraped.value("relay_mail_from_total", outcome="refused",
+                         reason="UpstreamBusyError") == 1
 
 
 async def test_failures_upstream_drops_idle_connection_is_reconnected(relay, upstream,

@@ -386,6 +386,28 @@ async def test_routes_no_failover_when_the_primary_refuses_a_recipient(
     assert (usage.used, usage.routes) == (1, {"command": 1})
 
 
+async def test_routes_no_failover_when_the_primary_pool_is_busy(
+        make_relay: RelayFactory, upstream: CapturingUpstream, secondary: CapturingUpstream,
+        accounts: AccountStore, tmp_path: Path) -> None:
+    """The primary's one pooled connection held by another transaction for the whole wait:
+    the primary is reachable, only busy, so the client gets 451 4.4.5 and nothing goes via
+    the failover route (which is for an unreachable upstream)."""
+    app: RelayApp = await make_relay(
+        upstream=upstream, policies_dir=failover_policies(tmp_path), upstream_pool_size=1,
+        upstream_timeout=0.5,
+        route_urls={"secondary": UpstreamTarget("127.0.0.1", secondary.port, "none")})
+    user = await setup_user(accounts)
+    with capture_logs() as logs:
+        async with smtp_client(app, login=SENDER) as holder:
+            await holder.mail(SENDER)  # the command pool's one connection, held
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await send(app, SENDER, compose())
+    assert (refused.value.code, refused.value.message[:6]) == (451, "4.4.5 ")
+    assert secondary.messages == [] and secondary.handler.connections == 0
+    assert not [e for e in logs if e["event"] == "route.failover"]
+    assert (await app.quota.usage(user.id, PERIOD)).used == 0
+
+
 async def test_routes_no_failover_configured_gives_451(
         make_relay: RelayFactory, accounts: AccountStore) -> None:
     """With the shipped policy (no failover) an unreachable command upstream is a 451 at MAIL

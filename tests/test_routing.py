@@ -299,6 +299,35 @@ def headers(*lines: str, body: str = "Body\r\n") -> bytes:
                  Controls(problems=("invalid X-KW-contact-id",)), id="folded-into-two-words"),
     pytest.param(headers("X-KW-SmartPlan-Id: sp-1", "X-KW-SmartPlan-Id: sp-2"),
                  Controls(smartplan_id="sp-1"), id="first-of-repeated-wins"),
+    pytest.param(headers("X-KW-Route:\tmailchimp\t"), Controls(route="mailchimp"),
+                 id="tabs-around-value-are-blanks"),
+    # A C0 control character or DEL anywhere in a value makes it invalid, never cleaned into
+    # a valid value: a VT or FF at either end used to be stripped like a blank, so
+    # "X-KW-Route: <VT>mailchimp" chose the mailchimp route.
+    pytest.param(headers("X-KW-Route: \x0bmailchimp"),
+                 Controls(problems=("invalid X-KW-route",)), id="route-leading-vt"),
+    pytest.param(headers("X-KW-Route: mailchimp\x0c"),
+                 Controls(problems=("invalid X-KW-route",)), id="route-trailing-ff"),
+    pytest.param(headers("X-KW-Route:\x0b\x0ccommand\x0b"),
+                 Controls(problems=("invalid X-KW-route",)), id="route-vt-ff-around"),
+    pytest.param(headers("X-KW-Route:", " \x0bmailchimp"),
+                 Controls(problems=("invalid X-KW-route",)), id="route-folded-leading-vt"),
+    pytest.param(headers("X-KW-Route: \x7fmailchimp"),
+                 Controls(problems=("invalid X-KW-route",)), id="route-leading-del"),
+    pytest.param(headers("X-KW-Route: mailchimp\x1f"),
+                 Controls(problems=("invalid X-KW-route",)), id="route-trailing-us"),
+    pytest.param(headers("X-KW-Route: mail\tchimp"),
+                 Controls(problems=("invalid X-KW-route",)), id="route-inner-tab"),
+    pytest.param(headers("X-KW-Contact-Id: \x0bc-1", "X-KW-SmartPlan-Step: 3\x0c",
+                         "X-KW-Campaign-Id: \x00cmp-1"),
+                 Controls(problems=("invalid X-KW-contact-id", "invalid X-KW-smartplan-step",
+                                    "invalid X-KW-campaign-id")),
+                 id="ids-with-control-at-an-end"),
+    pytest.param(headers("X-KW-Route\x0b: mailchimp"),
+                 Controls(problems=("unknown header X-KW-route\x0b",)), id="name-trailing-vt"),
+    # Only A-Z are lower-cased: KELVIN SIGN (U+212A) is no "k".
+    pytest.param(headers("X-KW-Route: mailchimp\u212a"),
+                 Controls(problems=("invalid X-KW-route",)), id="route-kelvin-sign"),
 ])
 def test_read_controls_table(content: bytes, expected: Controls) -> None:
     """Valid control values are typed; a bad value or unknown X-KW header is a problem, never
