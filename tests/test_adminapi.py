@@ -150,8 +150,9 @@ async def test_adminapi_openapi_document_states_this_relays_policies(make_relay,
         short = await api.call("POST", "/v1/users", json={"email": "a@kw.test",
                                                           "password": "exactly-20-chars-pw"})
         assert short.status == 400 and "at least 20" in short.body["error"]
-        assert (await api.call("POST", "/v1/users", json={"email": "a@kw.test",
-                                                          "password": "exactly-20-chars-pw!"})).status == 201
+        long_enough = await api.call("POST", "/v1/users", json={
+            "email": "a@kw.test", "password": "exactly-20-chars-pw!"})
+        assert long_enough.status == 201
 
 
 async def test_adminapi_not_started_without_a_token(make_relay, upstream):
