@@ -1,5 +1,5 @@
-"""Commits and refunds that could not be written when they were due, written later (issue 10
-item 8; STYLE §1 step 7).
+"""Commits and refunds that could not be written when they were due, written later
+(STYLE §1 step 7).
 
 A commit after the upstream's 250, or a refund after a refusal or a reset, that meets Redis
 away (killed, paused, failing over) is not dropped: the transaction hands it here, and one
