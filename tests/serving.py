@@ -211,6 +211,13 @@ class LineClient:
     def close(self) -> None:
         self.writer.close()
 
+    async def aclose(self) -> None:
+        """Close and wait until the transport is gone: a test ending right after a bare
+        close() may tear its loop down before the socket is, a ResourceWarning."""
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
 
 async def send_to(port: int, *recipients: str) -> list[int]:
     """One transaction; the reply code to each RCPT (DATA follows if any was accepted)."""

@@ -385,14 +385,14 @@ async def test_hardening_end_of_file_inside_a_command_line_ends_the_session(
     await client.send(tail)
     client.writer.write_eof()
     assert (await asyncio.wait_for(client.reader.read(), 10)).count(b"\r\n") <= 1
-    client.close()
+    await client.aclose()
     [closed] = await relay.process.wait_event("session.closed")
     lines = [r for r in relay.process.records() if r.get("session_id") == closed["session_id"]]
     assert len(lines) < 12, lines
     assert relay.errors() == []
     again = await LineClient.connect(relay.port)  # still serving
     await again.login()
-    again.close()
+    await again.aclose()
 
 
 async def _vanish(port: int, kind: str) -> None:
