@@ -251,22 +251,23 @@ class RelayHandler:
         delivery = asyncio.get_running_loop().create_task(
             txn.deliver(envelope.message, trace))
         self._delivering.add(delivery)
-        delivery.add_done_callback(self._delivered)
+        delivery.add_done_callback(self._delivering.discard)
         try:
             await asyncio.shield(delivery)
         except RelayError as exc:
             return exc.reply
+        except asyncio.CancelledError:
+            # The client left: nobody hears the outcome now (a refusal is the transaction's
+            # own, logged by it), but a bug in the delivery must still be logged.
+            delivery.add_done_callback(self._log_orphaned_bug)
+            raise
         return errors.message_accepted(txn.txn_id)
 
-    def _delivered(self, delivery: asyncio.Task[str]) -> None:
-        self._delivering.discard(delivery)
-        if not delivery.cancelled():
-            # Retrieved here: when the client left, nobody awaits the task any more. The
-            # refusal (RelayError) is the transaction's own, logged by it.
-            error = delivery.exception()
-            if error is not None and not isinstance(error, RelayError):
-                self.services.metrics.session_exceptions.inc()
-                log.error("delivery.exception", exc_info=error)
+    def _log_orphaned_bug(self, delivery: asyncio.Task[str]) -> None:
+        error = None if delivery.cancelled() else delivery.exception()
+        if error is not None and not isinstance(error, RelayError):
+            self.services.metrics.session_exceptions.inc()
+            log.error("delivery.exception", exc_info=error)
 
     async def handle_exception(self, error: Exception) -> str:
         # A bug, not a refusal: log the traceback, tell the client only to retry later

@@ -325,19 +325,19 @@ class Transaction:
             if route.counted:
                 # Commit before handing the connection back: the units become final as soon
                 # as possible after the upstream's 250.
-                commit = PendingSettlement(
-                    "commit", self.user.id, self.period.label, self.txn_id, self.log,
-                    route=route.name, plan_limits=self._policies.plan_limits(),
-                    thresholds=self._policies.notifications.threshold_argument,
-                    on_committed=self._notify_crossing)
+                plan_limits = self._policies.plan_limits()
+                thresholds = self._policies.notifications.threshold_argument
                 try:
                     settlement = await self._services.quota.commit(
-                        commit.user_id, commit.period, commit.txn_id, commit.route,
-                        commit.plan_limits, commit.thresholds)
+                        self.user.id, self.period.label, self.txn_id, route.name,
+                        plan_limits, thresholds)
                 except RelayError:
                     # Delivered mail stays counted (reserve took the units); the commit that
                     # makes them final is written once Redis is back.
-                    self._settle_later(commit)
+                    self._settle_later(PendingSettlement(
+                        "commit", self.user.id, self.period.label, self.txn_id, self.log,
+                        route=route.name, plan_limits=plan_limits, thresholds=thresholds,
+                        on_committed=self._notify_crossing))
                     return
                 self._last_used = settlement.used
                 await self._notify_crossing(settlement)

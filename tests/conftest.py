@@ -93,6 +93,22 @@ class RedisServer:
             self.process = None
 
 
+class PersistentRedis(RedisServer):
+    """A redis-server whose writes survive a SIGKILL (append-only file, fsync on every
+    write), so "Redis killed and restarted" loses nothing it acknowledged."""
+
+    extra = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
+    """A PersistentRedis of the test's own, to kill and restart on its port."""
+    server = PersistentRedis(tmp_path / "redis-aof")
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))

@@ -183,13 +183,6 @@ class UpstreamProcess:
         return load_captures(self.capture_path)
 
 
-class PersistentRedis(RedisServer):
-    """A redis-server whose writes survive a SIGKILL (append-only file, fsync on every
-    write), so "Redis killed and restarted" loses nothing it acknowledged."""
-
-    extra = ("--appendonly", "yes", "--appendfsync", "always")
-
-
 # -- the scenario --------------------------------------------------------------------------
 @dataclass
 class Scenario:

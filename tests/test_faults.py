@@ -15,7 +15,7 @@ import re
 import socket
 import struct
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -24,11 +24,10 @@ import redis.asyncio as aioredis
 from relay.accounts import AccountStore
 from relay.store import connect_redis
 
-from .conftest import RedisServer, add_app
+from .conftest import PersistentRedis, RedisServer, add_app
 from .faultkit import (
     LOOPS,
     SOAK,
-    PersistentRedis,
     Relay,
     Scenario,
     UpstreamProcess,
@@ -450,14 +449,6 @@ async def test_faults_upstream_takes_data_and_never_answers(scenario: Scenario) 
 
 
 # -- Redis fails ----------------------------------------------------------------------------
-@pytest.fixture
-def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
-    server = PersistentRedis(tmp_path / "redis-aof")
-    server.start()
-    yield server
-    server.stop()
-
-
 async def _commit_while_redis_is_away(upstream: UpstreamProcess, relay: Relay,
                                       account: Account,
                                       fault: Callable[[], Awaitable[None]]) -> ClientTxn:

@@ -4,8 +4,7 @@ append-only file, so what it acknowledged survives."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,24 +16,15 @@ from relay.errors import StoreUnavailableError
 from relay.quota import QuotaStore, Settlement
 from relay.settle import LateSettlements, PendingSettlement
 from relay.store import connect_redis
-from tests.conftest import wait_for
-from tests.faultkit import PersistentRedis
+from tests.conftest import PersistentRedis, wait_for
 
 NOV = "2026-11"
 PLANS: list[str | int] = ["free", 10]
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[PersistentRedis]:
-    redis_server = PersistentRedis(tmp_path / "redis")
-    redis_server.start()
-    yield redis_server
-    redis_server.stop()
-
-
-@pytest.fixture
-async def client(server: PersistentRedis) -> AsyncIterator[aioredis.Redis]:
-    redis_client = connect_redis(server.url, timeout=0.5)
+async def client(persistent_redis: PersistentRedis) -> AsyncIterator[aioredis.Redis]:
+    redis_client = connect_redis(persistent_redis.url, timeout=0.5)
     yield redis_client
     await redis_client.aclose()
 
@@ -51,7 +41,7 @@ def _pending(kind: str, user_id: str, txn_id: str, **extra: object) -> PendingSe
 
 
 async def test_settle_commit_and_refund_are_written_once_redis_is_back(
-        server: PersistentRedis, client: aioredis.Redis) -> None:
+        persistent_redis: PersistentRedis, client: aioredis.Redis) -> None:
     """Redis killed after the reservations: the commit (8 of 10 delivered, crossing 80 %)
     and the refund fail and wait; once Redis is back on its port both are written,
     in_flight is 0, the late commit's threshold notice runs, the gauge is back to 0."""
@@ -59,7 +49,7 @@ async def test_settle_commit_and_refund_are_written_once_redis_is_back(
     user_id = await _user(client)
     await quota.reserve(user_id, NOV, "sent", list(range(1, 9)), PLANS)
     await quota.reserve(user_id, NOV, "refused", [1, 2], PLANS)
-    server.stop()
+    persistent_redis.stop()
     with pytest.raises(StoreUnavailableError):
         await quota.commit(user_id, NOV, "sent", "command", PLANS, "80 90")
     committed: list[Settlement] = []
@@ -74,7 +64,7 @@ async def test_settle_commit_and_refund_are_written_once_redis_is_back(
         settlements.add(_pending("refund", user_id, "refused"))
         assert len(settlements) == 2
         await wait_for(lambda: sum(e["event"] == "quota.settlement_pending" for e in logs) == 2)
-        server.start()
+        persistent_redis.start()
         await wait_for(lambda: len(settlements) == 0, seconds=10)
     usage = await quota.usage(user_id, NOV)
     assert (usage.used, usage.delivered, usage.in_flight) == (8, 8, 0)
@@ -85,14 +75,14 @@ async def test_settle_commit_and_refund_are_written_once_redis_is_back(
 
 
 async def test_settle_close_logs_what_it_could_not_write(
-        server: PersistentRedis, client: aioredis.Redis) -> None:
+        persistent_redis: PersistentRedis, client: aioredis.Redis) -> None:
     """Stopping while Redis is still away: close tries for its time, then logs each
     settlement left as quota.unreconciled (the count stays high, never low) and says how
     many; the open reservation is still there for an operator."""
     quota = QuotaStore(client)
     user_id = await _user(client)
     await quota.reserve(user_id, NOV, "sent", [1], PLANS)
-    server.stop()
+    persistent_redis.stop()
     settlements = LateSettlements(quota, first_delay=0.01, max_delay=0.05)
     with capture_logs() as logs:
         settlements.add(_pending("commit", user_id, "sent"))
@@ -100,5 +90,5 @@ async def test_settle_close_logs_what_it_could_not_write(
     unreconciled = [e for e in logs if e["event"] == "quota.unreconciled"]
     assert [(e["reason"], e["txn_id"]) for e in unreconciled] == [("commit_failed", "sent")]
     assert unreconciled[0]["attempts"] >= 1
-    server.start()
+    persistent_redis.start()
     assert (await quota.usage(user_id, NOV)).in_flight == 1
