@@ -77,14 +77,22 @@ async def test_faults_upstream_refuses_per_recipient_and_at_data(scenario: Scena
     await add_app(scenario.accounts, "smartplans")
     smartplans = Account("smartplans", planned.sender)
     kinds = ["ok", "t4", "p5", "d4", "d5"]
+    # The app's own load, with every other message clean, so that its limit is reached on
+    # every run (a shared counter could hand it only refused kinds, and then prove nothing).
+    app_kinds = ["ok", "t4", "ok", "p5", "ok", "d4", "ok", "d5"]
 
     def recipients(n: int) -> list[str]:
         return [f"{kinds[n % 5] if k == 0 else 'ok'}{n}-{k}@example.test" for k in range(3)]
 
-    load = Load({"relay": relay.port}, [big, small, smartplans, big],
-                transactions=soak(120, 2400), concurrency=8, recipients=recipients)
-    await load.run()
-    scenario.records += load.records
+    def app_recipients(n: int) -> list[str]:
+        return [f"{app_kinds[n % 8] if k == 0 else 'ok'}{n}-{k}@example.test" for k in range(3)]
+
+    load = Load({"relay": relay.port}, [big, small, big],
+                transactions=soak(90, 1800), concurrency=6, recipients=recipients)
+    app_load = Load({"relay": relay.port}, [smartplans], prefix="S",
+                    transactions=soak(30, 600), concurrency=2, recipients=app_recipients)
+    await asyncio.gather(load.run(), app_load.run())
+    scenario.records += load.records + app_load.records
     report = await scenario.finish(big)
     expected = {"ok": ([250, 250, 250], 250), "t4": ([450, 250, 250], 250),
                 "p5": ([550, 250, 250], 250), "d4": ([250, 250, 250], 451),
@@ -96,9 +104,12 @@ async def test_faults_upstream_refuses_per_recipient_and_at_data(scenario: Scena
     counts = await scenario.counts()
     small_user, planned_user = scenario.users[1:]
     assert counts[small_user.id].delivered == small_user.limit
-    # Whole messages of three, never past the limit (the ledger checked the upstream too).
-    assert 0 < counts[planned_user.id].delivered <= planned_user.limit
-    assert counts[planned_user.id].delivered % 3 == 0
+    # Whole messages of three up to the limit (a multiple of three), never past it (the
+    # ledger checked the upstream too); the app's refused kinds were refused whole.
+    assert counts[planned_user.id].delivered == planned_user.limit
+    for txn in app_load.records:
+        if txn.outcome == "acked":
+            assert txn.rcpts[0][0].startswith("ok"), txn
     assert report.over_limit == 0
 
 
