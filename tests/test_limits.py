@@ -183,7 +183,7 @@ async def test_limits_auth_per_login_throttled_then_released(make_relay, upstrea
     await add_user(accounts)
     await add_user(accounts, "other@kw.test")
     app = await make_relay(upstream=upstream, auth_max_failures_per_login=3,
-                           auth_max_failures_per_ip=0, auth_failure_window=1.0)
+                           auth_max_failures_per_ip=0, auth_failure_window=4.0)
     with capture_logs() as logs:
         for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
             assert await auth(app, "agent@kw.test", "wrong", source) == 535
