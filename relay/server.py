@@ -51,6 +51,9 @@ log = structlog.get_logger()
 
 IDENT = "Command Email Relay"
 _QUOTED = re.compile(r'"[^"]*"')
+# How often a session whose transaction deadline passed during the relay's own work looks
+# whether that work has ended (then the client is cut).
+_BUSY_RECHECK_SECONDS = 0.25
 # aiosmtpd counts every command against this budget per connection; only AUTH is limited
 # (a guard against password guessing on one connection), the rest effectively unbounded.
 COMMAND_LIMITS = {"AUTH": 5, "*": 10**9}
@@ -383,8 +386,13 @@ class RelaySMTP(SMTP):
             return
         if not self._waiting_for_client():
             # The relay is forwarding or waiting on Redis or the upstream (each bounded by
-            # its own timeout): look again a full idle period after that work ends.
-            self._arm(self._timeout_duration)
+            # its own timeout): never cut its own work. Look again a full idle period
+            # later, or by the transaction's deadline, and once that has passed, soon
+            # after the work ends (the idle clock restarts with the reply).
+            seconds = self._timeout_duration
+            if self._txn_deadline is not None:
+                seconds = min(seconds, max(self._txn_deadline - now, _BUSY_RECHECK_SECONDS))
+            self._arm(seconds)
             return
         idle_left = self._last_activity + self._timeout_duration - now
         deadline_left = (self._txn_deadline - now) if self._txn_deadline is not None else None

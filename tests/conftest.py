@@ -170,6 +170,8 @@ class UpstreamBehaviour:
     mail_reply: str | None = None
     # Hold the DATA reply until this event is set (lets a test cut the client meanwhile).
     data_gate: asyncio.Event | None = None
+    # Hold every RCPT reply until this event is set (keeps the relay busy at RCPT).
+    rcpt_gate: asyncio.Event | None = None
     credentials: tuple[str, str] | None = None
 
 
@@ -194,6 +196,8 @@ class CapturingHandler:
     async def handle_RCPT(self, server: Any, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         self.rcpt_seen.append(address)
+        if self.behaviour.rcpt_gate is not None:
+            await self.behaviour.rcpt_gate.wait()
         reply = self.behaviour.rcpt_replies.get(address)
         if reply:
             return reply

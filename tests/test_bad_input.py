@@ -99,7 +99,7 @@ async def test_bad_input_idle_client_is_disconnected(make_relay, upstream, accou
     """A client that stops talking gets 421 4.4.2 and is disconnected after the idle timeout,
     with its reservations refunded (no hang, no leak)."""
     user = await add_user(accounts)
-    app = await make_relay(upstream=upstream, idle_timeout=0.3)
+    app = await make_relay(upstream=upstream, idle_timeout=1.5)
     raw = await RawSMTP.open(app.port)
     try:
         await raw.login()

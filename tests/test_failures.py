@@ -168,7 +168,7 @@ async def test_failures_upstream_pool_busy_gives_451_4_4_5(make_relay, upstream,
     is logged and counted like the other upstream refusals, and the transaction holding the
     connection is unaffected."""
     user = await add_user(accounts)
-    relay = await make_relay(upstream=upstream, upstream_pool_size=1, upstream_timeout=0.5)
+    relay = await make_relay(upstream=upstream, upstream_pool_size=1, upstream_timeout=2)
     with capture_logs() as logs:
         async with smtp_client(relay) as holder:
             await holder.mail("agent@kw.test")  # opens, and holds, the pool's one connection

@@ -24,7 +24,14 @@ import redis.asyncio as aioredis
 
 from relay.accounts import AccountStore
 
-from .conftest import PASSWORD, CapturingUpstream, RedisServer, UpstreamBehaviour, add_user
+from .conftest import (
+    PASSWORD,
+    CapturingUpstream,
+    RedisServer,
+    UpstreamBehaviour,
+    add_user,
+    wait_for,
+)
 from .serving import LineClient, ServeProcess, Start, body, relay_env
 from .test_lifecycle import counts
 from .test_metrics import scrape
@@ -190,7 +197,7 @@ async def test_hardening_idle_timeout_421s_arrive(
     """The idle timeout answers 421 4.4.2, between commands and inside DATA, and the units of
     the cut transaction are refunded."""
     user = await add_user(accounts)
-    relay = await start(serve, redis_server, state, loop, RELAY_IDLE_TIMEOUT="1")
+    relay = await start(serve, redis_server, state, loop, RELAY_IDLE_TIMEOUT="2")
     between = await LineClient.connect(relay.port)
     in_data = await LineClient.connect(relay.port)
     await in_data.login()
@@ -268,16 +275,16 @@ async def _raw(client: LineClient, line: bytes) -> str:
 async def test_hardening_idle_timer_ignores_the_relays_own_work(
         serve: Start, redis_server: RedisServer, redis_client: aioredis.Redis,
         accounts: AccountStore, state: Path, loop: str) -> None:
-    """With a 1 s idle timeout, an upstream that takes 3 s to answer DATA and a client that
-    trickles its body for 3 s are both served: 250, delivered once, counted once (the
-    timer used to cut the session while the relay waited on the upstream, after the
-    upstream had accepted the message)."""
+    """With a 2 s idle timeout, an upstream that takes 5 s to answer DATA and a client that
+    trickles its body for about 5 s (a piece every 0.25 s) are both served: 250, delivered
+    once, counted once (the timer used to cut the session while the relay waited on the
+    upstream, after the upstream had accepted the message)."""
     user = await add_user(accounts)
     gate = asyncio.Event()
     upstream = CapturingUpstream(UpstreamBehaviour(data_gate=gate))
     await upstream.start()
     try:
-        relay = await start(serve, redis_server, state, loop, RELAY_IDLE_TIMEOUT="1",
+        relay = await start(serve, redis_server, state, loop, RELAY_IDLE_TIMEOUT="2",
                             RELAY_UPSTREAM_URL=f"smtp://127.0.0.1:{upstream.port}")
         slow_upstream = await LineClient.connect(relay.port)
         await slow_upstream.login()
@@ -285,7 +292,7 @@ async def test_hardening_idle_timer_ignores_the_relays_own_work(
         assert (await slow_upstream.command("DATA"))[0] == 354
         await slow_upstream.send(body("slow upstream") + b".\r\n")
         await upstream.handler.data_started.wait()
-        await asyncio.sleep(3)  # the upstream thinks: three idle timeouts long
+        await asyncio.sleep(5)  # the upstream thinks: two and a half idle timeouts long
         gate.set()
         code, text = await slow_upstream.reply()
         assert code == 250, text
@@ -298,7 +305,7 @@ async def test_hardening_idle_timer_ignores_the_relays_own_work(
         content = body("trickled", lines=30)
         for offset in range(0, len(content), 40):
             await trickle.send(content[offset:offset + 40])
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.25)
         await trickle.send(b".\r\n")
         code, text = await trickle.reply()
         assert code == 250, text
@@ -308,6 +315,41 @@ async def test_hardening_idle_timer_ignores_the_relays_own_work(
                     strict=True)] == [True, True]
         assert await counts(redis_client, user) == (2, 2)
         assert relay.process.events("session.timeout") == []
+        assert relay.errors() == []
+    finally:
+        await upstream.stop()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_hardening_transaction_deadline_passed_during_the_relays_work_still_cuts(
+        serve: Start, redis_server: RedisServer, redis_client: aioredis.Redis,
+        accounts: AccountStore, state: Path, loop: str) -> None:
+    """The transaction deadline passes while the relay itself is busy (the upstream holds
+    the RCPT reply): the relay does not cut its own work, the client gets its 250, and the
+    421 follows as soon as the client is silent again (the timer used to be put back by a
+    whole idle period, here 60 s, so the deadline did not hold)."""
+    user = await add_user(accounts)
+    gate = asyncio.Event()
+    upstream = CapturingUpstream(UpstreamBehaviour(rcpt_gate=gate))
+    await upstream.start()
+    try:
+        relay = await start(serve, redis_server, state, loop, RELAY_IDLE_TIMEOUT="60",
+                            RELAY_TRANSACTION_TIMEOUT="1",
+                            RELAY_UPSTREAM_URL=f"smtp://127.0.0.1:{upstream.port}")
+        client = await LineClient.connect(relay.port)
+        await client.login()
+        assert (await client.command("MAIL FROM:<agent@kw.test>"))[0] == 250
+        await client.send(b"RCPT TO:<held@example.test>\r\n")
+        await wait_for(lambda: upstream.handler.rcpt_seen, 10)
+        await asyncio.sleep(2)  # past the deadline, while the relay waits on the upstream
+        gate.set()
+        assert (await client.reply())[0] == 250
+        assert await client.until_closed() == b"421 4.4.2 Timeout, closing connection\r\n"
+        [timeout] = await relay.process.wait_event("session.timeout")
+        assert timeout["timeout"] == "transaction"
+        await relay.process.wait_event("delivery.finished", outcome="abandoned")
+        assert await counts(redis_client, user) == (0, 0)
+        assert upstream.messages == []
         assert relay.errors() == []
     finally:
         await upstream.stop()

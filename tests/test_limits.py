@@ -290,7 +290,7 @@ async def test_limits_transaction_timeout_cuts_a_slow_transaction(make_relay, up
     """A transaction still open after transaction_timeout (here: RCPTs then silence, well
     inside the idle timeout) gets 421 4.4.2, is closed and refunded, with session.timeout."""
     user = await add_user(accounts)
-    app = await make_relay(upstream=upstream, idle_timeout=60, transaction_timeout=0.5)
+    app = await make_relay(upstream=upstream, idle_timeout=60, transaction_timeout=2)
     with capture_logs() as logs:
         raw = await RawSMTP.connect(app.port)
         try:
@@ -313,7 +313,7 @@ async def test_limits_transaction_timeout_cuts_a_slow_data(make_relay, upstream,
     """A DATA body that never ends is cut at the transaction deadline: 421 4.4.2, nothing
     delivered, the units refunded."""
     user = await add_user(accounts)
-    app = await make_relay(upstream=upstream, idle_timeout=60, transaction_timeout=0.5)
+    app = await make_relay(upstream=upstream, idle_timeout=60, transaction_timeout=2)
     with capture_logs() as logs:
         raw = await RawSMTP.connect(app.port)
         try:
@@ -334,7 +334,7 @@ async def test_limits_transaction_timeout_cuts_a_slow_data(make_relay, upstream,
 
 async def test_limits_idle_timeout_says_421(make_relay, upstream):
     """A silent client gets 421 4.4.2 at the idle timeout, logged as session.timeout idle."""
-    app = await make_relay(upstream=upstream, idle_timeout=0.3)
+    app = await make_relay(upstream=upstream, idle_timeout=1.5)
     with capture_logs() as logs:
         raw = await RawSMTP.connect(app.port)
         try:

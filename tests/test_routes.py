@@ -394,7 +394,7 @@ async def test_routes_no_failover_when_the_primary_pool_is_busy(
     the failover route (which is for an unreachable upstream)."""
     app: RelayApp = await make_relay(
         upstream=upstream, policies_dir=failover_policies(tmp_path), upstream_pool_size=1,
-        upstream_timeout=0.5,
+        upstream_timeout=2,
         route_urls={"secondary": UpstreamTarget("127.0.0.1", secondary.port, "none")})
     user = await setup_user(accounts)
     with capture_logs() as logs:
