@@ -88,21 +88,27 @@ def delivered(scrape: Scrape, worker: str) -> float:
 async def test_aggregate_sums_every_workers_counters(
         serve: Start, redis_server: RedisServer, redis_client: aioredis.Redis,
         accounts: AccountStore, tmp_path: Path) -> None:
-    """Messages sent through a 2-worker serve until both workers took some: the supervisor's
+    """Messages sent through a 2-worker serve, some to each worker: the supervisor's
     /metrics has each worker's series under its `worker` label (equal to what that worker
     logged), and the delivered counter sums to the number sent across the label."""
     await add_user(accounts, limit=10_000)
     relay = await Serve.start(serve, redis_server.url, tmp_path / "state")
     sent = 0
-    # Which worker accepts a connection is the kernel's choice: send batches of concurrent
-    # connections until both have delivered some (bounded).
-    for _ in range(20):
-        results = await asyncio.gather(*(send_to(relay.smtp, f"r{sent + i}@example.test")
-                                         for i in range(6)))
-        assert results == [[250]] * 6
-        sent += 6
-        if len({r["worker"] for r in relay.process.events("delivery.finished")}) == 2:
-            break
+    # Which worker accepts a connection is the kernel's choice: a batch goes to each worker
+    # in turn while the other is stopped (SIGSTOP), so both deliver on every run.
+    for other in (2, 1):
+        os.kill(relay.workers[other], signal.SIGSTOP)
+        try:
+            results = await asyncio.gather(*(send_to(relay.smtp, f"r{sent + i}@example.test")
+                                             for i in range(3)))
+        finally:
+            os.kill(relay.workers[other], signal.SIGCONT)
+        assert results == [[250]] * 3
+        sent += 3
+    results = await asyncio.gather(*(send_to(relay.smtp, f"r{sent + i}@example.test")
+                                     for i in range(6)))  # and both running
+    assert results == [[250]] * 6
+    sent += 6
     logged = await relay.process.wait_event("delivery.finished", count=sent,
                                             outcome="delivered")
     assert len(logged) == sent
