@@ -3,6 +3,10 @@ application" sections, parsed from README.md itself, in a fresh folder on the em
 defaults, with each ``#>`` line checked against what the command printed. The README and
 what a newcomer sees cannot drift apart.
 
+The ``sh`` blocks are the path, run in order; a ``bash`` block is an alternative to the step
+before it (the same message sent with Python alone, for a machine without swaks), run once
+the path is done, against the same relay, and checked the same way.
+
 The only changes made to the commands: ``./dev serve`` and ``./dev relay`` run this
 checkout's ``python -m relay`` (``./dev`` would build a venv), the relay listens on an
 ephemeral port instead of 2525 (tests run in parallel), and the metrics listeners are off.
@@ -47,14 +51,16 @@ class Step:
         return bool(re.match(r"terminal \d", self.comment))
 
 
-def readme_steps() -> list[Step]:
+def readme_steps(language: str = "sh") -> list[Step]:
+    """The commands of the sections' ``language`` blocks: ``sh`` for the path, ``bash``
+    for the alternatives."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     steps: list[Step] = []
     for heading in SECTIONS:
         start = text.index(heading)
         end = text.find("\n## ", start + len(heading))
         section = text[start:end]
-        for block in re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL):
+        for block in re.findall(rf"```{language}\n(.*?)```", section, flags=re.DOTALL):
             steps.extend(_parse(block))
     return steps
 
@@ -115,6 +121,9 @@ def test_readme_steps_are_parsed_from_the_readme() -> None:
     assert "./dev relay usage agent@kw.example" in commands
     assert sum(s.background for s in steps) == 3
     assert sum(len(s.expected) for s in steps) >= 10
+    alternatives = readme_steps("bash")
+    assert [s.command.split()[0] for s in alternatives] == ["python3"]
+    assert alternatives[0].expected and '"127.0.0.1", 2525' in alternatives[0].command
     assert _matched(["used 1 of 5,000 (0.0%), 4,999 remaining"],
                     "  2026-12 (UTC): used 1 of 5,000 (0.0%), 4,999 remaining") is False
     assert _matched(["2026-11 (UTC): used 1 of 5,000 (0.0%), 4,999 remaining"],
@@ -158,9 +167,7 @@ def test_readme_try_it_runs_as_written(workdir: Path) -> None:
     running: list[tuple[Step, subprocess.Popen[bytes], Path]] = []
     try:
         for number, step in enumerate(readme_steps()):
-            command = (step.command.replace("./dev serve", f"{relay} serve")
-                       .replace("./dev relay", relay)
-                       .replace("127.0.0.1:2525", f"127.0.0.1:{port}"))
+            command = _as_run(step.command, relay, port)
             if step.background:
                 out = workdir / f"step{number}.out"
                 with out.open("wb") as sink:
@@ -170,12 +177,9 @@ def test_readme_try_it_runs_as_written(workdir: Path) -> None:
                 running.append((step, process, out))
                 _wait_started(step, process, out, port)
                 continue
-            result = subprocess.run(["bash", "-c", command], env=env, cwd=workdir,
-                                    capture_output=True, text=True, timeout=60)
-            assert result.returncode == 0, (step.command, result.stdout, result.stderr)
-            assert "Traceback" not in result.stderr, result.stderr
-            assert _matched(step.expected, result.stdout), \
-                (step.command, step.expected, result.stdout)
+            _run_and_check(step, command, env, workdir)
+        for step in readme_steps("bash"):
+            _run_and_check(step, _as_run(step.command, relay, port), env, workdir)
         for step, process, out in reversed(running):
             assert process.poll() is None, (step.command, out.read_text())
             stop = signal.SIGINT if "tail -f" in step.command else signal.SIGTERM
@@ -188,6 +192,21 @@ def test_readme_try_it_runs_as_written(workdir: Path) -> None:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def _as_run(command: str, relay: str, port: int) -> str:
+    return (command.replace("./dev serve", f"{relay} serve")
+            .replace("./dev relay", relay)
+            .replace("127.0.0.1:2525", f"127.0.0.1:{port}")
+            .replace('"127.0.0.1", 2525', f'"127.0.0.1", {port}'))
+
+
+def _run_and_check(step: Step, command: str, env: dict[str, str], workdir: Path) -> None:
+    result = subprocess.run(["bash", "-c", command], env=env, cwd=workdir,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (step.command, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert _matched(step.expected, result.stdout), (step.command, step.expected, result.stdout)
 
 
 def _wait_started(step: Step, process: subprocess.Popen[bytes], out: Path, port: int,
