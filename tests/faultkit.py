@@ -26,9 +26,10 @@ from typing import Any
 import psutil
 import redis.asyncio as aioredis
 
-from relay.accounts import AccountStore
-from relay.period import SystemClock, period_at, zone
-from relay.policies import load_policies
+from relay.config.policies import load_policies
+from relay.config.zones import zone
+from relay.decisions.months import SystemClock, period_at
+from relay.identity.accounts import AccountStore
 
 from .conftest import POLICIES, REPO, RedisServer, add_user, free_port
 from .ledger import ClientTxn, Ledger, LedgerReport, LedgerUser, load_captures, read_counts

@@ -42,9 +42,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from relay import keys
-from relay.quota import QuotaStore
-from relay.upstream import UpstreamOutcomeUnknownError
+from relay.decisions.quota import QuotaStore
+from relay.delivery.upstream import UpstreamOutcomeUnknownError
+from relay.store import keys
 
 # The relay's own reply when the upstream connection died after the message was sent: the
 # outcome is unknown to the relay too, so such a transaction is in flight, not refused.

@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 import redis
 
-from relay import keys
-from relay.accounts import AccountStore
-from relay.store import connect_redis
+from relay.identity.accounts import AccountStore
+from relay.store import keys
+from relay.store.client import connect_redis
 from tests.conftest import CapturingUpstream, RedisServer, UpstreamBehaviour
 from tests.serving import ServeProcess, relay_env
 

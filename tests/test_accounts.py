@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from relay import keys
-from relay.accounts import (
+from relay.errors import SenderNotAllowedError, UnknownSenderError
+from relay.identity.accounts import (
     AccountConflictError,
     AccountStore,
     AppPrincipal,
@@ -17,7 +17,7 @@ from relay.accounts import (
     check_address,
     normalize_address,
 )
-from relay.errors import SenderNotAllowedError, UnknownSenderError
+from relay.store import keys
 from tests.conftest import add_user
 
 KELVIN = "\u212a"  # KELVIN SIGN: str.lower() makes it an ASCII "k"

@@ -15,13 +15,13 @@ import aiohttp
 import aiosmtplib
 import pytest
 
-from relay import keys
-from relay.admin import Admin
-from relay.adminapi import make_app, openapi_document
-from relay.app import RelayApp
-from relay.policies import MAX_MONTHLY_LIMIT
-from relay.settings import Endpoint
-from relay.store import connect_redis
+from relay.admin.api import make_app, openapi_document
+from relay.admin.operations import Admin
+from relay.config.endpoints import Endpoint
+from relay.config.policies import MAX_MONTHLY_LIMIT
+from relay.process.wiring import RelayApp
+from relay.store import keys
+from relay.store.client import connect_redis
 from tests.conftest import (
     PASSWORD,
     POLICIES,

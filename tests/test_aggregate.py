@@ -18,9 +18,9 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
 
-from relay.accounts import AccountStore
-from relay.aggregate import merge_families
-from relay.metrics import RelayMetrics
+from relay.identity.accounts import AccountStore
+from relay.observe.metrics import RelayMetrics
+from relay.observe.supervisor_metrics import merge_families
 
 from .conftest import RedisServer, add_user, wait_for
 from .serving import LineClient, ServeProcess, body, relay_env, send_to

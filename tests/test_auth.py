@@ -13,7 +13,7 @@ import aiosmtplib
 import pytest
 from structlog.testing import capture_logs
 
-from relay.accounts import DISABLED, AccountStore
+from relay.identity.accounts import DISABLED, AccountStore
 from tests.conftest import (
     PASSWORD,
     CapturingUpstream,
@@ -98,7 +98,7 @@ async def test_auth_plain_and_login_over_starttls_with_smtplib(make_relay: Relay
 async def test_auth_implicit_tls_listener(make_relay: RelayFactory, upstream: CapturingUpstream,
                                           accounts, base_settings):
     """On the implicit-TLS (SMTPS) listener AUTH works from the first command."""
-    from relay.settings import Endpoint
+    from relay.config.endpoints import Endpoint
 
     await add_user(accounts)
     app = await make_relay(upstream=upstream, allow_plaintext_auth=False,
@@ -209,7 +209,7 @@ async def test_auth_redis_down_gives_454_then_recovers(make_relay: RelayFactory,
                                                        upstream: CapturingUpstream,
                                                        tmp_path: Path):
     """With Redis unreachable AUTH answers 454 4.7.0 (temporary), and works once it is back."""
-    from relay.store import connect_redis
+    from relay.store.client import connect_redis
 
     server = RedisServer(tmp_path / "redis-auth")
     server.start()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-import relay.auth
-from relay import keys
-from relay.accounts import DISABLED, AccountStore
-from relay.auth import Authenticator, VerifiedCache
-from relay.passwords import hash_password
+from relay.identity import auth
+from relay.identity.accounts import DISABLED, AccountStore
+from relay.identity.auth import Authenticator, VerifiedCache
+from relay.identity.passwords import hash_password
+from relay.store import keys
 from tests.conftest import PASSWORD, add_app, add_user
 
 
@@ -16,13 +16,13 @@ from tests.conftest import PASSWORD, add_app, add_user
 def hashes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Records every password the slow scrypt check is run on."""
     seen: list[bytes] = []
-    real = relay.auth.verify_password
+    real = auth.verify_password
 
     def counting(password: bytes, stored: str) -> bool:
         seen.append(password)
         return real(password, stored)
 
-    monkeypatch.setattr(relay.auth, "verify_password", counting)
+    monkeypatch.setattr(auth, "verify_password", counting)
     return seen
 
 

@@ -25,16 +25,17 @@ import redis
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
 
-from relay import keys
-from relay.accounts import AccountStore
-from relay.events import Event, EventLog, format_event, new_event
-from relay.passwords import verify_password
-from relay.period import SystemClock, period_at, zone
-from relay.policies import load_policies
-from relay.quota import QuotaStore, ReserveStatus
-from relay.settings import UpstreamTarget
-from relay.store import connect_redis
-from relay.tlsconfig import server_context
+from relay.config.endpoints import UpstreamTarget
+from relay.config.policies import load_policies
+from relay.config.zones import zone
+from relay.decisions.months import SystemClock, period_at
+from relay.decisions.quota import QuotaStore, ReserveStatus
+from relay.events.stream import Event, EventLog, format_event, new_event
+from relay.identity.accounts import AccountStore
+from relay.identity.passwords import verify_password
+from relay.smtp.tls import server_context
+from relay.store import keys
+from relay.store.client import connect_redis
 
 from .conftest import (
     PASSWORD,

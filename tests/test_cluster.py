@@ -20,17 +20,17 @@ from cryptography.fernet import Fernet
 from redis.asyncio.cluster import RedisCluster
 from redis.cluster import key_slot
 
-from relay import keys
-from relay.accounts import AccountStore
-from relay.admin import Admin, AdminError
-from relay.channels import DeliveryError
-from relay.credentials import CredentialStore, RouteCredentials
-from relay.events import THRESHOLD, Event, EventLog, new_event
-from relay.notify import Notifier
-from relay.period import SystemClock
-from relay.policies import load_policies
-from relay.quota import QuotaStore, ReserveStatus
-from relay.store import close_redis, connect_redis
+from relay.admin.operations import Admin, AdminError
+from relay.config.policies import load_policies
+from relay.decisions.months import SystemClock
+from relay.decisions.quota import QuotaStore, ReserveStatus
+from relay.delivery.credentials import CredentialStore, RouteCredentials
+from relay.events.channels import DeliveryError
+from relay.events.notifier import Notifier
+from relay.events.stream import THRESHOLD, Event, EventLog, new_event
+from relay.identity.accounts import AccountStore
+from relay.store import keys
+from relay.store.client import close_redis, connect_redis
 from tests.conftest import (
     PASSWORD,
     POLICIES,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from relay.commandsyntax import command_problem, parse_path
 from relay.errors import AddressSyntaxError, ControlCharacterError, InvalidUtf8Error
+from relay.smtp.syntax import command_problem, parse_path
 
 
 def _aiosmtpd(limit: int):

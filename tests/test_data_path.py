@@ -20,10 +20,10 @@ import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from structlog.testing import capture_logs
 
-from relay import keys
-from relay.message import strip_control_headers
-from relay.smtpdata import DataProblem, read_data
-from relay.wire import WireMessage, is_clean_wire, stuff, unstuff
+from relay.message.headers import strip_control_headers
+from relay.message.wire import WireMessage, is_clean_wire, stuff, unstuff
+from relay.smtp.data import DataProblem, read_data
+from relay.store import keys
 from tests.conftest import PASSWORD, add_user, wait_for
 
 LINE_LIMIT = 1001  # aiosmtpd's SMTP.line_length_limit

@@ -19,7 +19,8 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from relay.settings import Settings, SettingsError, load_settings
+from relay.config.parsers import SettingsError
+from relay.config.settings import Settings, load_settings
 from tests.conftest import POLICIES, REPO, free_port
 
 DEPLOY = REPO / "deploy"

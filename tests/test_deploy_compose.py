@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from relay.settings import parse_upstream_url
+from relay.config.endpoints import parse_upstream_url
 from tests.conftest import REPO
 from tests.test_deploy import (
     DEPLOY,

@@ -16,8 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from relay.aggregate import READY_TIMEOUT
-from relay.settings import SettingsError
+from relay.config.parsers import SettingsError
+from relay.observe.supervisor_metrics import READY_TIMEOUT
 from tests.conftest import REPO
 from tests.test_deploy import (
     DEPLOY,

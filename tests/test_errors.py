@@ -13,7 +13,10 @@ import aiosmtplib
 import aiosmtplib.errors
 import pytest
 
-from relay import errors, upstream
+from relay import errors
+from relay.config.policies import load_policies
+from relay.delivery import upstream
+from relay.delivery.upstream import translate_error
 from relay.errors import (
     BadAddressError,
     InternalError,
@@ -28,8 +31,6 @@ from relay.errors import (
     UpstreamUnavailableError,
     upstream_reply_error,
 )
-from relay.policies import load_policies
-from relay.upstream import translate_error
 
 REPLY = re.compile(r"^(?P<code>[45]\d\d) (?P<status>[45]\.\d{1,3}\.\d{1,3}) (?P<text>\S[^\r\n]*)$")
 POLICIES = Path(__file__).resolve().parent.parent / "policies"

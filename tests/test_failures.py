@@ -10,8 +10,8 @@ import aiosmtplib
 import pytest
 from structlog.testing import capture_logs
 
-from relay.accounts import AccountStore
-from relay.store import connect_redis
+from relay.identity.accounts import AccountStore
+from relay.store.client import connect_redis
 from tests.conftest import (
     CapturingUpstream,
     RedisServer,

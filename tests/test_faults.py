@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from relay.accounts import AccountStore
-from relay.store import connect_redis
+from relay.identity.accounts import AccountStore
+from relay.store.client import connect_redis
 
 from .conftest import PersistentRedis, RedisServer, add_app, wait_for
 from .faultkit import (

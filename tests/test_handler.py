@@ -11,18 +11,18 @@ import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from cryptography.fernet import Fernet
 
-from relay.accounts import AccountStore
-from relay.app import make_routes
-from relay.credentials import CredentialStore
-from relay.events import EventLog
-from relay.handler import RelayHandler, hook_names
-from relay.period import SystemClock
-from relay.policies import load_policies
-from relay.quota import QuotaStore
-from relay.server import make_factory
-from relay.settings import Settings
-from relay.transaction import Services
-from relay.upstream import CaptureUpstream
+from relay.config.policies import load_policies
+from relay.config.settings import Settings
+from relay.decisions.months import SystemClock
+from relay.decisions.quota import QuotaStore
+from relay.delivery.capture import CaptureUpstream
+from relay.delivery.credentials import CredentialStore
+from relay.events.stream import EventLog
+from relay.identity.accounts import AccountStore
+from relay.process.wiring import make_routes
+from relay.smtp.hooks import RelayHandler, hook_names
+from relay.smtp.listeners import make_factory
+from relay.smtp.services import Services
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 EXPECTED = {"handle_MAIL", "handle_RCPT", "handle_DATA", "handle_exception", "handle_PROXY",

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from relay.app import RelayApp
+from relay.process.wiring import RelayApp
 from tests.conftest import PASSWORD, RelayFactory, add_user, free_port, message, wait_for
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy"

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
-from relay.accounts import AccountStore
+from relay.identity.accounts import AccountStore
 
 from .conftest import (
     PASSWORD,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from relay.accounts import AccountStore
-from relay.quota import QuotaStore
+from relay.decisions.quota import QuotaStore
+from relay.identity.accounts import AccountStore
 
 from .conftest import add_user
 from .ledger import (

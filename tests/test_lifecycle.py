@@ -21,12 +21,13 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from relay import eventloop
-from relay.accounts import AccountStore, User
-from relay.app import RelayApp
-from relay.period import SystemClock, period_at, zone
-from relay.quota import QuotaStore
-from relay.settings import Endpoint, UpstreamTarget
+from relay.config.endpoints import Endpoint, UpstreamTarget
+from relay.config.zones import zone
+from relay.decisions.months import SystemClock, period_at
+from relay.decisions.quota import QuotaStore
+from relay.identity.accounts import AccountStore, User
+from relay.process import eventloop
+from relay.process.wiring import RelayApp
 
 from .conftest import (
     PASSWORD,

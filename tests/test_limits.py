@@ -18,9 +18,10 @@ import aiosmtplib
 import pytest
 from structlog.testing import capture_logs
 
-from relay.app import RelayApp
 from relay.errors import AuthThrottledError, TooManyConnectionsError
-from relay.limits import AuthThrottle, ConnectionLimiter, client_key, login_digest
+from relay.identity.throttle import AuthThrottle, client_key, login_digest
+from relay.process.wiring import RelayApp
+from relay.smtp.admission import ConnectionLimiter
 from tests.conftest import PASSWORD, add_user, message, wait_for
 from tests.rawsmtp import RawSMTP
 from tests.test_proxy import v1

@@ -9,8 +9,8 @@ import socket
 
 import pytest
 
-from relay.settings import Endpoint
-from relay.workers import _bind
+from relay.config.endpoints import Endpoint
+from relay.process.supervisor import _bind
 
 
 async def _server_side_nodelay(sock: socket.socket) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import structlog
 
-from relay.logs import configure_logging
+from relay.observe.logs import configure_logging
 
 from .conftest import POLICIES, RedisServer, wait_for
 from .serving import Start, relay_env

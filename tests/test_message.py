@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from relay.message import received_header, strip_control_headers
+from relay.message.headers import received_header, strip_control_headers
 
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
 

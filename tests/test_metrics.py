@@ -24,11 +24,12 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay import upstream as upstream_module
-from relay.app import RelayApp, StartupError
-from relay.events import REACHED, THRESHOLD, EventLog, new_event
-from relay.settings import Endpoint
-from relay.store import connect_redis
+from relay.config.endpoints import Endpoint
+from relay.delivery import pool as pool_module
+from relay.events.stream import REACHED, THRESHOLD, EventLog, new_event
+from relay.process.redis import StartupError
+from relay.process.wiring import RelayApp
+from relay.store.client import connect_redis
 from tests.conftest import (
     POLICIES,
     CapturingUpstream,
@@ -343,7 +344,7 @@ async def test_readyz_503_while_the_upstream_is_unreachable(
     """A failed upstream connection makes the relay unready and is counted as a connect
     error; a background probe makes it ready again once the upstream is back, with no
     traffic needed."""
-    monkeypatch.setattr(upstream_module, "PROBE_INTERVAL", 0.1)
+    monkeypatch.setattr(pool_module, "PROBE_INTERVAL", 0.1)
     server = CapturingUpstream(UpstreamBehaviour())
     await server.start()
     port = server.port

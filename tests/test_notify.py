@@ -22,13 +22,21 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from relay import keys
-from relay.channels import Channel, EmailChannel, WebhookChannel, sign
-from relay.events import PLAN_CHANGED, REACHED, REJECTED, THRESHOLD, Event, EventLog, new_event
-from relay.notify import GROUP, Notifier
-from relay.policies import Notifications, load_policies
-from relay.settings import UpstreamTarget
-from relay.upstream import SmtpUpstream
+from relay.config.endpoints import UpstreamTarget
+from relay.config.policies import Notifications, load_policies
+from relay.delivery.pool import SmtpUpstream
+from relay.events.channels import Channel, EmailChannel, WebhookChannel, sign
+from relay.events.notifier import GROUP, Notifier
+from relay.events.stream import (
+    PLAN_CHANGED,
+    REACHED,
+    REJECTED,
+    THRESHOLD,
+    Event,
+    EventLog,
+    new_event,
+)
+from relay.store import keys
 from tests.conftest import (
     POLICIES,
     CapturingUpstream,

@@ -19,8 +19,8 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.app import RelayApp
-from relay.metrics import SupervisorMetrics
+from relay.observe.metrics import SupervisorMetrics
+from relay.process.wiring import RelayApp
 from tests.conftest import (
     REPO,
     CapturingUpstream,

@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from relay.period import UnknownTimeZoneError, period_at, period_named, zone
+from relay.config.zones import UnknownTimeZoneError, zone
+from relay.decisions.months import period_at, period_named
 
 LA = zone("America/Los_Angeles")
 AUCKLAND = zone("Pacific/Auckland")

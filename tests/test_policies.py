@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.policies import (
+from relay.config.policies import (
     NOTIFICATIONS_FILE,
     PLANS_FILE,
     Passwords,

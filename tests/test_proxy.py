@@ -14,8 +14,8 @@ import aiosmtplib
 import pytest
 from structlog.testing import capture_logs
 
-from relay.app import RelayApp
-from relay.proxy import ProxiedClient, ProxyPolicy, client_from_header, normalize_ip
+from relay.process.wiring import RelayApp
+from relay.smtp.proxy import ProxiedClient, ProxyPolicy, client_from_header, normalize_ip
 from tests.conftest import PASSWORD, RelayFactory, add_user, message, wait_for
 from tests.rawsmtp import RawSMTP
 
@@ -102,7 +102,7 @@ async def test_client_from_header_parses_what_aiosmtpd_parsed() -> None:
     the balancer itself, UDP and Unix sockets refused."""
     from aiosmtpd.proxy_protocol import get_proxy
 
-    from relay.proxy import ProxyHeaderError
+    from relay.smtp.proxy import ProxyHeaderError
 
     async def parse(header: bytes) -> Any:
         reader = asyncio.StreamReader()

@@ -11,10 +11,7 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from relay import keys
-from relay.accounts import DISABLED, AccountStore
-from relay.errors import StoreUnavailableError
-from relay.quota import (
+from relay.decisions.quota import (
     RESERVATION_TTL_SECONDS,
     USAGE_TTL_SECONDS,
     QuotaStore,
@@ -23,7 +20,10 @@ from relay.quota import (
     Settlement,
     Usage,
 )
-from relay.store import connect_redis
+from relay.errors import StoreUnavailableError
+from relay.identity.accounts import DISABLED, AccountStore
+from relay.store import keys
+from relay.store.client import connect_redis
 from tests.conftest import RedisServer
 
 NOV = "2026-11"

@@ -10,11 +10,11 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from relay.app import StartupError, wait_for_redis
+from relay.decisions.quota import QuotaStore
 from relay.errors import StoreUnavailableError
-from relay.quota import QuotaStore
-from relay.redisconf import CLUSTER, SENTINEL, SERVER, RedisUrlError, parse_redis_url
-from relay.store import close_redis, connect_redis, durability
+from relay.process.redis import StartupError, wait_for_redis
+from relay.store.client import close_redis, connect_redis, durability
+from relay.store.urls import CLUSTER, SENTINEL, SERVER, RedisUrlError, parse_redis_url
 
 SECRET = "s3cr3t-Pa55"
 

@@ -10,8 +10,8 @@ import aiosmtplib
 import pytest
 from structlog.testing import capture_logs
 
-from relay import keys
-from relay.settings import UpstreamTarget
+from relay.config.endpoints import UpstreamTarget
+from relay.store import keys
 from tests.conftest import (
     PASSWORD,
     CapturingUpstream,
@@ -131,7 +131,7 @@ async def test_relay_exact_limit_across_two_relay_instances(make_relay: RelayFac
                                                             upstream: CapturingUpstream,
                                                             accounts, redis_server):
     """Two relay instances with their own Redis connections share one exact count."""
-    from relay.store import connect_redis
+    from relay.store.client import connect_redis
 
     user = await add_user(accounts, limit=15)
     await add_app(accounts, "command")  # decided at RCPT: per-recipient replies
@@ -261,7 +261,7 @@ async def test_relay_reuses_pooled_upstream_connections(relay, upstream, account
 
 async def test_relay_upstream_starttls_and_auth(make_relay: RelayFactory, accounts, tls_files):
     """smtp+starttls://user:pass@… upgrades to TLS (certificate verified) and logs in once."""
-    from relay.tlsconfig import server_context
+    from relay.smtp.tls import server_context
 
     cert, key = tls_files
     secure = CapturingUpstream(UpstreamBehaviour(credentials=("relay-user", "s3cret")),
@@ -284,7 +284,7 @@ async def test_relay_upstream_starttls_and_auth(make_relay: RelayFactory, accoun
 async def test_relay_upstream_certificate_is_verified(make_relay: RelayFactory, accounts,
                                                       tls_files):
     """An upstream whose certificate is not trusted is treated as unreachable (451 4.4.1)."""
-    from relay.tlsconfig import server_context
+    from relay.smtp.tls import server_context
 
     cert, key = tls_files
     secure = CapturingUpstream(UpstreamBehaviour(), tls=server_context(cert, key))

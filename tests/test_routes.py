@@ -19,16 +19,16 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from relay import keys
-from relay.accounts import AccountStore, User
-from relay.app import RelayApp
-from relay.channels import SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookChannel, sign
-from relay.credentials import RouteCredentials
-from relay.events import REJECTED, TIMELINE_EMAIL_FAILED, EventLog
-from relay.notify import Notifier
-from relay.policies import load_policies
-from relay.settings import UpstreamTarget
-from relay.tlsconfig import server_context
+from relay.config.endpoints import UpstreamTarget
+from relay.config.policies import load_policies
+from relay.delivery.credentials import RouteCredentials
+from relay.events.channels import SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookChannel, sign
+from relay.events.notifier import Notifier
+from relay.events.stream import REJECTED, TIMELINE_EMAIL_FAILED, EventLog
+from relay.identity.accounts import AccountStore, User
+from relay.process.wiring import RelayApp
+from relay.smtp.tls import server_context
+from relay.store import keys
 from tests.conftest import (
     PASSWORD,
     POLICIES,

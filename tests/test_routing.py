@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.controls import Controls, read_controls
-from relay.routing import AppPolicy, Routing, choose_route, load_routing
-from relay.tomlsource import PolicyError, TomlSource
+from relay.config.routing import AppPolicy, Routing, load_routing
+from relay.config.sources import PolicyError, TomlSource
+from relay.decisions.routing import choose_route
+from relay.message.controls import Controls, read_controls
 from tests.conftest import POLICIES
 
 SHIPPED_TEXT = (POLICIES / "routing.toml").read_text(encoding="utf-8")

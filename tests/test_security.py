@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.tlsconfig import make_self_signed, server_context
+from relay.smtp.tls import make_self_signed, server_context
 from tests.conftest import PASSWORD, RedisServer, add_user
 from tests.fuzzclient import Client
 from tests.liverelay import LiveRelay, UserSpec, live_relay

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from relay import keys
-from relay.accounts import AccountStore, AppPrincipal
 from relay.errors import UnknownSenderError
+from relay.identity.accounts import AccountStore, AppPrincipal
+from relay.store import keys
 from tests.conftest import add_user
 
 

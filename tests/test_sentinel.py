@@ -21,9 +21,9 @@ import aiosmtplib
 import pytest
 from structlog.testing import capture_logs
 
-from relay.accounts import AccountStore
-from relay.quota import QuotaStore
-from relay.store import RedisClient, close_redis, connect_redis
+from relay.decisions.quota import QuotaStore
+from relay.identity.accounts import AccountStore
+from relay.store.client import RedisClient, close_redis, connect_redis
 from tests.conftest import (
     PASSWORD,
     CapturingUpstream,

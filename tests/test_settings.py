@@ -6,15 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.settings import (
-    Endpoint,
-    Settings,
-    SettingsError,
-    UpstreamTarget,
-    load_settings,
-    parse_endpoint,
-    parse_upstream_url,
-)
+from relay.config.endpoints import Endpoint, UpstreamTarget, parse_endpoint, parse_upstream_url
+from relay.config.parsers import SettingsError
+from relay.config.settings import Settings, load_settings
 
 SECRET = "hunter2-s3cret"
 

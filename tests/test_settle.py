@@ -11,11 +11,11 @@ import redis.asyncio as aioredis
 import structlog
 from structlog.testing import capture_logs
 
-from relay.accounts import AccountStore
+from relay.decisions.quota import QuotaStore, Settlement
+from relay.decisions.settle import LateSettlements, PendingSettlement
 from relay.errors import StoreUnavailableError
-from relay.quota import QuotaStore, Settlement
-from relay.settle import LateSettlements, PendingSettlement
-from relay.store import connect_redis
+from relay.identity.accounts import AccountStore
+from relay.store.client import connect_redis
 from tests.conftest import PersistentRedis, wait_for
 
 NOV = "2026-11"

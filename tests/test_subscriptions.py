@@ -16,15 +16,16 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from relay import keys
-from relay.accounts import AccountStore, User
-from relay.admin import Admin, AdminError
-from relay.app import RelayApp
-from relay.events import EventLog
-from relay.period import period_at, zone
-from relay.policies import load_policies
-from relay.quota import QuotaStore, ReserveStatus
-from relay.subscriptions import PlanChangeError, SubscriptionStore, terms_in_force
+from relay.admin.operations import Admin, AdminError
+from relay.config.policies import load_policies
+from relay.config.zones import zone
+from relay.decisions.months import period_at
+from relay.decisions.quota import QuotaStore, ReserveStatus
+from relay.decisions.subscriptions import PlanChangeError, SubscriptionStore, terms_in_force
+from relay.events.stream import EventLog
+from relay.identity.accounts import AccountStore, User
+from relay.process.wiring import RelayApp
+from relay.store import keys
 from tests.conftest import (
     PASSWORD,
     POLICIES,

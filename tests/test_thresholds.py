@@ -10,10 +10,10 @@ import json
 import aiosmtplib
 import pytest
 
-from relay import keys
-from relay.admin import Admin
-from relay.events import EventLog
-from relay.store import connect_redis
+from relay.admin.operations import Admin
+from relay.events.stream import EventLog
+from relay.store import keys
+from relay.store.client import connect_redis
 from tests.conftest import (
     MutableClock,
     RelayFactory,

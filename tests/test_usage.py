@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from relay import keys
-from relay.accounts import AccountStore
-from relay.admin import Admin, AdminError
-from relay.app import RelayApp
-from relay.policies import load_policies
-from relay.quota import QuotaStore
-from relay.usage import format_report, usage_report, user_period
+from relay.admin.operations import Admin, AdminError
+from relay.config.policies import load_policies
+from relay.decisions.quota import QuotaStore
+from relay.decisions.usage import format_report, usage_report, user_period
+from relay.identity.accounts import AccountStore
+from relay.process.wiring import RelayApp
+from relay.store import keys
 from tests.conftest import (
     POLICIES,
     CapturingUpstream,

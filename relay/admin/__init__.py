@@ -1,0 +1,5 @@
+"""The operations shared by the CLI and the HTTP admin API, the API itself and its
+OpenAPI document (``openapi.json``).
+
+May import smtp and everything below it; never process or cli.
+"""

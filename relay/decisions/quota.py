@@ -1,0 +1,233 @@
+"""The monthly quota: reserve, commit, refund, read usage (STYLE §1 steps 5 and 7, §6).
+
+Each operation is one Lua script in ``relay/lua/``, registered once; redis-py re-sends the
+body after a NOSCRIPT (a restarted Redis, a promoted replica, a new Cluster node). The script
+is the unit of atomicity: no WATCH/MULTI loops; its keys share the user's hash tag, so it runs
+on one Cluster node. Redis errors surface as StoreUnavailableError (fail closed).
+
+With replicas to wait for (``RELAY_REDIS_WAIT_REPLICAS``), a reservation counts as made only
+once that many replicas acknowledged it: one that is not acknowledged in time is given back
+and the recipient gets a 451. A unit the client is told 250 for is then on that many
+replicas, so a failover promoting one of them cannot lose it (README, Scaling out).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import structlog
+from redis.commands.core import AsyncScript
+
+from relay.errors import StoreUnavailableError
+from relay.observe.metrics import RelayMetrics, detached
+from relay.store import keys
+from relay.store.client import RedisClient, durability, eval_replicated, store_errors
+from relay.store.scripts import lua_source
+
+log = structlog.get_logger()
+
+# Usage hashes are kept ~13 months for the usage history, then expire by themselves.
+USAGE_TTL_SECONDS = 400 * 24 * 3600
+# Open reservations outlive any SMTP transaction; one left behind by a dead process stays
+# counted (high, never low) and is kept a week for an operator to reconcile.
+RESERVATION_TTL_SECONDS = 7 * 24 * 3600
+
+
+class ReserveStatus(IntEnum):
+    RESERVED = 0
+    OVER_LIMIT = 1
+    ALREADY_RESERVED = 2
+    USER_DISABLED = 3
+    USER_MISSING = 4
+    UNKNOWN_PLAN = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    status: ReserveStatus
+    used: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """The result of a commit or refund: units affected and the month's count after it."""
+
+    units: int
+    used: int
+    # A commit's: the month's delivered count after it, the limit in force, and the highest
+    # notification threshold (percent; 100 = limit reached) it crossed for the first time
+    # this month at this limit, else 0. Decided inside commit.lua, by delivered sends.
+    delivered: int = 0
+    limit: int = 0
+    crossed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    used: int
+    delivered: int
+    # Notification thresholds already crossed this month: limit -> percents.
+    notified: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # Recipients delivered per route this month (counted and uncounted routes alike).
+    routes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def in_flight(self) -> int:
+        """Reserved but not yet committed: open transactions, or units a dead process left."""
+        return max(self.used - self.delivered, 0)
+
+
+class QuotaStore:
+    def __init__(self, redis: RedisClient, metrics: RelayMetrics | None = None) -> None:
+        self._redis = redis
+        self._reserve: AsyncScript = redis.register_script(
+            lua_source("relay.decisions", "reserve.lua", prologue="terms.lua"))
+        self._commit: AsyncScript = redis.register_script(
+            lua_source("relay.decisions", "commit.lua", prologue="terms.lua"))
+        self._refund: AsyncScript = redis.register_script(
+            lua_source("relay.decisions", "refund.lua"))
+        m = self._metrics = metrics or detached()
+        self._reserved = {status: m.reservations(status.name.lower()) for status in ReserveStatus}
+        self._reserve_failed = m.reservations("error")
+        self._seconds = {step: m.redis_seconds(step) for step in ("reserve", "commit", "refund",
+                                                                  "tally")}
+        self._errors = {step: m.redis_errors(step) for step in self._seconds}
+
+    def _observe(self, step: str, started: float) -> None:
+        self._seconds[step].observe(time.perf_counter() - started)
+
+    async def reserve(self, user_id: str, period: str, txn_id: str, rcpt_no: int | list[int],
+                      plan_limits: list[str | int]) -> Reservation:
+        """Take one unit for recipient ``rcpt_no`` of ``txn_id`` (or one for each of a list,
+        all or nothing) if under the limit.
+
+        Idempotent per (txn_id, rcpt_no). Raises StoreUnavailableError.
+        """
+        numbers = [rcpt_no] if isinstance(rcpt_no, int) else rcpt_no
+        units = len(numbers)
+        script_keys = [keys.user(user_id), keys.usage(user_id, period),
+                       keys.reservations(user_id, txn_id)]
+        args: list[str | int] = [" ".join(str(n) for n in numbers), USAGE_TTL_SECONDS,
+                                 RESERVATION_TTL_SECONDS, period, *plan_limits]
+        wanted = durability(self._redis)
+        replicated = True
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                if wanted.replicas:
+                    raw, replicated = await eval_replicated(self._redis, self._reserve,
+                                                            script_keys, args, wanted)
+                else:
+                    raw = await self._reserve(keys=script_keys, args=args)
+        except StoreUnavailableError:
+            self._errors["reserve"].inc()
+            self._reserve_failed.inc(units)
+            raise
+        self._observe("reserve", started)
+        status, used, limit = (int(v) for v in raw)
+        result = Reservation(ReserveStatus(status), used, limit)
+        if not replicated and result.status in {ReserveStatus.RESERVED,
+                                                ReserveStatus.ALREADY_RESERVED}:
+            self._reserve_failed.inc(units)
+            await self._give_back_unreplicated(user_id, period, txn_id, numbers, result)
+        self._reserved[result.status].inc(units)
+        return result
+
+    async def _give_back_unreplicated(self, user_id: str, period: str, txn_id: str,
+                                      numbers: list[int], result: Reservation) -> None:
+        """The units are on the master only: refund them (a failover may have lost both the
+        reservation and this refund, which leaves the count as it was) and refuse with a
+        451, so the client retries once a replica is back."""
+        log.warning("quota.unreplicated", user_id=user_id, txn_id=txn_id, units=len(numbers),
+                    used=result.used, limit=result.limit)
+        try:
+            await self.refund(user_id, period, txn_id, numbers)
+        except StoreUnavailableError:
+            pass  # counted high until the transaction's own refund: never low
+        raise StoreUnavailableError()
+
+    async def commit(self, user_id: str, period: str, txn_id: str, route: str = "command",
+                     plan_limits: Sequence[str | int] = (), thresholds: str = "") -> Settlement:
+        """Make every open reservation of ``txn_id`` final, counted under ``route``, and mark
+        any of ``thresholds`` (space-separated percents) the delivered count crossed.
+        Idempotent: a repeat commits and crosses nothing."""
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                raw = await self._commit(
+                    keys=[keys.user(user_id), keys.usage(user_id, period),
+                          keys.reservations(user_id, txn_id)],
+                    args=[route, period, thresholds, *plan_limits])
+        except StoreUnavailableError:
+            self._errors["commit"].inc()
+            raise
+        self._observe("commit", started)
+        units, used, delivered, limit, crossed = (int(v) for v in raw)
+        self._metrics.units_committed.inc(units)
+        return Settlement(units, used, delivered, limit, crossed)
+
+    async def tally(self, user_id: str, period: str, route: str, units: int) -> None:
+        """Count ``units`` sent through an uncounted route (shown in usage, never limited)."""
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.hincrby(keys.usage(user_id, period), f"route:{route}", units)
+                    pipe.expire(keys.usage(user_id, period), USAGE_TTL_SECONDS)
+                    await pipe.execute()
+        except StoreUnavailableError:
+            self._errors["tally"].inc()
+            raise
+        self._observe("tally", started)
+
+    async def refund(self, user_id: str, period: str, txn_id: str,
+                     rcpt_nos: list[int] | None = None) -> Settlement:
+        """Give back the open units of ``rcpt_nos`` (all when None). Idempotent; committed
+        units are never refunded."""
+        if rcpt_nos is not None and not rcpt_nos:
+            # An empty list refunds nothing; the script would read "no ARGV" as "all".
+            return Settlement(0, (await self.usage(user_id, period)).used)
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                units, used = await self._refund(
+                    keys=[keys.usage(user_id, period), keys.reservations(user_id, txn_id)],
+                    args=rcpt_nos or [])
+        except StoreUnavailableError:
+            self._errors["refund"].inc()
+            raise
+        self._observe("refund", started)
+        self._metrics.units_refunded.inc(int(units))
+        return Settlement(int(units), int(used))
+
+    async def usage(self, user_id: str, period: str) -> Usage:
+        with store_errors():
+            record = await self._redis.hgetall(keys.usage(user_id, period))
+        return _usage_from(record)  # type: ignore[arg-type]  # decode_responses=True
+
+    async def history(self, user_id: str, periods: list[str]) -> dict[str, Usage]:
+        """Usage of several months in one round trip (pipelined; one user, one slot)."""
+        with store_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for period in periods:
+                    pipe.hgetall(keys.usage(user_id, period))
+                records = await pipe.execute()
+        return {period: _usage_from(record) for period, record in zip(periods, records,
+                                                                        strict=True)}
+
+
+def _usage_from(record: dict[str, str]) -> Usage:
+    notified: dict[int, list[int]] = {}
+    routes = {name.removeprefix("route:"): int(value) for name, value in record.items()
+              if name.startswith("route:")}
+    for name in record:
+        # n:<limit>:<percent>, written by commit.lua when a threshold is crossed.
+        if name.startswith("n:"):
+            _, limit, percent = name.split(":")
+            notified.setdefault(int(limit), []).append(int(percent))
+    return Usage(int(record.get("used", 0)), int(record.get("delivered", 0)),
+                 {limit: tuple(sorted(p)) for limit, p in notified.items()}, routes)

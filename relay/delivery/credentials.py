@@ -1,0 +1,93 @@
+"""Per-user credentials for routes with ``credentials = "user"`` (the user's own Mailchimp
+Transactional API key), encrypted at rest.
+
+Secrets are sealed with Fernet (AES-128-CBC + HMAC-SHA256, from ``cryptography``) under
+``RELAY_CREDENTIALS_KEY``; Redis only ever holds ciphertext. The key can be rotated by
+re-entering the credentials under a new key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from cryptography.fernet import Fernet, InvalidToken
+
+from relay.errors import TemporaryError
+from relay.store import keys
+from relay.store.client import RedisClient, store_errors
+
+log = structlog.get_logger()
+
+
+class CredentialsUnreadableError(TemporaryError):
+    # The stored secret does not decrypt under the configured key (a key mix-up between
+    # relays): an operator problem, so the app keeps the mail and retries.
+    code = 451
+    status = "4.7.0"
+    text = "Stored route credentials cannot be read, try again later"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteCredentials:
+    username: str
+    secret: str = field(repr=False)
+
+
+def load_key(configured: str | None, state_dir: Path) -> bytes:
+    """The Fernet key: the configured one, or (development) one kept in the state folder."""
+    if configured:
+        return configured.encode()
+    path = state_dir / "credentials.key"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_bytes(Fernet.generate_key())
+        log.warning("dev.credentials_key", path=str(path),
+                    note="development default: set RELAY_CREDENTIALS_KEY in production")
+    return path.read_bytes().strip()
+
+
+class CredentialStore:
+    """``key`` is the Fernet key, or a function giving it, called on first use (so that a
+    command that never touches credentials never creates a development key file)."""
+
+    def __init__(self, redis: RedisClient, key: bytes | Callable[[], bytes]) -> None:
+        self._redis = redis
+        self._key = key
+        self._cipher: Fernet | None = None
+
+    @property
+    def _fernet(self) -> Fernet:
+        if self._cipher is None:
+            self._cipher = Fernet(self._key() if callable(self._key) else self._key)
+        return self._cipher
+
+    async def save(self, user_id: str, route: str, credentials: RouteCredentials) -> None:
+        sealed = self._fernet.encrypt(credentials.secret.encode()).decode()
+        with store_errors():
+            await self._redis.hset(keys.route_credentials(user_id, route),
+                                   mapping={"username": credentials.username,
+                                            "secret": sealed})
+
+    async def load(self, user_id: str, route: str) -> RouteCredentials | None:
+        """The user's credentials for ``route``; None if they have none.
+
+        Raises CredentialsUnreadableError, StoreUnavailableError.
+        """
+        with store_errors():
+            record = await self._redis.hgetall(keys.route_credentials(user_id, route))
+        if not record:
+            return None
+        try:
+            secret = self._fernet.decrypt(str(record["secret"]).encode()).decode()
+        except (InvalidToken, KeyError) as exc:
+            log.error("credentials.unreadable", user_id=user_id, route=route)
+            raise CredentialsUnreadableError() from exc
+        return RouteCredentials(str(record.get("username", "")), secret)
+
+    async def delete(self, user_id: str, route: str) -> bool:
+        with store_errors():
+            return bool(await self._redis.delete(keys.route_credentials(user_id, route)))

@@ -1,0 +1,93 @@
+"""Credentials -> ``Principal`` (STYLE §1 step 2).
+
+A login containing ``@`` is a user credential (the user's email); any other login is an app
+credential (``smartplans``, ``campaigns``, ``command``…). The slow scrypt check runs in a
+worker thread so one AUTH never stalls the other connections on the event loop.
+
+Apps reconnect constantly, and a slow hash on every connection would cap the relay at tens
+of connections per second. So a successful check is remembered in a bounded in-memory cache
+keyed by a keyed digest (HMAC-SHA256 under a per-process random key) of login and password:
+the password itself is never kept. Every AUTH still reads the stored credential from Redis,
+and the cache entry is used only while that stored hash is unchanged and the account active,
+so a changed password or a disabled user or app takes effect at the next AUTH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+from collections import OrderedDict
+
+from relay.identity.accounts import AccountStore, AppPrincipal, Principal, UserPrincipal
+from relay.identity.passwords import DUMMY_HASH, verify_password
+
+CACHE_SIZE = 10_000
+
+
+class VerifiedCache:
+    """digest(login, password) -> the stored hash it was verified against (LRU, bounded)."""
+
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        self._key = os.urandom(32)
+        self._entries: OrderedDict[bytes, str] = OrderedDict()
+        self._size = size
+
+    def digest(self, login: bytes, password: bytes) -> bytes:
+        # Length-prefixed, so ("ab", "c") and ("a", "bc") cannot collide.
+        return hmac.new(self._key, len(login).to_bytes(4, "big") + login + password,
+                        hashlib.sha256).digest()
+
+    def holds(self, digest: bytes, stored: str) -> bool:
+        found = self._entries.get(digest)
+        if found is None or not hmac.compare_digest(found, stored):
+            return False
+        self._entries.move_to_end(digest)
+        return True
+
+    def remember(self, digest: bytes, stored: str) -> None:
+        self._entries[digest] = stored
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Authenticator:
+    def __init__(self, accounts: AccountStore, cache: VerifiedCache | None = None) -> None:
+        self._accounts = accounts
+        self.cache = cache or VerifiedCache()
+
+    async def authenticate(self, login: bytes, password: bytes) -> Principal | None:
+        """The principal for valid, active credentials; None otherwise.
+
+        Raises StoreUnavailableError when Redis cannot be asked (the caller answers 454).
+        """
+        try:
+            name = login.decode("utf-8")
+        except UnicodeDecodeError:
+            name = ""
+        principal: Principal | None = None
+        stored = DUMMY_HASH
+        if "@" in name:
+            found = await self._accounts.user_password_hash(name)
+            if found is not None and found[0].active:
+                principal, stored = UserPrincipal(found[0].email, found[0].id), found[1]
+        elif name:
+            app = await self._accounts.app_password_hash(name)
+            if app is not None and app[0].status == "active":
+                principal, stored = AppPrincipal(app[0].name), app[1]
+        if principal is None:
+            # Still pay for one hash, so unknown logins and wrong passwords take the same time.
+            await asyncio.to_thread(verify_password, password, stored)
+            return None
+        digest = self.cache.digest(login, password)
+        if self.cache.holds(digest, stored):
+            return principal
+        if not await asyncio.to_thread(verify_password, password, stored):
+            return None
+        self.cache.remember(digest, stored)
+        return principal

@@ -1,0 +1,414 @@
+"""One message from MAIL FROM to its outcome: route, reserve, forward, commit or refund
+(STYLE §1 steps 4-7).
+
+Two ways to decide, chosen per app in ``routing.toml``:
+
+* **at RCPT** (the default): the route is chosen at MAIL FROM, the upstream transaction is
+  opened then, and each recipient is reserved (on a counted route) and mirrored upstream in
+  step, so each gets its own reply;
+* **at the end of DATA** (apps with ``timeline`` or ``route_header``): the recipients are
+  collected, and only with the headers in hand (X-KW-Route, the SmartPlan and contact ids)
+  is the route chosen, the quota reserved for every recipient at once, and the upstream
+  asked. The message is sent whole or refused whole, and a refused SmartPlan email is
+  written to the Contact Timeline.
+
+A reservation counts against the limit from the moment it is made. The upstream's 250 after
+DATA makes the units final (commit); a refusal, RSET, disconnect or timeout gives them back
+(refund). The client's final dot hands the message to ``deliver``, which then owns the
+outcome: a client leaving afterwards does not cut it. If the upstream never answers, or the
+relay stops before it does, the units stay counted: high by what was in flight, never low.
+Every outcome ends in one canonical ``delivery.finished`` log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from enum import Enum
+
+import structlog
+
+from relay.config.routing import Route
+from relay.decisions.months import Period
+from relay.decisions.quota import Reservation, ReserveStatus, Settlement
+from relay.decisions.routing import choose_route
+from relay.decisions.settle import PendingSettlement
+from relay.delivery.upstream import UpstreamOutcomeUnknownError
+from relay.errors import (
+    OverLimitReply,
+    PermanentError,
+    PlanMisconfiguredError,
+    QuotaExceededError,
+    RelayError,
+    SmtpUtf8RequiredError,
+    TooManyRecipientsError,
+    UnknownSenderError,
+    UserDisabledError,
+)
+from relay.events import stream as events
+from relay.identity.accounts import Principal, User
+from relay.message.controls import Controls, read_controls
+from relay.message.headers import CONTROL_HEADER_PREFIX
+from relay.message.wire import Outgoing, WireMessage
+from relay.smtp.services import Opened, Services
+
+
+class State(Enum):
+    OPEN = "open"          # recipients being added
+    SENDING = "sending"    # DATA handed to the upstream, reply not yet known
+    DONE = "done"          # committed, refunded or left counted; nothing more to do
+
+
+class RouteRefusedError(PermanentError):
+    code = 550
+    status = "5.7.1"
+    text = "Refused by routing policy"
+
+
+class Transaction:
+    """Per-message state, created at MAIL FROM once the sender is resolved. ``opened`` is
+    given when deciding at RCPT, None when deciding at the end of DATA."""
+
+    def __init__(self, *, txn_id: str, principal: Principal, user: User, sender: str,
+                 mail_options: list[str], smtputf8: bool, period: Period,
+                 opened: Opened | None, services: Services,
+                 log: structlog.typing.FilteringBoundLogger) -> None:
+        self.txn_id = txn_id
+        self.principal = principal
+        self.user = user
+        self.sender = sender
+        self.period = period
+        self.accepted: list[str] = []
+        self.refused = 0
+        self.state = State.OPEN
+        # Set once the client's final dot handed the message to ``deliver``.
+        self._delivering = False
+        self.deferred = opened is None
+        self._opened = opened
+        # The route chosen at the end of DATA, before it is opened: events about a message
+        # refused then (over the limit, say) still name it.
+        self._chosen: Route | None = None
+        self._mail_options = mail_options
+        self._smtputf8 = smtputf8
+        self._services = services
+        self._policies = services.policies
+        self._app = services.policies.routing.app(principal.app)
+        self._controls = Controls()
+        self._next_rcpt = 0
+        self._started = time.monotonic()
+        self._last_used = 0
+        self._last_limit = 0
+        self.log = log.bind(txn_id=txn_id, user_id=user.id, plan=user.plan,
+                            sender_domain=sender.rpartition("@")[2].lower(),
+                            period=period.label,
+                            route=opened.route.name if opened else None)
+
+    @property
+    def route(self) -> Route | None:
+        return self._opened.route if self._opened else None
+
+    # -- recipients ---------------------------------------------------------------------------
+    async def add_recipient(self, address: str, options: list[str]) -> None:
+        """Accept one recipient, or raise the refusal (RelayError).
+
+        At RCPT: reserve one unit on a counted route, then mirror RCPT upstream (refunding
+        if the upstream refuses). At the end of DATA: only collected.
+        """
+        rcpt_domain = address.rpartition("@")[2].lower()
+        try:
+            if not address.isascii() and not self._smtputf8:
+                raise SmtpUtf8RequiredError()
+            if len(self.accepted) >= self._services.max_recipients:
+                raise TooManyRecipientsError()
+            if not self.deferred:
+                await self._add_in_step(address, options)
+        except RelayError as exc:
+            self.refused += 1
+            reason = type(exc).__name__
+            self._services.metrics.recipients("refused", reason).inc()
+            self.log.info("rcpt.refused", rcpt_domain=rcpt_domain, smtp_code=exc.code,
+                          reason=reason, used=self._last_used, limit=self._last_limit)
+            raise
+        self._services.metrics.recipients("accepted", "none").inc()
+        self.accepted.append(address)
+        self.log.debug("rcpt.accepted", rcpt_domain=rcpt_domain, used=self._last_used,
+                      limit=self._last_limit, deferred=self.deferred)
+
+    async def _add_in_step(self, address: str, options: list[str]) -> None:
+        assert self._opened is not None
+        self._next_rcpt += 1
+        rcpt_no = self._next_rcpt
+        if self._opened.route.counted:
+            try:
+                await self._reserve(rcpt_no)
+            except QuotaExceededError as refusal:
+                await self._publish(events.REJECTED, recipient=address,
+                                    smtp_code=refusal.code, reply=refusal.reply)
+                raise
+        try:
+            await self._opened.session.rcpt(address, options)
+        except RelayError:
+            if self._opened.route.counted:
+                # The client hears the upstream's refusal, whatever Redis does meanwhile.
+                await self._refund([rcpt_no])
+            raise
+
+    async def _reserve(self, rcpt_nos: int | list[int]) -> None:
+        """Reserve units (all or nothing); raises the over-limit or account refusal."""
+        result = await self._services.quota.reserve(
+            self.user.id, self.period.label, self.txn_id, rcpt_nos,
+            self._policies.plan_limits())
+        self._last_used, self._last_limit = result.used, result.limit
+        self._raise_for(result)
+
+    def _raise_for(self, result: Reservation) -> None:
+        if result.status is ReserveStatus.OVER_LIMIT:
+            reply = self._policies.over_limit
+            if self._app.timeline and reply.code < 500:
+                # A timeline app must not retry a refused email: it moves on to the next
+                # step, so the refusal is permanent whatever the policy's code says.
+                reply = OverLimitReply(550, "5.7.1", reply.text)
+            raise QuotaExceededError(reply, used=result.used, limit=result.limit,
+                                     resets_on=self.period.resets_on)
+        if result.status is ReserveStatus.USER_DISABLED:
+            raise UserDisabledError()
+        if result.status is ReserveStatus.USER_MISSING:
+            raise UnknownSenderError()
+        if result.status is ReserveStatus.UNKNOWN_PLAN:
+            self.log.error("quota.unknown_plan", plan=self.user.plan)
+            raise PlanMisconfiguredError()
+
+    # -- the message ----------------------------------------------------------------------------
+    async def deliver(self, message: WireMessage, trace: bytes) -> str:
+        """Send ``trace`` + ``message`` (control and other routes' headers removed) upstream;
+        commit on 250, refund on a refusal. Returns the upstream's reply. Raises the refusal
+        (RelayError); at the end of DATA, for the whole message.
+
+        The client's final dot commits the message: from here on the delivery owns the
+        outcome, and ``abort`` (the client leaving, a reset) leaves it alone. The handler runs
+        this in a task of its own, so the client's connection going away cannot cut it.
+        Cancelled itself (the relay stopping past its deadline), it ends like an abort."""
+        self._delivering = True
+        try:
+            return await self._deliver(message, trace)
+        except asyncio.CancelledError:
+            self._delivering = False
+            await self.abort("cancelled")
+            raise
+
+    async def _deliver(self, message: WireMessage, trace: bytes) -> str:
+        if self.deferred:
+            self._controls = read_controls(message.header_content())
+            if self._controls.problems:
+                self.log.warning("controls.ignored", problems=list(self._controls.problems))
+            try:
+                await self._open_at_data()
+            except RelayError as exc:
+                self.state = State.DONE
+                await self._refuse_whole(exc)
+                self._finish("failed" if exc.permanent else "deferred", exc.code, len(message))
+                raise
+        assert self._opened is not None
+        prefixes = (CONTROL_HEADER_PREFIX, *(p.encode() for p in
+                    self._policies.routing.stripped_prefixes(self._opened.route)))
+        return await self._send(message.outgoing(trace, prefixes))
+
+    async def _open_at_data(self) -> None:
+        """Choose the route with the headers in hand, reserve every recipient at once (on a
+        counted route: before anything is asked of the upstream, so an over-limit message
+        costs it nothing), open the route, and mirror the recipients (all must be accepted).
+
+        A failover never changes whether a route is counted (checked on load), so the
+        reservation made for the chosen route holds for the route actually used.
+        """
+        decision = choose_route(self._policies.routing, app=self.principal.app,
+                                preference=self.user.preferences.get(self.principal.app),
+                                header=self._controls.route)
+        self.log = self.log.bind(rule=decision.rule, route=decision.route and
+                                 decision.route.name)
+        if decision.route is None:
+            raise RouteRefusedError(decision.refusal)
+        self._chosen = decision.route
+        numbers = list(range(1, len(self.accepted) + 1))
+        self._next_rcpt = len(numbers)
+        if decision.route.counted:
+            await self._reserve(numbers)
+        try:
+            route, session, upstream = await self._services.routes.begin(
+                decision.route, self.user, self.sender, self._mail_options,
+                smtputf8=self._smtputf8)
+        except RelayError:
+            await self._refund_all()
+            raise
+        self._opened = Opened(route, session, upstream)
+        self.log = self.log.bind(route=route.name)
+        try:
+            for address in self.accepted:
+                await session.rcpt(address, [])
+        except RelayError:
+            await session.release(reusable=True)
+            await self._refund_all()
+            raise
+
+    async def _refuse_whole(self, refusal: RelayError) -> None:
+        """Events for a message refused whole at the end of DATA."""
+        if isinstance(refusal, QuotaExceededError):
+            for address in self.accepted:
+                await self._publish(events.REJECTED, recipient=address, smtp_code=refusal.code,
+                                    reply=refusal.reply, **self._controls.ids())
+        if self._app.timeline and (isinstance(refusal, QuotaExceededError)
+                                   or refusal.permanent):
+            reason = "quota" if isinstance(refusal, QuotaExceededError) else "refused"
+            for address in self.accepted:
+                await self._publish(events.TIMELINE_EMAIL_FAILED, recipient=address,
+                                    reason=reason, smtp_code=refusal.code,
+                                    reply=refusal.reply, **self._controls.ids())
+
+    async def _send(self, content: Outgoing) -> str:
+        assert self._opened is not None
+        session = self._opened.session
+        self.state = State.SENDING
+        try:
+            reply = await session.data(content)
+        except UpstreamOutcomeUnknownError as exc:
+            self.state = State.DONE
+            await session.release(reusable=False)
+            self._log_unreconciled("upstream_no_reply")
+            self._finish("deferred", exc.code, len(content))
+            raise
+        except RelayError as exc:
+            self.state = State.DONE
+            await session.release(reusable=True)
+            await self._refund_all()
+            if self.deferred:
+                await self._refuse_whole(exc)
+            self._finish("deferred" if not exc.permanent else "failed", exc.code, len(content))
+            raise
+        self.state = State.DONE
+        await self._settle()
+        await session.release(reusable=True)
+        self._finish("delivered", 250, len(content), upstream_reply=reply[:200])
+        return reply
+
+    async def _settle(self) -> None:
+        """After the upstream's 250: commit a counted route's units (they become final and are
+        tallied per route); tally an uncounted route's recipients."""
+        assert self._opened is not None
+        route = self._opened.route
+        try:
+            if route.counted:
+                # Commit before handing the connection back: the units become final as soon
+                # as possible after the upstream's 250.
+                plan_limits = self._policies.plan_limits()
+                thresholds = self._policies.notifications.threshold_argument
+                try:
+                    settlement = await self._services.quota.commit(
+                        self.user.id, self.period.label, self.txn_id, route.name,
+                        plan_limits, thresholds)
+                except RelayError:
+                    # Delivered mail stays counted (reserve took the units); the commit that
+                    # makes them final is written once Redis is back.
+                    self._settle_later(PendingSettlement(
+                        "commit", self.user.id, self.period.label, self.txn_id, self.log,
+                        route=route.name, plan_limits=plan_limits, thresholds=thresholds,
+                        on_committed=self._notify_crossing))
+                    return
+                self._last_used = settlement.used
+                await self._notify_crossing(settlement)
+            else:
+                await self._services.quota.tally(self.user.id, self.period.label, route.name,
+                                                 len(self.accepted))
+        except RelayError:
+            # A tally is not idempotent (HINCRBY), so it is not retried: the per-route count
+            # of an uncounted route is for reports only and may be low by this message.
+            self.log.warning("quota.tally_failed", rcpt_accepted=len(self.accepted))
+
+    async def abort(self, reason: str) -> None:
+        """End an unfinished transaction (RSET, new EHLO, disconnect, timeout). Never raises;
+        idempotent."""
+        if self.state is State.DONE or self._delivering:
+            return
+        session = self._opened.session if self._opened else None
+        if self.state is State.SENDING:
+            # Cut off while the upstream was answering DATA: it may have accepted the
+            # message, so the units stay counted.
+            self.state = State.DONE
+            if session is not None:
+                await session.release(reusable=False)
+            self._log_unreconciled(reason)
+            self._finish("deferred", None, None, reason=reason)
+            return
+        self.state = State.DONE
+        if session is not None:
+            await session.release(reusable=True)
+        if self._next_rcpt:
+            await self._refund_all()
+        self._finish("abandoned" if self.accepted else "rejected", None, None, reason=reason)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    async def _publish(self, kind: str, **data: object) -> None:
+        """Append one event about this transaction's user (never fails the SMTP reply).
+        ``used`` and ``limit`` default to the transaction's last known count and limit."""
+        route = self.route or self._chosen
+        counts = {"used": self._last_used, "limit": self._last_limit}
+        await self._services.events.publish_quietly(events.new_event(
+            kind, self.user.id, email=self.user.email, app=self.principal.app,
+            sender=self.sender, txn_id=self.txn_id, period=self.period.label,
+            route=route.name if route else None,
+            resets_at=self.period.resets_at.isoformat(), resets_on=self.period.resets_on,
+            **(counts | data)), self.log)
+
+    async def _notify_crossing(self, settlement: Settlement) -> None:
+        """The event for a threshold this commit's delivered sends crossed: it names the
+        delivered count ("16 of 20"), the sends that really went out."""
+        if settlement.crossed:
+            kind = events.REACHED if settlement.crossed == 100 else events.THRESHOLD
+            await self._publish(kind, percent=settlement.crossed,
+                                used=settlement.delivered, limit=settlement.limit)
+
+    async def _refund_all(self) -> None:
+        await self._refund(None)
+
+    async def _refund(self, rcpt_nos: list[int] | None) -> None:
+        """Give back the open units of ``rcpt_nos`` (all when None); a refund that meets
+        Redis away is written once it is back. Never raises a Redis failure."""
+        try:
+            settlement = await self._services.quota.refund(self.user.id, self.period.label,
+                                                           self.txn_id, rcpt_nos)
+        except RelayError:
+            self._settle_later(PendingSettlement(
+                "refund", self.user.id, self.period.label, self.txn_id, self.log,
+                rcpt_nos=rcpt_nos))
+            return
+        self._last_used = settlement.used
+        if settlement.units:
+            self.log.info("quota.refunded", units=settlement.units, used=settlement.used)
+
+    def _settle_later(self, pending: PendingSettlement) -> None:
+        settlements = self._services.settlements
+        if settlements is None:
+            self._log_unreconciled(f"{pending.kind}_failed")
+        else:
+            settlements.add(pending)
+
+    def _log_unreconciled(self, reason: str) -> None:
+        # The reservation key relay:resv:{user}:<txn_id> keeps the units for a week; this line
+        # is what an operator greps to reconcile a count that may be high.
+        self._services.metrics.unreconciled(reason).inc()
+        self.log.warning("quota.unreconciled", reason=reason, rcpt_accepted=len(self.accepted))
+
+    def _finish(self, outcome: str, smtp_code: int | None, size: int | None,
+                **extra: object) -> None:
+        seconds = time.monotonic() - self._started
+        metrics = self._services.metrics
+        metrics.messages(outcome, self._opened.route.name if self._opened else "none").inc()
+        metrics.transaction_seconds(outcome).observe(seconds)
+        if size is not None:
+            metrics.message_bytes.observe(size)
+        self.log.info(
+            "delivery.finished", outcome=outcome, smtp_code=smtp_code, size=size,
+            rcpt_accepted=len(self.accepted), rcpt_refused=self.refused,
+            used=self._last_used, limit=self._last_limit,
+            upstream=self._opened.upstream if self._opened else None,
+            duration_ms=round(seconds * 1000, 1),
+            **self._controls.ids(), **extra)
