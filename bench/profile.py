@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from bench.procs import BenchError, Service
 
 if TYPE_CHECKING:
-    from bench.run import Bench
+    from bench.harness import Bench
 
 KB = 1024
 RATE = 200  # samples per second; py-spy pauses the relay briefly for each (full stacks)
@@ -61,7 +61,7 @@ _AREAS = (
 
 def _area(frame: str) -> str:
     where = frame.partition(" (")[2]
-    if where.startswith("relay/cli.py"):
+    if where.startswith("relay/cli/"):
         return "other"  # main(): on every stack
     if "site-packages/" in where:
         where = where.rpartition("site-packages/")[2]
@@ -169,7 +169,7 @@ def _shapes(args: argparse.Namespace) -> list[tuple[str, int, bool, int]]:
 
 
 def profile(bench: Bench, args: argparse.Namespace) -> int:
-    from bench.run import Scenario  # here: bench.run imports this module
+    from bench.harness import Scenario
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     results = args.results

@@ -23,6 +23,7 @@ import asyncio
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 from aiohttp import web
@@ -30,7 +31,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from relay.config.endpoints import Endpoint
-from relay.delivery.upstream import Upstream
 from relay.observe.metrics import HealthGauges, NotifierMetrics, RelayMetrics
 from relay.store import keys
 from relay.store.client import REDIS_ERRORS, RedisClient
@@ -40,6 +40,13 @@ log = structlog.get_logger()
 # A readiness check must answer before the prober gives up (Kubernetes' default is 1 s): a
 # Redis that does not answer PING within this is as good as down.
 PING_TIMEOUT = 1.0
+
+
+class Reachable(Protocol):
+    """What readiness asks of the default upstream (``relay.delivery``'s ``Upstream`` has
+    it): observe sits below delivery and sees only this."""
+
+    def reachable(self) -> bool | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +82,7 @@ class RelayReadiness:
     """``/readyz`` of ``serve``: Redis answers, the default upstream is reachable (its pool's
     last connection succeeded; while not, a probe retries in the background), not draining."""
 
-    def __init__(self, *, redis: RedisClient, upstream: Upstream, timeout: float,
+    def __init__(self, *, redis: RedisClient, upstream: Reachable, timeout: float,
                  draining: Callable[[], bool], metrics: RelayMetrics) -> None:
         self._redis = redis
         self._upstream = upstream

@@ -20,8 +20,8 @@ import structlog
 
 from relay.admin.api import AdminServer
 from relay.admin.operations import Admin
-from relay.config.policies import Policies, load_policies
-from relay.config.reload import reload_policies
+from relay.config.policies import Policies, PolicyError, load_policies
+from relay.config.reload import changed_files, read_policies
 from relay.config.settings import Settings
 from relay.decisions.months import Clock, SystemClock
 from relay.decisions.quota import QuotaStore
@@ -255,8 +255,31 @@ class RelayApp:
             self.admin.policies = policies
 
     async def reload_policies(self) -> bool:
-        """Reload ``policies/`` (SIGHUP): all files or none. Returns whether it took."""
-        return await reload_policies(self)
+        """Load the policy folder and swap it in, or keep the old policies and log why.
+        Returns whether the new policies are in force. Never raises for a bad file."""
+        directory = self.settings.policies_dir
+        async with self.reload_lock:
+            try:
+                # A few small files, but file I/O all the same: off the event loop.
+                policies = await asyncio.to_thread(read_policies, directory)
+            except PolicyError as exc:
+                log.error("policies.reload_failed", directory=str(directory), error=str(exc),
+                          note="the previous policies stay in force")
+                return False
+            if self.draining:
+                log.info("policies.reload_skipped", reason="draining")
+                return False
+            old_policies, old_routes = self.policies, self.routes
+            changed = changed_files(old_policies, policies)
+            routes = old_routes
+            if policies.routing != old_policies.routing:
+                routes = self.routes_for(policies, old_routes)
+            self.use_policies(policies, routes)
+            if routes is not old_routes:
+                await old_routes.close(successor=routes)
+            log.info("policies.reloaded", directory=str(directory), changed=changed,
+                     plans={p.name: p.monthly_limit for p in policies.plans.values()})
+            return True
 
     # -- stopping --------------------------------------------------------------------------------
     async def stop(self, drain_timeout: float = 0.0) -> None:

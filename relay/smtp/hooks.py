@@ -40,8 +40,7 @@ from relay.smtp.services import Opened, Services
 from relay.smtp.transaction import RouteRefusedError, State, Transaction
 
 if TYPE_CHECKING:
-    from relay.smtp.protocol import RelaySMTP
-    from relay.smtp.session import RelayEnvelope, RelaySession
+    from relay.smtp.session import RelayEnvelope, RelaySession, SessionServer
 
 log = structlog.get_logger()
 
@@ -66,7 +65,7 @@ class RelayHandler:
         self.draining = False
 
     # -- AUTH (RFC 4954) ---------------------------------------------------------------------
-    async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+    async def auth_PLAIN(self, server: SessionServer, args: list[str]) -> AuthResult:
         if len(args) == 1:
             blob = await server.challenge_auth("")
             if blob is MISSING:  # "*" or bad base64: challenge_auth already replied
@@ -83,7 +82,7 @@ class RelayHandler:
             return self._malformed("PLAIN", message=errors.AUTH_BAD_PLAIN)
         return await self._check(server, "PLAIN", parts[1], parts[2])
 
-    async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+    async def auth_LOGIN(self, server: SessionServer, args: list[str]) -> AuthResult:
         if len(args) == 1:
             login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
             if login is MISSING:
@@ -103,7 +102,7 @@ class RelayHandler:
         self.services.metrics.auth(mechanism, "malformed").inc()
         return AuthResult(success=False, handled=handled, message=message)
 
-    async def _check(self, server: RelaySMTP, mechanism: str, login: bytes,
+    async def _check(self, server: SessionServer, mechanism: str, login: bytes,
                      password: bytes) -> AuthResult:
         session_log = server.session_log
         shown = login.decode("utf-8", "replace")[:100]
@@ -151,13 +150,13 @@ class RelayHandler:
                           message=errors.AUTH_SUCCESS)
 
     # -- PROXY protocol (a trusted balancer's header, before the greeting) ------------------
-    async def handle_PROXY(self, server: RelaySMTP, session: RelaySession,
+    async def handle_PROXY(self, server: SessionServer, session: RelaySession,
                            envelope: RelayEnvelope, proxy_data: ProxyData) -> bool:
         """True accepts the connection; server.py takes the real client from the header."""
         return server.accept_proxy(proxy_data)
 
     # -- the transaction ---------------------------------------------------------------------
-    async def handle_MAIL(self, server: RelaySMTP, session: RelaySession,
+    async def handle_MAIL(self, server: SessionServer, session: RelaySession,
                           envelope: RelayEnvelope, address: str,
                           mail_options: list[str]) -> str:
         principal: Principal | None = session.auth_data if session.authenticated else None
@@ -224,7 +223,7 @@ class RelayHandler:
         envelope.txn.log.debug("mail.accepted")  # delivery.finished is the canonical line
         return errors.SENDER_OK
 
-    async def handle_RCPT(self, server: RelaySMTP, session: RelaySession,
+    async def handle_RCPT(self, server: SessionServer, session: RelaySession,
                           envelope: RelayEnvelope, address: str,
                           rcpt_options: list[str]) -> str:
         txn = envelope.txn
@@ -238,7 +237,7 @@ class RelayHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return errors.RECIPIENT_OK
 
-    async def handle_DATA(self, server: RelaySMTP, session: RelaySession,
+    async def handle_DATA(self, server: SessionServer, session: RelaySession,
                           envelope: RelayEnvelope) -> str:
         txn = envelope.txn
         if txn is None or envelope.message is None:  # pragma: no cover

@@ -21,7 +21,7 @@ import functools
 import re
 import secrets
 import ssl
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
@@ -43,7 +43,7 @@ from relay.smtp.admission import ConnectionLimiter
 from relay.smtp.data import DataProblem, read_data
 from relay.smtp.hooks import RelayHandler
 from relay.smtp.proxy import ProxyHeaderError, ProxyPolicy, client_from_header, normalize_ip
-from relay.smtp.session import RelayEnvelope, RelaySession
+from relay.smtp.session import RelayEnvelope, RelaySession, SessionServer
 from relay.smtp.syntax import command_problem, parse_path
 
 log = structlog.get_logger()
@@ -536,3 +536,9 @@ class _ProxyPhase(enum.Enum):
     OFF = "off"  # PROXY protocol not in use on this listener
     WAITING = "waiting"  # trusted peer, header not yet accepted
     DONE = "done"  # accepted, refused or given up
+
+
+if TYPE_CHECKING:
+    def _serves_the_hooks(server: RelaySMTP) -> SessionServer:
+        """For mypy: RelaySMTP provides everything the hooks use of it (``SessionServer``)."""
+        return server

@@ -1,10 +1,11 @@
-"""The per-connection and per-transaction state aiosmtpd carries, and the server side the
-hooks see (a leaf: nothing of the smtp package is imported here).
+"""The per-connection and per-transaction state aiosmtpd carries, and ``SessionServer``: the
+part of the protocol object the hooks may use. The hooks see the server only through that
+Protocol, so ``hooks`` never imports ``protocol`` (which imports the hooks).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiosmtpd.smtp import Envelope, Session
@@ -31,3 +32,22 @@ class RelayEnvelope(Envelope):
         # The body in wire form, set by RelaySMTP.smtp_DATA (envelope.content stays None).
         self.message: WireMessage | None = None
 
+
+
+class SessionServer(Protocol):
+    """What ``RelayHandler``'s hooks use of the ``RelaySMTP`` serving the connection."""
+
+    AuthLoginUsernameChallenge: str
+    AuthLoginPasswordChallenge: str
+    client_ip: str | None
+    session_log: structlog.typing.FilteringBoundLogger
+
+    @property
+    def tls_active(self) -> bool: ...
+
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> Any: ...
+
+    def accept_proxy(self, data: Any) -> bool: ...
+
+    def mark_reply_logged(self) -> None: ...
