@@ -1,4 +1,4 @@
-"""The relay's benchmark (issue 5): ``python -m bench`` from the repository root.
+"""The relay's benchmark: ``python -m bench`` from the repository root.
 
 Starts a Redis, an upstream sink (Postfix's ``smtp-sink``), the relay as a real
 ``command-relay serve`` subprocess and, when it can, a throwaway Postfix, all on 127.0.0.1

@@ -140,8 +140,8 @@ def render(result: dict[str, Any], markdown: bool) -> str:
         m = result["memory"]
         parts.append(("**Memory** " if markdown else "Memory: ") + m["text"])
     if result.get("targets"):
-        parts.append("**Against the targets of issue 5**" if markdown
-                      else "Against the targets of issue 5:")
+        parts.append("**Against the targets**" if markdown
+                      else "Against the targets:")
         parts.append("\n".join(("- " if markdown else "  ") + t for t in result["targets"]))
     if result.get("notes"):
         parts.append("**Notes**" if markdown else "Notes:")

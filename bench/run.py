@@ -250,7 +250,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-seconds", type=float,
                         help="length of each paced latency run (default 5)")
     parser.add_argument("--memory-sessions", type=int,
-                        help="sessions in the memory scenario (default 100, as issue 5 asks)")
+                        help="sessions in the memory scenario (default 100)")
     parser.add_argument("--memory-size", type=int, default=10,
                         help="MB per message in the memory scenario (default 10)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory scenario")

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 
-# Each listener's variable and the relay's own default for it (relay/settings.py).
+# Each listener's variable and the relay's own default for it (relay/config/settings.py).
 DEFAULTS = {"RELAY_METRICS_LISTEN": "127.0.0.1:9465",
             "RELAY_NOTIFIER_METRICS_LISTEN": "127.0.0.1:9466"}
 VARIABLE = "RELAY_METRICS_LISTEN"

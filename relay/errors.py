@@ -1,6 +1,6 @@
 """Every SMTP reply the relay gives, and the exception tree that carries the refusals.
 
-Services raise these; only ``handler.py`` turns them into replies (STYLE §4). No other
+Services raise these; only ``relay/smtp/hooks.py`` turns them into replies (STYLE §4). No other
 module writes a reply string.
 
     RelayError                          .code, .status, .text -> .reply

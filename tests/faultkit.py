@@ -4,7 +4,7 @@ users, and ``Scenario.finish``, which checks the relay still serves, waits for t
 settle, runs the ledger (tests/ledger.py), prints its line, writes it as JSON and checks the
 relays' logs.
 
-Sizes: each scenario has a small CI load; ``RELAY_TEST_SOAK=1`` runs the sizes of issue 10
+Sizes: each scenario has a small CI load; ``RELAY_TEST_SOAK=1`` runs the full sizes
 (``soak(ci, full)`` picks). Reports go to ``RELAY_TEST_REPORT_DIR`` (default
 ``.test-output/faults`` in the repository), one JSON file per scenario.
 """
@@ -44,7 +44,7 @@ _PLANS = load_policies(POLICIES).plans
 
 
 def soak(ci: int, full: int) -> int:
-    """The CI size, or the full size of issue 10 under RELAY_TEST_SOAK=1."""
+    """The CI size, or the full size under RELAY_TEST_SOAK=1."""
     return full if SOAK else ci
 
 

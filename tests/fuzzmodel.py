@@ -8,7 +8,7 @@ users and upstream. The model is independent of the relay's code except for one 
 address a MAIL/RCPT argument names is the one aiosmtpd's parser finds (``parse_path``).
 
 Where the relay is known to be wrong today, the model says so by name (``KNOWN_ISSUES``):
-each entry lets through exactly the pattern of one item of issue 10, and is deleted when
+each entry lets through exactly the pattern of one known defect, and is deleted when
 that item is fixed, so the fuzzer then holds the relay to the fix.
 """
 
@@ -24,7 +24,7 @@ from aiosmtpd.smtp import SMTP
 
 from relay.smtp.protocol import RelaySMTP
 
-# Items of issue 10 still open; each names what the model lets through meanwhile. Delete an
+# Known defects still open; each names what the model lets through meanwhile. Delete an
 # entry when its fix lands: the fuzzer then fails on the pattern again.
 KNOWN_ISSUES: dict[str, str] = {}
 # Items 3, 5, 6, 9 and 10 were let through here until their fixes landed on main (merged):

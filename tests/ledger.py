@@ -1,5 +1,5 @@
 """The ledger: after a scenario, what every client was told, what the upstream captured and
-what Redis counts, compared (issue 10, "the standing suite").
+what Redis counts, compared (the standing suite).
 
 Three sources:
 

@@ -69,7 +69,7 @@ STATIC_SECRETS: dict[str, str] = {
     "fuzzinput.APP_PASSWORD": "fuzz app credential passphrase",
 }
 
-# Settings (relay/settings.py field names) that hold a secret, and the RELAY_* variables.
+# Settings (relay/config/settings.py field names) that hold a secret, and the RELAY_* variables.
 SECRET_SETTINGS = ("admin_token", "notify_webhook_secret", "timeline_webhook_secret",
                    "credentials_key")
 SECRET_URL_SETTINGS = ("redis_url", "upstream_url")

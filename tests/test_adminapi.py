@@ -1,5 +1,5 @@
 """The admin HTTP API, started for real by RelayApp next to the SMTP listener: bearer
-authentication, every route, the error answers, and relay/openapi.json matching what is
+authentication, every route, the error answers, and relay/admin/openapi.json matching what is
 registered and what is answered (every status a test sees must be documented)."""
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ async def test_adminapi_refuses_a_missing_or_wrong_token(api, accounts, authoriz
 
 
 async def test_adminapi_openapi_document_needs_no_token(api, api_relay):
-    """/v1/openapi.json is served without a token: relay/openapi.json with this relay's time
+    """/v1/openapi.json is served without a token: relay/admin/openapi.json with this relay's time
     zones filled in (the shipped file already states the shipped plans and password
     length)."""
     reply = await api.call("GET", "/v1/openapi.json", token=None)

@@ -761,7 +761,7 @@ async def test_plan_history_lists_the_audit_trail(
     (["plan", "set", "agent@kw.test", "gold"], "unknown plan 'gold'; plans: free, plus, pro"),
     (["plan", "set", "agent@kw.test", "plus", "--limit", "0"],
      "the custom limit must be a positive integer"),
-    # Beyond what reserve.lua counts exactly (issue 11): refused before anything is written.
+    # Beyond what reserve.lua counts exactly: refused before anything is written.
     (["plan", "set", "agent@kw.test", "plus", "--limit", "776287861482925568"],
      "the custom limit must be a positive integer of at most 90,071,992,547,409 (2**53 / 100)"),
     (["plan", "set", "nobody@kw.test", "plus"], "no user 'nobody@kw.test'"),

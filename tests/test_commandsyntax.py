@@ -1,4 +1,4 @@
-"""The relay's rules for command lines and envelope paths (relay/commandsyntax.py), as plain
+"""The relay's rules for command lines and envelope paths (relay/smtp/syntax.py), as plain
 tables: invalid UTF-8 and control characters are syntax errors, and a path is acknowledged
 only when the address forwarded is the text the client wrote between the brackets."""
 

@@ -147,7 +147,7 @@ def test_deploy_names_only_real_settings():
             seen.setdefault(name, set()).add(str(path.relative_to(REPO)))
     assert "RELAY_REDIS_URL" in seen and "RELAY_UPSTREAM_URL" in seen
     unknown = {n: sorted(seen[n]) for n in unknown_names(seen)}
-    assert unknown == {}, f"not settings in relay/settings.py: {unknown}"
+    assert unknown == {}, f"not settings in relay/config/settings.py: {unknown}"
 
 
 def test_deploy_name_check_catches_a_typo():

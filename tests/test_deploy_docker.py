@@ -281,7 +281,7 @@ def test_dockerignore_matcher_follows_docker_rules():
     assert not ignored("deploy/healthcheck.py", rules)
     assert ignored("relay/__pycache__/app.cpython-311.pyc", rules)
     assert ignored(".venv/bin/python", rules)
-    assert not ignored("relay/app.py", rules)
+    assert not ignored("relay/process/wiring.py", rules)
 
 
 def _copied_sources() -> list[str]:
@@ -343,7 +343,7 @@ def test_healthcheck_url_follows_the_metrics_listener(listen: str, url: str | No
 
 def test_healthcheck_url_defaults_to_the_relay_default():
     """Without the variable, the script checks the relay's own default listener (the
-    notifier's with its variable named): the defaults are relay/settings.py's."""
+    notifier's with its variable named): the defaults are relay/config/settings.py's."""
     module = _healthcheck_module()
     assert module.healthz_url({}) == "http://127.0.0.1:9465/healthz"
     assert module.healthz_url({}, "RELAY_NOTIFIER_METRICS_LISTEN") == \

@@ -1,4 +1,4 @@
-"""Fault scenarios (issue 10's standing suite): a bounded load on loopback against real
+"""Fault scenarios (the standing suite): a bounded load on loopback against real
 processes (``command-relay serve``, redis-server, the upstream of tests/upstream_proc.py), a
 fault, and the ledger at the end (tests/ledger.py): nothing acknowledged is lost, nothing
 counted that was not sent, nothing over the limit sent, and the relay still serves.

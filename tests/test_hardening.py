@@ -1,4 +1,4 @@
-"""Regression tests for what the outside attack of issue 10 found at the socket level, each on
+"""Regression tests for what the outside attack found at the socket level, each on
 both event loops against a real ``command-relay serve`` process: connection slots freed by
 connect-and-close and resets at every step (item 1), every documented 421 reaching the client
 (item 2), bad bytes and control characters refused with a 5xx and a log line (items 5, 6),

@@ -111,7 +111,7 @@ def exposed_names(text: str) -> set[str]:
 
 def supervisor_text() -> str:
     """The series ``serve --workers N``'s supervisor adds to its workers' (its registry, as
-    relay/aggregate.py renders it; tests/test_aggregate.py scrapes a real one)."""
+    relay/observe/supervisor_metrics.py renders it; tests/test_aggregate.py scrapes a real one)."""
     return generate_latest(SupervisorMetrics(2).registry).decode()
 
 

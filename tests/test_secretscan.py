@@ -1,6 +1,6 @@
 """The log secret scan (tests/secretscan.py) finds what it must, and the relay gives it
 nothing to find: a client reset in the middle of AUTH leaves no AUTH token in the log
-(issue 10 item 4), on both event loops."""
+on both event loops."""
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def test_secretscan_fails_the_test_that_logged_a_secret_naming_it_and_the_line(p
     assert "capture_logs event:1: secret 'inner secret'" in text
 
 
-# -- issue 10 item 4: a reset during AUTH leaves no token in the log ----------------------------
+# -- a reset during AUTH leaves no token in the log ----------------------------
 def reset(sock: socket.socket) -> None:
     """Close with an RST (SO_LINGER 0), as a client that vanishes does."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

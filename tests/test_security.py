@@ -303,7 +303,7 @@ def test_security_app_credential_sends_only_for_an_owned_address(sender, code, l
 # -- control characters in every envelope field ------------------------------------------------
 CONTROLS = {"cr": b"\r", "nul": b"\x00", "vt": b"\x0b", "ff": b"\x0c", "esc": b"\x1b",
             "del": b"\x7f", "tab": b"\t", "bs": b"\x08"}
-# Before issue 10 item 6 was fixed, ten of these were accepted (CR, VT, FF and TAB, depending
+# Before control characters were refused, ten of these were accepted (CR, VT, FF and TAB, depending
 # on the field and the side of the @) and the address altered.
 def address_rows(field: str) -> list[object]:
     return [pytest.param(where, name, id=f"{where}-{name}")
@@ -332,7 +332,7 @@ def test_security_control_character_in_recipient_is_refused(control, where, live
 
 PARAMETER_ROWS = [
     # A bare CR or VT among the parameters was taken as a separator (250) before the fix of
-    # issue 10 items 5 and 6 (control characters in a command are a syntax error).
+    # Control characters in a command are a syntax error.
     pytest.param(b"MAIL FROM:<agent@kw.test> BODY=7BIT\rSMTPUTF8", id="mail_param_cr"),
     pytest.param(b"MAIL FROM:<agent@kw.test> SIZE=100\x00", id="mail_param_nul"),
     pytest.param(b"MAIL FROM:<agent@kw.test> BODY=8BIT\x1bMIME", id="mail_param_esc"),

@@ -1,5 +1,5 @@
-"""Commits and refunds that met Redis away are written once it is back (relay/settle.py,
-issue 10 item 8), against a real redis-server killed and restarted on its port with its
+"""Commits and refunds that met Redis away are written once it is back (relay/decisions/settle.py,
+Redis paused or gone), against a real redis-server killed and restarted on its port with its
 append-only file, so what it acknowledged survives."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The admin HTTP API for the billing system and operators (aiohttp; described by
-``relay/openapi.json``, served at ``/v1/openapi.json``).
+``relay/admin/openapi.json``, served at ``/v1/openapi.json``).
 
 Bound to loopback by default; every route but the description needs
 ``Authorization: Bearer <RELAY_ADMIN_TOKEN>``. The API is off when no token is configured.
@@ -35,7 +35,7 @@ TOKEN_KEY = web.AppKey("token", str)
 
 
 def openapi_document(policies: Policies | None = None) -> dict[str, Any]:
-    """relay/openapi.json; with ``policies``, as this relay serves it: the plans, the time
+    """relay/admin/openapi.json; with ``policies``, as this relay serves it: the plans, the time
     zones and the minimum password length it accepts filled in, so that the document states
     every constraint the server enforces (and nothing it does not)."""
     text = files("relay.admin").joinpath("openapi.json").read_text(encoding="utf-8")

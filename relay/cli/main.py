@@ -1,4 +1,5 @@
-"""``command-relay`` (also ``python -m relay``): parses arguments, calls ``app.py`` or the stores.
+"""``command-relay`` (also ``python -m relay``): parses arguments, then runs the relay
+(``relay.process``) or an operator command (``relay.admin``).
 
 Operators script these commands, so output is stable: ``--json`` prints one JSON document,
 errors go to stderr as ``command-relay: error: …`` with exit status 1 (2 for bad usage).

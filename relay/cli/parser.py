@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=_positive_int, metavar="N",
         help="worker processes sharing the listeners (default: RELAY_WORKERS, else one per "
              "core); 1 serves in this process")
-    # Internal: how the supervisor starts a worker (relay/workers.py).
+    # Internal: how the supervisor starts a worker (relay/process/supervisor.py).
     serve_parser.add_argument("--worker", help=argparse.SUPPRESS)
     sub.add_parser("check-config", help="validate settings and policies/ without serving")
 

@@ -82,8 +82,8 @@ class Settings:
     drain_timeout: float = 30.0
     workers: int | None = None
     event_loop: str = "auto"
-    # PROXY protocol from trusted load balancers, and the client protections (relay/proxy.py,
-    # relay/limits.py). Limits of 0 are off.
+    # PROXY protocol from trusted load balancers, and the client protections (relay/smtp/proxy.py,
+    # relay/identity/throttle.py). Limits of 0 are off.
     proxy_protocol: bool = False
     trusted_proxies: tuple[IPNetwork, ...] = ()
     proxy_protocol_timeout: float = 10.0

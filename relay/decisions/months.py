@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-# A month from 1970-01 to 2999-12 (the same pattern as relay/openapi.json's ``period``;
+# A month from 1970-01 to 2999-12 (the same pattern as relay/admin/openapi.json's ``period``;
 # "$(?!\n)" is the end of the text in Python and in ECMAScript alike).
 PERIOD_PATTERN = r"^(19[7-9][0-9]|2[0-9]{3})-(0[1-9]|1[0-2])$(?!\n)"
 _LABEL = re.compile(PERIOD_PATTERN)

@@ -1,6 +1,6 @@
 """The monthly quota: reserve, commit, refund, read usage (STYLE §1 steps 5 and 7, §6).
 
-Each operation is one Lua script in ``relay/lua/``, registered once; redis-py re-sends the
+Each operation is one Lua script in ``relay/decisions/lua/``, registered once; redis-py re-sends the
 body after a NOSCRIPT (a restarted Redis, a promoted replica, a new Cluster node). The script
 is the unit of atomicity: no WATCH/MULTI loops; its keys share the user's hash tag, so it runs
 on one Cluster node. Redis errors surface as StoreUnavailableError (fail closed).

@@ -2,7 +2,7 @@
 (STYLE §1 step 8).
 
 The SMTP path only appends (one XADD; no network call to anything else, and no SMTP reply
-waits on a notification). ``notify.py`` consumes the stream with a consumer group.
+waits on a notification). ``relay/events/notifier.py`` consumes the stream with a consumer group.
 
 Each entry has one field, ``event``: a JSON object with at least ``id`` (also the
 idempotency key the CRM dedupes on; kept when a dead letter is re-queued), ``kind``, ``at``

@@ -30,7 +30,7 @@ PREFERENCE_PREFIX = "route:"
 ACTIVE = "active"
 DISABLED = "disabled"
 _APP_NAME = re.compile(r"^[a-z][a-z0-9_-]{1,63}$")
-# The same patterns as relay/openapi.json states (the admin API's users): "$(?!\n)" is the end
+# The same patterns as relay/admin/openapi.json states (the admin API's users): "$(?!\n)" is the end
 # of the text in both Python's and ECMAScript's regular expressions (Python's "$" alone also
 # matches before a final newline).
 USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$(?!\n)"

@@ -1,6 +1,6 @@
 """Client protections: connection limits and AUTH failure throttling (STYLE §1 steps 1-2).
 
-Both key a client by its real address (after PROXY, see ``proxy.py``): an IPv4 address as
+Both key a client by its real address (after PROXY, see ``relay/smtp/proxy.py``): an IPv4 address as
 is, an IPv6 address by its /64, since one host usually holds a whole /64.
 
 - ``ConnectionLimiter`` counts open connections in this process, in total and per client.

@@ -1,4 +1,4 @@
-"""A message in SMTP wire form, held once (issue 5: no second copy of the body).
+"""A message in SMTP wire form, held once (no second copy of the body).
 
 The relay keeps a message's DATA exactly as the client sent it: dot-stuffed, CRLF line ends,
 without the terminating ``.\\r\\n`` (RFC 5321 §4.5.2). That is already the form the upstream

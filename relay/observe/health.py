@@ -12,7 +12,7 @@ loopback by default (``RELAY_METRICS_LISTEN``; the notifier's is
   (readiness: send it no traffic meanwhile). The relay is ready when Redis answers PING, its
   upstream is reachable and it is not draining; the notifier when Redis answers and it is not
   stopping.
-* ``/metrics``: the process's own registry (relay/metrics.py), in the text format Prometheus
+* ``/metrics``: the process's own registry (relay/observe/metrics.py), in the text format Prometheus
   asks for (OpenMetrics when its Accept header says so). Each scrape first runs the readiness
   checks, so ``relay_redis_up``, ``relay_upstream_up`` and ``relay_ready`` are as of the scrape.
 """
@@ -155,7 +155,7 @@ class MetricsServer:
                  readiness: ReadinessCheck, sock: socket.socket | None = None) -> None:
         self._endpoint = endpoint
         # A worker's private socket, bound by the supervisor, which answers RELAY_METRICS_LISTEN
-        # for all workers (relay/workers.py, relay/aggregate.py).
+        # for all workers (relay/process/supervisor.py, relay/observe/supervisor_metrics.py).
         self._sock = sock
         self._registry = registry
         self._readiness = readiness
@@ -176,7 +176,8 @@ class MetricsServer:
             await self._runner.cleanup()
             raise
         host, port = self._runner.addresses[0][:2]
-        # With workers, the socket is the private one of this worker's slot (relay/workers.py).
+        # With workers, the socket is the private one of this worker's slot
+        # (relay/process/supervisor.py).
         log.info("metrics.listening", listen=f"{host}:{port}",
                  **({"private": True} if self._sock is not None else {}))
 

@@ -1,6 +1,6 @@
 """``configure_logging()``: structlog JSON lines for operators (STYLE §1 step 9, §7).
 
-Called once from ``cli.py``. JSON lines on stdout in production (one object per line, ISO
+Called once from ``relay/cli/``. JSON lines on stdout in production (one object per line, ISO
 UTC time, stable field names), a readable console format on a terminal, and for the admin
 commands one readable line per warning (``line``). Logs never carry passwords, AUTH payloads
 or message bodies; recipients appear only as domains and counts.
@@ -119,7 +119,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
             exception_formatter=structlog.dev.plain_traceback)
         logger_factory = structlog.PrintLoggerFactory(out)
     elif binary is not None:
-        # orjson renders a line several times faster than json.dumps (issue 5: bounded
+        # orjson renders a line several times faster than json.dumps (bounded
         # logging cost); it writes bytes, so the line goes to the stream's buffer.
         renderer = structlog.processors.JSONRenderer(serializer=_dumps,
                                                      option=orjson.OPT_NON_STR_KEYS)

@@ -268,7 +268,7 @@ class RelayMetrics:
             "refused upstream, failed messages, RSET and disconnects.", registry=r)
         self.settlements_pending = Gauge(
             "relay_quota_settlements_pending", "Commits and refunds that met Redis away and "
-            "wait to be written again (relay/settle.py).", registry=r)
+            "wait to be written again (relay/decisions/settle.py).", registry=r)
         self.unreconciled = Children(Counter(
             "relay_quota_unreconciled_total", "Transactions whose count may be high (the log's "
             "quota.unreconciled), by reason.", ["reason"], registry=r),

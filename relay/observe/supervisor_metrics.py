@@ -2,9 +2,9 @@
 answers ``/metrics``, ``/healthz`` and ``/readyz`` on ``RELAY_METRICS_LISTEN`` for the whole
 ``serve``, so a scrape or a probe never depends on which worker the kernel would have picked.
 
-Each worker serves its own registry (relay/health.py's ``MetricsServer``) on a private
+Each worker serves its own registry (relay/observe/health.py's ``MetricsServer``) on a private
 loopback socket that the supervisor bound for its slot and hands it like the SMTP sockets
-(relay/workers.py); the slot keeps its port across restarts. Here:
+(relay/process/supervisor.py); the slot keeps its port across restarts. Here:
 
 * ``/metrics``: every *serving* worker (one that said it serves and has not exited) is asked
   for its exposition at once, in OpenMetrics, with ``SCRAPE_TIMEOUT``; each answer is parsed
@@ -49,7 +49,7 @@ from relay.observe.metrics import SupervisorMetrics
 log = structlog.get_logger()
 
 # What the supervisor waits for a worker. A worker's own checks take at most a second (its
-# Redis PING, relay/health.py's PING_TIMEOUT); the prober's timeout must be longer than
+# Redis PING, relay/observe/health.py's PING_TIMEOUT); the prober's timeout must be longer than
 # READY_TIMEOUT (the Kubernetes manifest gives /readyz 3 s), Prometheus's scrape timeout
 # (10 s by default) longer than SCRAPE_TIMEOUT.
 SCRAPE_TIMEOUT = 3.0
@@ -72,7 +72,7 @@ class WorkerSlot:
 
 
 class WorkerPool(Protocol):
-    """What the listener needs of the supervisor (relay/workers.py's ``Supervisor``)."""
+    """What the listener needs of the supervisor (relay/process/supervisor.py's ``Supervisor``)."""
 
     @property
     def draining(self) -> bool: ...

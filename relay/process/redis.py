@@ -29,7 +29,7 @@ class StartupError(RuntimeError):
 @asynccontextmanager
 async def redis_url_for(settings: Settings) -> AsyncIterator[str]:
     """The configured Redis URL, or the embedded development server's: used while inside,
-    started by whoever needs it first and stopped by the last user (``relay/embedded.py``).
+    started by whoever needs it first and stopped by the last user (``relay/store/embedded.py``).
     The worker supervisor uses this too: its workers share its use."""
     if settings.redis_url:
         yield settings.redis_url

@@ -32,7 +32,8 @@ log = structlog.get_logger()
 
 async def serve(settings: Settings, worker: WorkerLink | None = None) -> None:
     """Run until SIGINT or SIGTERM, then drain for up to ``drain_timeout`` seconds; SIGHUP
-    reloads the policies. ``worker``: this process is one of several (``relay/workers.py``)."""
+    reloads the policies. ``worker``: this process is one of several
+    (``relay/process/supervisor.py``)."""
     # Signal handlers first: a SIGTERM during start-up (waiting for Redis, say) must still
     # stop the embedded Redis cleanly instead of killing the process around it.
     stopping = asyncio.Event()

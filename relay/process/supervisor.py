@@ -23,8 +23,9 @@ exits 0 once every worker has drained. A socket pair links each worker to it: th
 says when it is serving, and sees the supervisor vanish (EOF) if it is killed, then drains.
 
 The metrics listener (``RELAY_METRICS_LISTEN``) is the supervisor's own: it answers for every
-worker (relay/aggregate.py). Each worker serves its own registry on a private loopback socket
-the supervisor bound for its slot, handed to it as its ``metrics_listen`` socket.
+worker (relay/observe/supervisor_metrics.py). Each worker serves its own registry on a
+private loopback socket the supervisor bound for its slot, handed to it as its
+``metrics_listen`` socket.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 start and stop (STYLE §2). Production (``serve``) and the tests start the relay through this
 same class.
 
-Signals in ``serve``: SIGTERM (and SIGINT) drain the relay (``RelayApp.stop``, see
-``relay/drain.py``), SIGHUP reloads ``policies/`` (``relay/reload.py``). With several worker
-processes, ``relay/workers.py`` runs one ``serve`` per worker on sockets it bound itself.
+Signals in ``serve`` (``relay/process/serve.py``): SIGTERM (and SIGINT) drain the relay
+(``RelayApp.stop``, see ``relay/smtp/shutdown.py``), SIGHUP reloads ``policies/``
+(``RelayApp.reload_policies``). With several worker processes,
+``relay/process/supervisor.py`` runs one ``serve`` per worker on sockets it bound itself.
 """
 
 from __future__ import annotations
@@ -91,9 +92,9 @@ def make_routes(settings: Settings, policies: Policies, default: Upstream,
 class RelayApp:
     """The running relay. ``async with RelayApp(...)`` starts it; leaving stops it.
 
-    ``sockets``: listening sockets bound by a supervisor (``relay/workers.py``), by setting
-    name (``listen``, ``smtps_listen``, ``admin_listen``); without them the relay binds the
-    configured addresses itself.
+    ``sockets``: listening sockets bound by a supervisor (``relay/process/supervisor.py``),
+    by setting name (``listen``, ``smtps_listen``, ``admin_listen``); without them the
+    relay binds the configured addresses itself.
     """
 
     def __init__(self, settings: Settings, redis: RedisClient, *,

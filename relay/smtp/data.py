@@ -1,4 +1,4 @@
-"""Reading a DATA body in bulk (issue 5).
+"""Reading a DATA body in bulk.
 
 aiosmtpd reads DATA one line at a time in Python (a ``readuntil`` and a debug log call per
 line, then a list of lines joined and un-stuffed): at 100 KB that was most of the relay's CPU.

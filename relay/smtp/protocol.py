@@ -7,10 +7,10 @@ Served with ``loop.create_server`` on the relay's own loop (not aiosmtpd's threa
 Controller), so the Redis client and the upstream pool share one event loop.
 
 Before the greeting it admits the connection: with PROXY protocol on, only a trusted
-balancer may connect and its header names the real client (``proxy.py``); then the
-connection limits apply to that client (``limits.py``). A refusal is a 421 in place of the
-greeting. It also owns the timers: aiosmtpd's idle timer, capped by a per-transaction
-deadline, answering 421 4.4.2 when either runs out.
+balancer may connect and its header names the real client (``relay/smtp/proxy.py``);
+then the connection limits apply to that client (``relay/smtp/admission.py``). A refusal
+is a 421 in place of the greeting. It also owns the timers: aiosmtpd's idle timer,
+capped by a per-transaction deadline, answering 421 4.4.2 when either runs out.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class RelaySMTP(SMTP):
             session_id=self.session_id)
         self._relay_handler = handler
         self._implicit_tls = implicit_tls
-        # -- client protections (relay/limits.py, relay/proxy.py) --
+        # -- client protections (relay/identity/throttle.py, relay/smtp/proxy.py) --
         # The real client: the socket's peer, or the source a trusted PROXY header names.
         # Logs, connection limits and AUTH throttling all use it.
         self.client_ip: str | None = None

@@ -3,8 +3,9 @@
 Behind an L4 load balancer every connection comes from the balancer's address. With
 ``proxy_protocol`` on, aiosmtpd (``proxy_protocol_timeout``) reads the balancer's PROXY
 header before the greeting and hands the parsed header to the ``handle_PROXY`` hook; this
-module decides what the header means. ``server.py`` then rebinds the session's peer, so logs,
-connection limits, AUTH throttling and the ``Received:`` header name the real client.
+module decides what the header means. ``relay/smtp/protocol.py`` then rebinds the
+session's peer, so logs, connection limits, AUTH throttling and the ``Received:`` header
+name the real client.
 
 Only peers inside ``trusted_proxies`` may speak: anyone else could claim any address. The
 rules, from the specification (haproxy ``doc/proxy-protocol.txt``):

@@ -1,5 +1,5 @@
 """What the relay accepts in a command line and in an envelope path, before aiosmtpd parses it
-(STYLE §1 step 1; issue 10 items 5 and 6).
+(STYLE §1 step 1).
 
 aiosmtpd decodes a command's argument as UTF-8 with ``surrogateescape`` and hands it on, so
 invalid bytes travelled into handlers, the logs (orjson refuses lone surrogates: the line

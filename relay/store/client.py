@@ -2,12 +2,12 @@
 errors (STYLE §4).
 
 ``connect_redis`` builds redis-py's own client for the topology ``RELAY_REDIS_URL`` names
-(``redisconf.py``): one server, a Sentinel-managed master (``redis.asyncio.sentinel``, which
+(``relay/store/urls.py``): one server, a Sentinel-managed master (``redis.asyncio.sentinel``, which
 asks the sentinels for the master and follows a failover), or a Redis Cluster
 (``redis.asyncio.cluster.RedisCluster``, which routes each command to the node owning its
 key's slot). Every store takes either client (``RedisClient``). All of one user's keys share
-one hash tag (``keys.py``), so each Lua script touches one slot; commands that span users
-(pipelines of index updates) are never transactions, which Cluster would refuse.
+one hash tag (``relay/store/keys.py``), so each Lua script touches one slot; commands that
+span users (pipelines of index updates) are never transactions, which Cluster would refuse.
 
 Any Redis failure on the SMTP path fails closed with a temporary reply: nothing is relayed
 uncounted, and the client retries once Redis is back (redis-py reconnects by itself, and
