@@ -181,7 +181,7 @@ class LedgerReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        """One line for test output and the README's figures."""
+        """One line for test output and the figures of docs/reliability.md."""
         outcomes = ", ".join(f"{n} {k}" for k, n in sorted(self.outcomes.items()))
         extra = "".join(f" · {k} {v}" for k, v in self.extra.items())
         return (f"ledger {self.name}: {self.transactions} txns ({outcomes or 'none'}), "

@@ -4,7 +4,7 @@ links) against a real ``command-relay serve`` process, with every check on.
 
 CI runs a bounded, reproducible pass (a fixed seed, no example database carried between
 runs). A longer pass: ``RELAY_TEST_SCHEMATHESIS_EXAMPLES=500 RELAY_TEST_SCHEMATHESIS_SEED=…``
-(README, Admin HTTP API).
+(docs/operations.md, Admin HTTP API).
 """
 
 from __future__ import annotations

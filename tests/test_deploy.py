@@ -158,7 +158,8 @@ def test_deploy_name_check_catches_a_typo():
 
 
 def test_deploy_readme_covers_every_file():
-    """deploy/README.md names each deployment file, and the main README points to it."""
+    """deploy/README.md names each deployment file, and the main README and
+    docs/deployment.md point to it."""
     readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
     for path in OWN_FILES:
         relative = path.relative_to(DEPLOY)
@@ -166,4 +167,6 @@ def test_deploy_readme_covers_every_file():
             continue
         assert str(relative) in readme, f"deploy/README.md does not mention {relative}"
     assert "k8s/" in readme
-    assert "deploy/README.md" in (REPO / "README.md").read_text(encoding="utf-8")
+    assert "(deploy/README.md)" in (REPO / "README.md").read_text(encoding="utf-8")
+    deployment = (REPO / "docs" / "deployment.md").read_text(encoding="utf-8")
+    assert "(../deploy/README.md)" in deployment

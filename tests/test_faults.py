@@ -4,7 +4,7 @@ fault, and the ledger at the end (tests/ledger.py): nothing acknowledged is lost
 counted that was not sent, nothing over the limit sent, and the relay still serves.
 
 CI runs small loads; ``RELAY_TEST_SOAK=1 ./dev test tests/test_faults.py -n 0 -s``
-runs the sizes of the issue and prints every scenario's ledger line (README, Reliability).
+runs the sizes of the issue and prints every scenario's ledger line (docs/reliability.md).
 """
 
 from __future__ import annotations

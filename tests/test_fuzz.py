@@ -18,7 +18,7 @@ user, the upstream received exactly the acknowledged messages and recipients, no
 carries a secret or an unexpected traceback, and the relay's RSS after warm-up stayed flat.
 
 CI runs RELAY_FUZZ_SESSIONS (default 5,000) sessions per pass, half on each loop; the long
-run is documented in the README (Reliability).
+run is documented in docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """deploy/prometheus/ and deploy/grafana/ stay true to the relay: the alert rules and the
 dashboard are well formed (and valid for promtool, Prometheus's own checker, when installed:
 CI installs Debian's prometheus package for it), their PromQL uses only metrics that a
-running relay and a running notifier actually expose, and the README documents every metric.
+running relay and a running notifier actually expose, and docs/operations.md documents every
+metric.
 """
 
 from __future__ import annotations
@@ -233,18 +234,19 @@ async def test_rules_and_dashboard_use_only_exposed_metrics(
     assert used_by_dashboard - exposed == set()
 
 
-async def test_readme_documents_every_metric(make_relay: RelayFactory, accounts: Any,
+async def test_operations_doc_documents_every_metric(make_relay: RelayFactory, accounts: Any,
                                              redis_server: RedisServer,
                                              tmp_path: Path) -> None:
     """Every relay_* metric the relay, the notifier and the workers' supervisor expose is in
-    the README's table, and the table names no metric that does not exist."""
+    the metrics table of docs/operations.md, and the table names no metric that does not
+    exist."""
     relay_text, notifier_text = await scrape_everything(make_relay, accounts, redis_server,
                                                         tmp_path)
     families = {f.name + ("_total" if f.type == "counter" else "_info" if f.type == "info"
                           else "")
                 for text in (relay_text, notifier_text, supervisor_text())
                 for f in text_string_to_metric_families(text) if f.name.startswith("relay_")}
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    documented = set(re.findall(r"^\| `(relay_[a-z_]+)`", readme, flags=re.MULTILINE))
-    assert families - documented == set(), "metrics missing from the README's table"
-    assert documented - families == set(), "README names metrics that do not exist"
+    operations = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `(relay_[a-z_]+)`", operations, flags=re.MULTILINE))
+    assert families - documented == set(), "metrics missing from docs/operations.md's table"
+    assert documented - families == set(), "docs/operations.md names metrics that do not exist"

@@ -3,6 +3,11 @@ application" sections, parsed from README.md itself, in a fresh folder on the em
 defaults, with each ``#>`` line checked against what the command printed. The README and
 what a newcomer sees cannot drift apart.
 
+The reference lives in ``docs/``: every relative link of the README, of ``docs/*.md`` and of
+the bench and deploy READMEs must reach an existing file (and heading, for an ``#anchor``),
+every repository path they name in backquotes must exist, and the README's map of ``docs/``
+must list every page.
+
 The ``sh`` blocks are the path, run in order; a ``bash`` block is an alternative to the step
 before it (the same message sent with Python alone, for a machine without swaks), run once
 the path is done, against the same relay, and checked the same way.
@@ -33,6 +38,17 @@ import pytest
 from .conftest import POLICIES, REPO, free_port, swaks_path
 
 SECTIONS = ("## Try it: first message in a minute", "## Pointing an application at the relay")
+DOCS = REPO / "docs"
+# Pages whose relative links must lead somewhere real; their backquoted repository paths
+# (``relay/smtp/protocol.py``) are named from the repository's root.
+PAGES = (REPO / "README.md", *sorted(DOCS.glob("*.md")))
+SUB_READMES = (REPO / "bench" / "README.md", REPO / "deploy" / "README.md")
+# Written from the settings' own declarations rather than by hand; a link to it is checked
+# once it exists.
+GENERATED = (DOCS / "configuration.md",)
+_FENCE = re.compile(r"^```.*?^```", flags=re.MULTILINE | re.DOTALL)
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+_PATH = re.compile(r"`((?:relay|tests|bench|deploy|policies|docs)/[^`\s]*)`")
 # Tokens that name the moment of the run; any such token stands for any other of its kind:
 # the capture file's stamp, an ISO 8601 time, a month.
 _TIME = re.compile(r"\d{8}T\d{6}|\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?\+00:00|"
@@ -228,3 +244,97 @@ def _wait_started(step: Step, process: subprocess.Popen[bytes], out: Path, port:
             raise AssertionError(f"{step.command}: not started (exit {process.poll()}):\n"
                                  f"{text}\nexpected: {step.expected}")
         time.sleep(0.1)
+
+
+def _prose(text: str) -> str:
+    """A Markdown page without its fenced blocks (commands and diagrams hold no links)."""
+    return _FENCE.sub("", text)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces
+    as hyphens, a repeated heading numbered from -1."""
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", _prose(text), flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+def broken_links(text: str, page: Path) -> list[str]:
+    """The relative links of ``text`` (the page at ``page``) that lead nowhere: no such
+    file, or no such heading."""
+    broken = []
+    for target in _LINK.findall(_prose(text)):
+        if re.match(r"[a-z][a-z+]*:", target):
+            continue  # https:, mailto:: not this repository's
+        file, _, anchor = target.partition("#")
+        resolved = (page.parent / file).resolve() if file else page
+        if resolved in GENERATED and not resolved.exists():
+            continue
+        if not file:
+            headings = heading_anchors(text)
+        elif not resolved.exists():
+            broken.append(f"{target}: no file {resolved.relative_to(REPO)}")
+            continue
+        else:
+            headings = heading_anchors(_read(resolved)) if resolved.suffix == ".md" else set()
+        if anchor and anchor not in headings:
+            broken.append(f"{target}: no heading #{anchor} in {resolved.relative_to(REPO)}")
+    return broken
+
+
+def missing_paths(text: str) -> list[str]:
+    """Repository paths ``text`` names in backquotes that do not exist (patterns such as
+    ``tests/test_deploy*.py`` or ``relay/<package>/lua/`` are not paths)."""
+    return [path for path in _PATH.findall(_prose(text))
+            if not re.search(r"[*<>{}…]", path) and not (REPO / path).exists()
+            and REPO / path not in GENERATED]
+
+
+def test_the_checks_find_what_is_broken() -> None:
+    """The link, anchor and path checks flag a bad link, a bad anchor and a bad path (a guard
+    against checks that pass by finding nothing)."""
+    assert {"1-connect-the-proxy-header-and-admission", "what-may-import-what"} <= \
+        heading_anchors(_read(DOCS / "flow.md"))
+    assert "try-it-first-message-in-a-minute" in heading_anchors(_read(REPO / "README.md"))
+    assert heading_anchors("# A\n## A\n## `b`: c, d\n") == {"a", "a-1", "b-c-d"}
+    probe = ("# Probe\n\n[a](flow.md#what-may-import-what) [b](gone.md)\n"
+             "[c](replies.md#no-such-heading) [d](#probe) [e](#nowhere) [f](https://x.example)\n"
+             "[g](../README.md#try-it-first-message-in-a-minute)\n"
+             "`relay/smtp/protocol.py` `relay/server.py` `tests/test_deploy*.py`\n"
+             "```\n[h](inside-a-fence.md) `relay/fenced.py`\n```\n")
+    page = DOCS / "probe.md"  # resolves its links from docs/, as a page there would
+    assert [b.split(":")[0] for b in broken_links(probe, page)] == [
+        "gone.md", "replies.md#no-such-heading", "#nowhere"]
+    assert missing_paths(probe) == ["relay/server.py"]
+
+
+@pytest.mark.parametrize("page", [*PAGES, *SUB_READMES], ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_lead_somewhere(page: Path) -> None:
+    """Every relative link reaches an existing file, and its #anchor an existing heading."""
+    assert broken_links(_read(page), page) == []
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_named_repository_paths_exist(page: Path) -> None:
+    """Every module, test or file the README and docs/ name exists (no flat relay/server.py
+    after the move to one package per stage)."""
+    assert missing_paths(_read(page)) == []
+
+
+def test_readme_maps_every_doc() -> None:
+    """The README's map of docs/ links every page of docs/ (the generated one included)."""
+    linked = {(REPO / target.partition("#")[0]).resolve()
+              for target in _LINK.findall(_prose(_read(REPO / "README.md")))
+              if target.startswith("docs/")}
+    pages = {p.resolve() for p in (*DOCS.glob("*.md"), *GENERATED)}
+    assert pages - linked == set()
