@@ -44,7 +44,7 @@ APP = "command"  # the CRM's app credential: decided at RCPT, counted against MA
 APP_PASSWORD = "bench-app-password-0123456789"
 USERS = 10
 LIMIT = 1_000_000_000
-DEFAULT_MAX_MESSAGE_SIZE = 26_214_400  # the relay's own default (README, Configuration)
+DEFAULT_MAX_MESSAGE_SIZE = 26_214_400  # the relay's own default (docs/configuration.md)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ on one Cluster node. Redis errors surface as StoreUnavailableError (fail closed)
 With replicas to wait for (``RELAY_REDIS_WAIT_REPLICAS``), a reservation counts as made only
 once that many replicas acknowledged it: one that is not acknowledged in time is given back
 and the recipient gets a 451. A unit the client is told 250 for is then on that many
-replicas, so a failover promoting one of them cannot lose it (README, Scaling out).
+replicas, so a failover promoting one of them cannot lose it (docs/scaling.md).
 """
 
 from __future__ import annotations

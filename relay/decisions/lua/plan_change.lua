@@ -2,7 +2,7 @@
 plan_change.lua: change a user's plan (or custom limit) and record it in the audit trail,
 atomically.
 
-Rules (README, "Plan changes"):
+Rules (docs/plans.md, "Plans and subscription changes"):
   * a change to an equal or higher limit (an upgrade) applies at once, to the current
     month; it also cancels a pending downgrade;
   * a change to a lower limit (a downgrade, or a cancellation back to the free plan) is
