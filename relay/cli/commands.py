@@ -17,9 +17,9 @@ from dataclasses import asdict
 import structlog
 
 from relay.admin.operations import Admin
+from relay.cli.usage import format_report
 from relay.config.policies import load_policies
 from relay.config.settings import Settings
-from relay.decisions.usage import format_report
 from relay.errors import StoreUnavailableError
 from relay.events.stream import Event, format_event
 
