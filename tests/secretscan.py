@@ -62,6 +62,7 @@ STATIC_SECRETS: dict[str, str] = {
     "test_adminapi.new user password": "a-long-password",
     "test_cluster.user password": "pw-one-long-enough",
     "test_cli.APP_PASSWORD": "an app secret of 30 characters",
+    "test_cli.RELAY_ADMIN_TOKEN": "hunter2-admin-token",
     "test_adminapi_schema.TOKEN": "s" * 32,
     "test_adminapi.password": "exactly-20-chars-pw!",
     "test_logs.SECRET": "hunter2-in-a-local",
