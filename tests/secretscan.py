@@ -34,12 +34,15 @@ import subprocess
 import threading
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog.testing
+
+from relay.config.declare import Declared
+from relay.config.settings import SETTINGS
 
 # Secrets written into the suite (module, name -> value). tests/test_secretscan.py checks that
 # every string constant named like a secret in tests/ is listed here.
@@ -62,6 +65,7 @@ STATIC_SECRETS: dict[str, str] = {
     "test_adminapi.new user password": "a-long-password",
     "test_cluster.user password": "pw-one-long-enough",
     "test_cli.APP_PASSWORD": "an app secret of 30 characters",
+    "test_cli.RELAY_ADMIN_TOKEN": "hunter2-admin-token",
     "test_adminapi_schema.TOKEN": "s" * 32,
     "test_adminapi.password": "exactly-20-chars-pw!",
     "test_logs.SECRET": "hunter2-in-a-local",
@@ -69,10 +73,11 @@ STATIC_SECRETS: dict[str, str] = {
     "fuzzinput.APP_PASSWORD": "fuzz app credential passphrase",
 }
 
-# Settings (relay/config/settings.py field names) that hold a secret, and the RELAY_* variables.
-SECRET_SETTINGS = ("admin_token", "notify_webhook_secret", "timeline_webhook_secret",
-                   "credentials_key")
-SECRET_URL_SETTINGS = ("redis_url", "upstream_url")
+# The settings declared secret (relay/config/settings.py). Those masked by a mask of their
+# own are URLs (redis_url, upstream_url, the route URLs): the secret is their password; of the
+# others (tokens, keys) the whole value is.
+SECRET_SETTINGS = tuple(d for d in SETTINGS if d.setting.secret and d.setting.mask is None)
+SECRET_URL_SETTINGS = tuple(d for d in SETTINGS if d.setting.secret and d.setting.mask is not None)
 MIN_SECRET = 6  # shorter values ("hunter") would match ordinary words
 # A base64 run must stand for at least this many bytes of the secret: shorter runs of a
 # short secret ("a-password") would match the base64 of common words ("password").
@@ -95,6 +100,16 @@ def needles(secret: str) -> set[str]:
             found.add(encoded)
             found.add(encoded.replace("+", "-").replace("/", "_"))
     return {n for n in found if len(n) >= MIN_SECRET}
+
+
+def _secret_named_by(var: str) -> Declared | None:
+    """The secret setting the variable ``var`` sets (RELAY_ROUTE_<NAME>_URL included)."""
+    key = var.removeprefix("RELAY_").lower()
+    for declared in (*SECRET_SETTINGS, *SECRET_URL_SETTINGS):
+        family = declared.setting.family
+        if var.startswith("RELAY_") and (family.match(key) if family else key == declared.key):
+            return declared
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,35 +143,39 @@ class SecretScanner:
                 self._needles.setdefault(needle, name)
 
     def register_settings(self, settings: Any) -> None:
-        """The secrets of a ``relay.settings.Settings`` (an in-process relay's)."""
-        for item in fields(settings):
-            value = getattr(settings, item.name)
-            if item.name in SECRET_SETTINGS:
-                self.register(value, f"settings.{item.name}")
-            elif item.name == "redis_url" and value:
-                self.register(urllib.parse.urlsplit(value).password, "settings.redis_url")
-        upstream = getattr(settings, "upstream", None)
-        if upstream is not None:
-            self.register(upstream.password, "settings.upstream password")
+        """The secrets of a ``relay.config.settings.Settings`` (an in-process relay's)."""
+        for declared in SECRET_SETTINGS:
+            self.register(getattr(settings, declared.name), f"settings.{declared.name}")
+        for declared in SECRET_URL_SETTINGS:
+            value = getattr(settings, declared.name)
+            # A Redis URL is text; an upstream a parsed target; the route URLs a mapping.
+            for target in value.values() if isinstance(value, Mapping) else [value]:
+                if isinstance(target, str):
+                    self.register(urllib.parse.urlsplit(target).password,
+                                  f"settings.{declared.name}")
+                elif target is not None:
+                    self.register(target.password, f"settings.{declared.name} password")
 
     def register_env(self, env: Mapping[str, str]) -> None:
         """The secrets among a subprocess's RELAY_* variables."""
-        for name in SECRET_SETTINGS:
-            self.register(env.get(f"RELAY_{name.upper()}"), f"RELAY_{name.upper()}")
-        for name in SECRET_URL_SETTINGS:
-            url = env.get(f"RELAY_{name.upper()}")
-            if url:
-                try:
-                    parts = urllib.parse.urlsplit(url)
-                    password = parts.password
-                except ValueError:
-                    continue
-                self.register(urllib.parse.unquote(password) if password else None,
-                              f"RELAY_{name.upper()} password")
-                query = urllib.parse.parse_qs(parts.query)
-                for key in ("password", "sentinel_password"):
-                    for value in query.get(key, []):
-                        self.register(value, f"RELAY_{name.upper()} {key}")
+        for var, value in env.items():
+            declared = _secret_named_by(var)
+            if declared is None or not value:
+                continue
+            if declared in SECRET_SETTINGS:
+                self.register(value, var)
+                continue
+            try:
+                parts = urllib.parse.urlsplit(value)
+                password = parts.password
+            except ValueError:
+                continue
+            self.register(urllib.parse.unquote(password) if password else None,
+                          f"{var} password")
+            query = urllib.parse.parse_qs(parts.query)
+            for key in ("password", "sentinel_password"):
+                for item in query.get(key, []):
+                    self.register(item, f"{var} {key}")
 
     def scan_text(self, text: str, source: str, first_line: int = 1) -> list[Finding]:
         """Every line of ``text`` holding a registered secret, in any of its encodings."""

@@ -524,6 +524,61 @@ def test_check_config_names_a_missing_tls_file(tmp_path: Path) -> None:
     assert f"file not found: {cert}" in stderr
 
 
+@pytest.mark.parametrize("missing", ["RELAY_TLS_KEY", "RELAY_UPSTREAM_CA_FILE"])
+def test_check_config_names_every_missing_file_setting(tmp_path: Path, missing: str) -> None:
+    """Each setting declared as a file is checked: the TLS key and the upstream's CA bundle
+    too, not only the certificate."""
+    present = tmp_path / "present.pem"
+    present.write_text("exists\n")
+    files = {"RELAY_TLS_CERT": str(present), "RELAY_TLS_KEY": str(present),
+             missing: str(tmp_path / "missing.pem")}
+    env = clean_env(RELAY_POLICIES_DIR=str(POLICIES), RELAY_STATE_DIR=str(tmp_path / "state"),
+                    **files)
+    stderr = failed(run_cli(["check-config"], env, cwd=tmp_path))
+    assert f"file not found: {tmp_path / 'missing.pem'}" in stderr
+
+
+def test_check_config_lists_the_settings_other_than_the_defaults(tmp_path: Path) -> None:
+    """check-config lists each setting that differs from its default as RELAY_NAME=value, in
+    the order of docs/configuration.md, route URLs one by one, secrets masked as in repr, a
+    listener turned off as an empty value."""
+    state = tmp_path / "state"
+    env = clean_env(RELAY_POLICIES_DIR=str(POLICIES), RELAY_STATE_DIR=str(state),
+                    RELAY_ADMIN_TOKEN="hunter2-admin-token",
+                    RELAY_UPSTREAM_URL="smtp+starttls://u:hunter2@127.0.0.1:587",
+                    RELAY_ROUTE_MAILCHIMP_URL="smtps://mc:hunter2@127.0.0.1:465",
+                    RELAY_REDIS_URL="redis://:hunter2@127.0.0.1:6379/0",
+                    RELAY_MAX_RECIPIENTS="50", RELAY_TRUSTED_PROXIES="10.0.0.0/8 192.0.2.7",
+                    RELAY_PROXY_PROTOCOL="1", RELAY_METRICS_LISTEN="",
+                    RELAY_NOTIFIER_METRICS_LISTEN="127.0.0.1:9466")
+    out = ok(run_cli(["check-config"], env, cwd=tmp_path))
+    assert "hunter2" not in out
+    head, listed = out.split("settings other than the defaults:\n")
+    assert "settings OK: listen 127.0.0.1:2525, redis configured, upstream " \
+        "smtp+starttls://u:***@127.0.0.1:587" in head
+    assert "metrics: off; notifier metrics: 127.0.0.1:9466" in head
+    assert listed.splitlines() == [
+        "  RELAY_REDIS_URL=redis://:***@127.0.0.1:6379/0",
+        "  RELAY_UPSTREAM_URL=smtp+starttls://u:***@127.0.0.1:587",
+        f"  RELAY_STATE_DIR={state}",
+        f"  RELAY_POLICIES_DIR={POLICIES}",
+        "  RELAY_MAX_RECIPIENTS=50",
+        "  RELAY_PROXY_PROTOCOL=1",
+        "  RELAY_TRUSTED_PROXIES=10.0.0.0/8, 192.0.2.7/32",
+        "  RELAY_ROUTE_MAILCHIMP_URL=smtps://mc:***@127.0.0.1:465",
+        "  RELAY_ADMIN_TOKEN=***",
+        "  RELAY_METRICS_LISTEN=",
+    ]
+
+
+def test_check_config_says_when_every_setting_has_its_default(tmp_path: Path) -> None:
+    """With nothing set away from the defaults, check-config says so."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    shutil.copytree(POLICIES, tmp_path / "policies")
+    out = ok(run_cli(["check-config"], env, cwd=tmp_path))
+    assert out.splitlines()[-1] == "settings other than the defaults: none"
+
+
 def _broken_policies(tmp_path: Path, old: str, new: str) -> Path:
     directory = tmp_path / "policies"
     shutil.copytree(POLICIES, directory)

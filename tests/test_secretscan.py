@@ -89,10 +89,14 @@ def test_secretscan_reads_each_file_line_once(tmp_path):
 
 def test_secretscan_registers_a_relay_subprocess_env_and_stdin():
     secret_env = {"RELAY_ADMIN_TOKEN": "admin-token-from-an-env-0001",
-                  "RELAY_UPSTREAM_URL": "smtp+starttls://u:p%40ss-from-url-0002@127.0.0.1:1"}
+                  "RELAY_UPSTREAM_URL": "smtp+starttls://u:p%40ss-from-url-0002@127.0.0.1:1",
+                  "RELAY_ROUTE_MAILCHIMP_URL": "smtps://mc:route-pass-0003@127.0.0.1:1",
+                  "RELAY_LISTEN": "127.0.0.1:2525-not-a-secret"}
     SCANNER.register_env(secret_env)
     assert SCANNER.scan_text("token admin-token-from-an-env-0001", "s")
     assert SCANNER.scan_text("password p@ss-from-url-0002", "s")
+    assert SCANNER.scan_text("password route-pass-0003", "s")
+    assert not SCANNER.scan_text("listening on 127.0.0.1:2525-not-a-secret", "s")
     assert not needles("short")  # below the minimum: too many false positives
 
 

@@ -1,14 +1,16 @@
-"""relay.settings: RELAY_* variables and the optional TOML file into one frozen Settings."""
+"""relay.config.settings: RELAY_* variables and the optional TOML file into one frozen
+Settings, each setting declared once."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
 
 from relay.config.endpoints import Endpoint, UpstreamTarget, parse_endpoint, parse_upstream_url
 from relay.config.parsers import SettingsError
-from relay.config.settings import Settings, load_settings
+from relay.config.settings import SETTINGS, Settings, load_settings
 
 SECRET = "hunter2-s3cret"
 
@@ -472,6 +474,59 @@ def test_upstream_target_str_and_repr_mask_password() -> None:
     assert str(target) == "smtp+starttls://apikey:***@mail.example.test:587"
     assert SECRET not in repr(target)
     assert str(UpstreamTarget("::1", 465, "implicit")) == "smtps://[::1]:465"
+
+
+# A valid value for every secret setting, each holding SECRET (the Fernet key is one).
+FERNET_KEY = base64.urlsafe_b64encode(b"0123456789abcdef0123456789abcdef").decode()
+SECRET_VALUES = {
+    "RELAY_REDIS_URL": f"redis://relay:{SECRET}@127.0.0.1:6379/0",
+    "RELAY_UPSTREAM_URL": f"smtp+starttls://apikey:{SECRET}@mail.example.test:587",
+    "RELAY_NOTIFY_WEBHOOK_SECRET": f"{SECRET}-notify",
+    "RELAY_ROUTE_<NAME>_URL": f"smtps://mc:{SECRET}@smtp.mandrill.example",
+    "RELAY_CREDENTIALS_KEY": FERNET_KEY,
+    "RELAY_TIMELINE_WEBHOOK_SECRET": f"{SECRET}-timeline",
+    "RELAY_ADMIN_TOKEN": f"{SECRET}-admin",
+}
+
+
+def test_settings_repr_masks_every_secret_setting() -> None:
+    """Every setting declared secret is masked in repr(Settings), whatever its kind: a URL
+    keeps its host, a token or key shows as ***."""
+    assert set(SECRET_VALUES) == {d.variable for d in SETTINGS if d.setting.secret}
+    environ = {var.replace("<NAME>", "MAILCHIMP"): value
+               for var, value in SECRET_VALUES.items()}
+    environ.update(RELAY_NOTIFY_WEBHOOK_URL="https://crm.example.test/notify",
+                   RELAY_TIMELINE_WEBHOOK_URL="https://crm.example.test/timeline")
+    settings = load_settings(environ=environ)
+    assert settings.admin_token == f"{SECRET}-admin"
+    assert settings.route_urls["mailchimp"].password == SECRET
+    shown = repr(settings)
+    assert SECRET not in shown and FERNET_KEY not in shown
+    assert "admin_token='***'" in shown and "credentials_key='***'" in shown
+    assert "smtp.mandrill.example" in shown and "127.0.0.1:6379" in shown
+    assert "notify_webhook_url='https://crm.example.test/notify'" in shown
+
+
+def test_load_settings_route_url_from_file_and_environment(tmp_path: Path) -> None:
+    """RELAY_ROUTE_<NAME>_URL (route_<name>_url in the file) sets one route's upstream per
+    name; the environment wins, and an empty variable leaves the file's value."""
+    path = write_toml(tmp_path, 'route_mailchimp_url = "smtps://mc:pw@smtp.file.example"\n'
+                                'route_bulk_url = "smtp://127.0.0.1:2526"\n')
+    settings = load_settings(environ={"RELAY_ROUTE_MAILCHIMP_URL": "smtp://127.0.0.1:2527",
+                                      "RELAY_ROUTE_BULK_URL": ""}, config_file=path)
+    assert settings.route_urls == {"mailchimp": UpstreamTarget("127.0.0.1", 2527, "none"),
+                                   "bulk": UpstreamTarget("127.0.0.1", 2526, "none")}
+    assert load_settings(environ={}).route_urls == {}
+
+
+def test_load_settings_bad_route_url_names_its_key(tmp_path: Path) -> None:
+    """A bad route URL is named by its own key, from the file or from the environment."""
+    path = write_toml(tmp_path, 'route_mailchimp_url = "http://smtp.example.test"\n')
+    with pytest.raises(SettingsError, match=rf"^{path}: route_mailchimp_url: scheme 'http'"):
+        load_settings(environ={}, config_file=path)
+    with pytest.raises(SettingsError,
+                       match=r"^environment: route_bulk_url: not a URL \(no scheme"):
+        load_settings(environ={"RELAY_ROUTE_BULK_URL": "127.0.0.1:25"})
 
 
 # -- PROXY protocol and client protections ---------------------------------------------------

@@ -10,9 +10,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from relay.admin.operations import Admin, AdminError
+from relay.cli.usage import format_report
 from relay.config.policies import load_policies
 from relay.decisions.quota import QuotaStore
-from relay.decisions.usage import format_report, usage_report, user_period
+from relay.decisions.usage import usage_report, user_period
 from relay.identity.accounts import AccountStore
 from relay.process.wiring import RelayApp
 from relay.store import keys

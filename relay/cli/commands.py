@@ -17,9 +17,10 @@ from dataclasses import asdict
 import structlog
 
 from relay.admin.operations import Admin
+from relay.cli.usage import format_report
+from relay.config.declare import as_text
 from relay.config.policies import load_policies
-from relay.config.settings import Settings
-from relay.decisions.usage import format_report
+from relay.config.settings import SETTINGS, Settings
 from relay.errors import StoreUnavailableError
 from relay.events.stream import Event, format_event
 
@@ -265,8 +266,9 @@ ADMIN_COMMANDS: dict[str, AdminCommand] = {"users": _users, "apps": _apps, "usag
 
 def check_config(settings: Settings) -> None:
     policies = load_policies(settings.policies_dir)
-    for path in (settings.tls_cert, settings.tls_key, settings.upstream_ca_file):
-        if path is not None and not path.is_file():
+    for declared in SETTINGS:
+        path = getattr(settings, declared.name)
+        if declared.setting.file and path is not None and not path.is_file():
             raise CommandError(f"file not found: {path}")
     print(f"settings OK: listen {settings.listen}, "
           f"redis {'embedded' if not settings.redis_url else 'configured'}, "
@@ -280,4 +282,25 @@ def check_config(settings: Settings) -> None:
           f"in-app webhook: {'on' if settings.notify_webhook_url else 'off'}")
     print(f"metrics: {settings.metrics_listen or 'off'}; "
           f"notifier metrics: {settings.notifier_metrics_listen or 'off'}")
+    changed = settings_changed(settings)
+    print("settings other than the defaults:" + ("" if changed else " none"))
+    for line in changed:
+        print(f"  {line}")
 
+
+def settings_changed(settings: Settings) -> list[str]:
+    """``RELAY_NAME=value`` for each setting that differs from its default, in the order of
+    docs/configuration.md, secrets masked as in ``repr``; an empty value is a listener
+    turned off."""
+    lines = []
+    for declared in SETTINGS:
+        value = getattr(settings, declared.name)
+        if value == declared.default_value():
+            continue
+        shown = declared.shown(value)
+        if declared.setting.family is None:
+            lines.append(f"{declared.variable}={as_text(shown)}")
+        else:
+            lines += [f"RELAY_{declared.member_key(name).upper()}={as_text(member)}"
+                      for name, member in sorted(shown.items())]
+    return lines

@@ -1,4 +1,5 @@
-"""A user's usage report: what ``command-relay usage`` prints and the admin API returns.
+"""A user's usage report: what the admin API returns and ``command-relay usage`` prints
+(in the words of ``relay.cli.usage``).
 
 One builder for both, so the CLI and the API can never disagree on a number.
 """
@@ -64,35 +65,3 @@ async def usage_report(user: User, period: Period, *, quota: QuotaStore,
                      "delivered": months[label].delivered, "routes": dict(months[label].routes)}
                     for label in _previous(period, history)],
     }
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The human-readable form of ``usage_report``."""
-    limit = report["limit"]
-    lines = [
-        f"{report['email']} ({report['user_id']}), plan {report['plan']}"
-        + (f" (custom limit {report['custom_limit']:,})" if report["custom_limit"] else "")
-        + f", {report['status']}",
-        f"  {report['period']} ({report['tz']}): used {report['used']:,} of "
-        + (f"{limit:,} ({report['percent']}%), {report['remaining']:,} remaining"
-           if limit is not None else "? (plan not in plans.toml)"),
-        f"  resets {report['resets_at']}",
-    ]
-    if report["routes"]:
-        lines.append("  by route: " + ", ".join(f"{name} {count:,}" for name, count in
-                                                sorted(report["routes"].items())))
-    if report["thresholds_notified"]:
-        lines.append("  notified at " + ", ".join(f"{p}%" for p in
-                                                  report["thresholds_notified"]))
-    if report["in_flight"]:
-        lines.append(f"  {report['in_flight']} reserved, not yet confirmed delivered")
-    if report["pending_change"]:
-        change = report["pending_change"]
-        lines.append(f"  pending: plan {change['plan']}"
-                     + (f" (custom limit {change['custom_limit']:,})"
-                        if change["custom_limit"] else "")
-                     + f" from {change['effective_from']}")
-    past = [h for h in report["history"] if h["used"]]
-    if past:
-        lines.append("  history: " + ", ".join(f"{h['period']} {h['used']:,}" for h in past))
-    return "\n".join(lines)
