@@ -104,12 +104,6 @@ class RouteUpstreams:
         return [r.name for r in self._routing.routes.values()
                 if r.upstream == "setting" and r.name not in self._targets]
 
-    def name_of(self, route: Route) -> str:
-        if route.name in self._shared:
-            return self._shared[route.name].name
-        target = self._targets.get(route.name)
-        return str(target) if target else f"{route.name}:unconfigured"
-
     async def _upstream_for(self, route: Route, user: User) -> Upstream:
         if route.credentials == "upstream":
             upstream = self._shared.get(route.name)

@@ -40,6 +40,3 @@ class ConnectionLimiter:
             del self._open[client]
         self.total -= 1
 
-    def open_from(self, client: str) -> int:
-        return self._open[client]
-
