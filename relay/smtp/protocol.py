@@ -31,6 +31,7 @@ from relay import errors
 from relay.errors import (
     CommandSyntaxError,
     InternalError,
+    RefusalLevel,
     RelayError,
     SessionTimeoutError,
     TlsAlreadyActiveError,
@@ -123,7 +124,7 @@ class RelaySMTP(SMTP):
         await super().smtp_RCPT(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd's DATA with the body read in bulk and kept in wire form (relay.smtpdata);
+        """aiosmtpd's DATA with the body read in bulk and kept in wire form (read_data);
         the checks before the 354 and the replies are aiosmtpd's own."""
         if await self.check_helo_needed():
             return
@@ -132,12 +133,12 @@ class RelaySMTP(SMTP):
         envelope = self.envelope
         assert isinstance(envelope, RelayEnvelope)
         if not envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
+            await self.push(errors.DATA_NEED_RCPT)
             return
         if arg:
-            await self.push("501 Syntax: DATA")
+            await self.push(errors.DATA_SYNTAX)
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self.push(errors.DATA_START)
         try:
             read = await read_data(self._reader, size_limit=self.data_size_limit,
                                    line_limit=self.line_length_limit)
@@ -156,7 +157,7 @@ class RelaySMTP(SMTP):
         envelope.message = WireMessage(read.chunks, clean=read.clean)
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is MISSING else status)
+        await self.push(errors.DATA_OK if status is MISSING else status)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -179,7 +180,7 @@ class RelaySMTP(SMTP):
             else:
                 self._proxy_phase = _ProxyPhase.DONE
                 self._refusal = UntrustedPeerError()
-                self.session_log.warning("proxy.untrusted", smtp_code=self._refusal.code)
+                self._refusal.log_refusal(self.session_log, "proxy.untrusted", level="warning")
         elif self.tls_active:
             if self._client_peer is not None and self.session is not None:
                 # aiosmtpd starts a new Session after STARTTLS, with the balancer as its peer.
@@ -235,6 +236,12 @@ class RelaySMTP(SMTP):
         super().data_received(data)
 
     # -- admission: connection limits, PROXY ------------------------------------------------
+    @property
+    def _level(self) -> RefusalLevel:
+        """The level of the session's life-cycle lines: debug for the balancer's own (health
+        check) sessions, so that they do not drown the clients' lines."""
+        return "debug" if self._quiet else "info"
+
     def _log(self, event: str, **fields: Any) -> None:
         """Session life-cycle lines; at debug for the balancer's own (health check) sessions."""
         if self._quiet:
@@ -248,8 +255,8 @@ class RelaySMTP(SMTP):
         try:
             self._connections.acquire(key)
         except TooManyConnectionsError as exc:
-            self.session_log.warning("session.refused", reason="too_many_connections",
-                                     scope=exc.scope, limit=exc.limit, smtp_code=exc.code)
+            exc.log_refusal(self.session_log, "session.refused", level="warning",
+                            reason="too_many_connections", scope=exc.scope, limit=exc.limit)
             return exc
         self._counted_as = key
         self._log("session.opened", tls=self._implicit_tls)
@@ -381,9 +388,9 @@ class RelaySMTP(SMTP):
         if idle_left > 0 and (deadline_left is None or deadline_left > 0):
             self._arm(idle_left if deadline_left is None else min(idle_left, deadline_left))
             return
-        kind = "idle" if idle_left <= 0 else "transaction"
         error = SessionTimeoutError()
-        self._log("session.timeout", timeout=kind, smtp_code=error.code)
+        error.log_refusal(self.session_log, "session.timeout", level=self._level,
+                          timeout="idle" if idle_left <= 0 else "transaction")
         self._write_reply(error)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
@@ -456,15 +463,14 @@ class RelaySMTP(SMTP):
         lines without a traceback; anything else is a bug, logged by the handler."""
         self._reply_logged = True
         if isinstance(error, CommandSyntaxError):
-            self._log("command.refused", command=error.command, reason=type(error).__name__,
-                      smtp_code=error.code)
+            error.log_refusal(self.session_log, "command.refused", level=self._level,
+                              command=error.command, reason=error.reason)
             return error.reply
         if isinstance(error, RelayError):
-            fields: dict[str, Any] = {"reason": type(error).__name__, "smtp_code": error.code}
             role = getattr(error, "role", None)
             event = ("mail.refused" if role == "sender" else
                      "rcpt.refused" if role == "recipient" else "command.refused")
-            self._log(event, **fields)
+            error.log_refusal(self.session_log, event, level=self._level, reason=error.reason)
             return error.reply
         if isinstance(error, TLSSetupException):
             cause = error.__cause__
