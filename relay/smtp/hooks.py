@@ -154,7 +154,7 @@ class RelayHandler:
     # -- PROXY protocol (a trusted balancer's header, before the greeting) ------------------
     async def handle_PROXY(self, server: SessionServer, session: RelaySession,
                            envelope: RelayEnvelope, proxy_data: ProxyData) -> bool:
-        """True accepts the connection; ``RelaySMTP.accept_proxy`` (relay/smtp/protocol.py)
+        """True accepts the connection; ``RelaySMTP.accept_proxy`` (relay/smtp/admission.py)
         takes the real client from the header."""
         return server.accept_proxy(proxy_data)
 
