@@ -43,7 +43,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from relay.decisions.quota import QuotaStore
-from relay.delivery.upstream import UpstreamOutcomeUnknownError
+from relay.errors import UpstreamOutcomeUnknownError
 from relay.store import keys
 
 # The relay's own reply when the upstream connection died after the message was sent: the

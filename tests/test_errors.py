@@ -1,5 +1,5 @@
-"""relay.errors and relay.upstream.translate_error: every refusal is a well-formed SMTP reply,
-and every aiosmtplib error maps to one."""
+"""relay.errors and relay.delivery.upstream.translate_error: every refusal is a well-formed
+SMTP reply, every aiosmtplib error maps to one, and a refusal logs its code as it answers."""
 
 from __future__ import annotations
 
@@ -12,18 +12,23 @@ from typing import Any
 import aiosmtplib
 import aiosmtplib.errors
 import pytest
+import structlog
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from structlog.testing import capture_logs
 
 from relay import errors
 from relay.config.policies import load_policies
-from relay.delivery import upstream
 from relay.delivery.upstream import translate_error
 from relay.errors import (
+    AddressSyntaxError,
     BadAddressError,
     InternalError,
     OverLimitReply,
     PermanentError,
     QuotaExceededError,
+    RefusalLevel,
     RelayError,
+    SessionTimeoutError,
     TemporaryError,
     UpstreamBusyError,
     UpstreamPermanentError,
@@ -237,10 +242,9 @@ def test_upstream_reply_error_outside_4xx_5xx_is_temporary(code: int) -> None:
 # -- the relay's own replies ---------------------------------------------------------------------
 def relay_error_classes() -> list[type[RelayError]]:
     found: set[type[RelayError]] = set()
-    for module in (errors, upstream):
-        for _, cls in inspect.getmembers(module, inspect.isclass):
-            if issubclass(cls, RelayError) and cls is not QuotaExceededError:
-                found.add(cls)
+    for _, cls in inspect.getmembers(errors, inspect.isclass):
+        if issubclass(cls, RelayError) and cls is not QuotaExceededError:
+            found.add(cls)
     return sorted(found, key=lambda cls: cls.__name__)
 
 
@@ -265,7 +269,28 @@ def test_relay_error_classes_cover_the_tree() -> None:
             "InternalError", "AuthRequiredError", "SenderNotAllowedError",
             "UnknownSenderError", "UserDisabledError", "UpstreamPermanentError",
             "TooManyConnectionsError", "UntrustedPeerError", "AuthThrottledError",
-            "SessionTimeoutError", "UpstreamBusyError"} <= names
+            "SessionTimeoutError", "UpstreamBusyError", "UpstreamOutcomeUnknownError",
+            "RouteRefusedError", "RouteNotConfiguredError", "MissingRouteCredentialsError",
+            "CredentialsUnreadableError", "AuthFailedError"} <= names
+
+
+def test_errors_docstring_draws_every_error_class() -> None:
+    """The tree in relay.errors' docstring names exactly the exceptions it exports, each
+    under its real parent."""
+    drawn = re.findall(r"^( {4}[│├└─ ]*)(\w+Error)\b", errors.__doc__ or "", re.M)
+    exported = {name: obj for name, obj in vars(errors).items()
+                if isinstance(obj, type) and issubclass(obj, Exception)}
+    by_name = {name: prefix for prefix, name in drawn}
+    assert len(by_name) == len(drawn)  # each drawn once
+    assert set(by_name) == set(exported)
+    order = list(by_name)
+    for name, cls in exported.items():
+        parent = cls.__mro__[1].__name__
+        if parent in exported:
+            # The closest name above it drawn one level (4 characters) further left.
+            depth = len(by_name[name])
+            above = [n for n in order[:order.index(name)] if len(by_name[n]) == depth - 4]
+            assert above and above[-1] == parent, (name, parent)
 
 
 def test_relay_error_instance_refinement_does_not_leak_to_class() -> None:
@@ -277,15 +302,76 @@ def test_relay_error_instance_refinement_does_not_leak_to_class() -> None:
 
 
 @pytest.mark.parametrize("reply", [
-    errors.AUTH_SUCCESS, errors.AUTH_INVALID, errors.AUTH_TEMPORARY,
+    errors.AUTH_SUCCESS, errors.AUTH_TEMPORARY,
     errors.AUTH_BAD_BASE64, errors.AUTH_BAD_PLAIN, errors.SENDER_OK, errors.RECIPIENT_OK,
-    errors.message_accepted("0123abcd"),
+    errors.DATA_TOO_MUCH, errors.LINE_TOO_LONG, errors.message_accepted("0123abcd"),
 ])
 def test_reply_constants_are_well_formed(reply: str) -> None:
     """The fixed replies carry a code and an enhanced status of the same class."""
     match = re.match(r"^([2-5]\d\d) ([2-5])\.\d{1,3}\.\d{1,3} \S", reply)
     assert match, reply
     assert match[1][0] == match[2], reply
+
+
+def test_message_accepted_code_is_the_reply_code() -> None:
+    """delivery.finished logs the code of the reply a delivered message gets."""
+    assert errors.message_accepted("x").startswith(f"{errors.MESSAGE_ACCEPTED_CODE} ")
+
+
+@pytest.mark.parametrize("reply", [errors.DATA_NEED_RCPT, errors.DATA_SYNTAX, errors.DATA_START,
+                                   errors.DATA_OK])
+def test_data_replies_are_aiosmtpds_own(reply: str) -> None:
+    """The relay's DATA keeps aiosmtpd's replies around the data byte for byte (no enhanced
+    status: aiosmtpd gives none): each is a literal of aiosmtpd's own smtp_DATA."""
+    assert repr(reply) in inspect.getsource(AiosmtpdSMTP.smtp_DATA), reply
+
+
+# -- one from_reply, and log_refusal ---------------------------------------------------------------
+def test_upstream_reply_error_is_the_only_way_from_a_reply() -> None:
+    """The twin from_reply methods are gone: upstream_reply_error builds both classes."""
+    assert not hasattr(UpstreamTemporaryError, "from_reply")
+    assert not hasattr(UpstreamPermanentError, "from_reply")
+    assert type(upstream_reply_error(421, "x")) is UpstreamTemporaryError
+    assert type(upstream_reply_error(554, "x")) is UpstreamPermanentError
+
+
+class Counted:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+
+@pytest.mark.parametrize("level", ["debug", "info", "warning"])
+def test_log_refusal_counts_and_logs_the_code_it_answers(level: RefusalLevel) -> None:
+    """One line at the level asked, with the fields given and the reply's own code; the
+    counter (when given) counted once."""
+    counter = Counted()
+    error = AddressSyntaxError("sender")
+    with capture_logs() as logs:
+        error.log_refusal(structlog.get_logger(), "mail.refused", counter, level=level,
+                          reason=error.reason)
+    assert logs == [{"event": "mail.refused", "log_level": level,
+                     "reason": "AddressSyntaxError", "smtp_code": 501}]
+    assert counter.value == 1
+
+
+def test_log_refusal_without_counter_counts_nothing() -> None:
+    """No counter: the line only (the protocol's own refusals have no metric)."""
+    with capture_logs() as logs:
+        SessionTimeoutError().log_refusal(structlog.get_logger(), "session.timeout",
+                                          timeout="idle")
+    assert logs == [{"event": "session.timeout", "log_level": "info", "timeout": "idle",
+                     "smtp_code": 421}]
+
+
+def test_over_limit_reply_as_permanent() -> None:
+    """A 4xx over-limit reply becomes 550 5.7.1 with the same text; a 5xx stays as it is."""
+    temporary = OverLimitReply(452, "4.5.3", "{used}/{limit} used")
+    assert temporary.as_permanent() == OverLimitReply(550, "5.7.1", "{used}/{limit} used")
+    permanent = OverLimitReply(554, "5.7.0", "no")
+    assert permanent.as_permanent() is permanent
 
 
 # -- the over-limit reply ------------------------------------------------------------------------

@@ -8,12 +8,13 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from relay.message.headers import received_header, strip_control_headers
+from relay.message.headers import CONTROL_HEADER_PREFIX, received_header, strip_headers
 
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+CONTROL = (CONTROL_HEADER_PREFIX,)  # the X-KW-* fields
 
 
-# -- strip_control_headers -----------------------------------------------------------------------
+# -- strip_headers, of the control headers --------------------------------------------------------
 def test_strip_control_headers_removes_fields_in_any_case() -> None:
     """X-KW-* fields go whatever their case; every other byte stays as it was."""
     content = (b"From: agent@kw.test\r\n"
@@ -24,11 +25,11 @@ def test_strip_control_headers_removes_fields_in_any_case() -> None:
                b"Subject: Hello\r\n"
                b"\r\n"
                b"Body line\r\n")
-    assert strip_control_headers(content) == (b"From: agent@kw.test\r\n"
-                                              b"To: client@example.test\r\n"
-                                              b"Subject: Hello\r\n"
-                                              b"\r\n"
-                                              b"Body line\r\n")
+    assert strip_headers(content, CONTROL) == (b"From: agent@kw.test\r\n"
+                                               b"To: client@example.test\r\n"
+                                               b"Subject: Hello\r\n"
+                                               b"\r\n"
+                                               b"Body line\r\n")
 
 
 def test_strip_control_headers_removes_folded_continuations() -> None:
@@ -42,10 +43,10 @@ def test_strip_control_headers_removes_folded_continuations() -> None:
                b" y\r\n"
                b"\r\n"
                b"Body\r\n")
-    assert strip_control_headers(content) == (b"Subject: a subject\r\n"
-                                              b" that is folded\r\n"
-                                              b"\r\n"
-                                              b"Body\r\n")
+    assert strip_headers(content, CONTROL) == (b"Subject: a subject\r\n"
+                                               b" that is folded\r\n"
+                                               b"\r\n"
+                                               b"Body\r\n")
 
 
 def test_strip_control_headers_keeps_folded_line_that_looks_like_control() -> None:
@@ -55,10 +56,10 @@ def test_strip_control_headers_keeps_folded_line_that_looks_like_control() -> No
                b"X-KW-Real: 1\r\n"
                b"\r\n"
                b"Body\r\n")
-    assert strip_control_headers(content) == (b"Subject: hi\r\n"
-                                              b" X-KW-Not: a field\r\n"
-                                              b"\r\n"
-                                              b"Body\r\n")
+    assert strip_headers(content, CONTROL) == (b"Subject: hi\r\n"
+                                               b" X-KW-Not: a field\r\n"
+                                               b"\r\n"
+                                               b"Body\r\n")
 
 
 def test_strip_control_headers_leaves_body_untouched() -> None:
@@ -68,21 +69,21 @@ def test_strip_control_headers_leaves_body_untouched() -> None:
             b"x-kw-also: here\r\n"
             b"Trailing \xff\xfe bytes\r\n")
     content = b"X-KW-Plan: 1\r\nSubject: s\r\n\r\n" + body
-    assert strip_control_headers(content) == b"Subject: s\r\n\r\n" + body
+    assert strip_headers(content, CONTROL) == b"Subject: s\r\n\r\n" + body
 
 
 def test_strip_control_headers_returns_same_object_when_nothing_to_strip() -> None:
     """A message without control headers is returned as the very same object."""
     content = (b"From: agent@kw.test\r\nSubject: s\r\n\r\n"
                b"X-KW-Plan: only in the body\r\n")
-    assert strip_control_headers(content) is content
+    assert strip_headers(content, CONTROL) is content
 
 
 def test_strip_control_headers_keeps_similar_names() -> None:
     """Only the X-KW- prefix counts: X-KW, X-KWID and X-Other-KW- fields stay."""
     content = (b"X-KW: 1\r\nX-KWID: 2\r\nX-Other-KW-Thing: 3\r\n"
                b"Subject: mentions x-kw-plan in its value\r\n\r\nBody\r\n")
-    assert strip_control_headers(content) == content
+    assert strip_headers(content, CONTROL) == content
 
 
 def test_strip_control_headers_lf_only_message() -> None:
@@ -93,10 +94,10 @@ def test_strip_control_headers_lf_only_message() -> None:
                b"Subject: s\n"
                b"\n"
                b"X-KW-Body: stays\n")
-    assert strip_control_headers(content) == (b"From: agent@kw.test\n"
-                                              b"Subject: s\n"
-                                              b"\n"
-                                              b"X-KW-Body: stays\n")
+    assert strip_headers(content, CONTROL) == (b"From: agent@kw.test\n"
+                                               b"Subject: s\n"
+                                               b"\n"
+                                               b"X-KW-Body: stays\n")
 
 
 def test_strip_control_headers_lf_header_then_crlf_body() -> None:
@@ -108,37 +109,37 @@ def test_strip_control_headers_lf_header_then_crlf_body() -> None:
                b"X-KW-Body: stays\r\n"
                b"\r\n"
                b"end\r\n")
-    assert strip_control_headers(content) == (b"Subject: s\n"
-                                              b"\n"
-                                              b"X-KW-Body: stays\r\n"
-                                              b"\r\n"
-                                              b"end\r\n")
+    assert strip_headers(content, CONTROL) == (b"Subject: s\n"
+                                               b"\n"
+                                               b"X-KW-Body: stays\r\n"
+                                               b"\r\n"
+                                               b"end\r\n")
 
 
 def test_strip_control_headers_crlf_header_then_bare_lf_blank_line() -> None:
     """A CRLF header ended by a bare-LF blank line: the body after it is left alone."""
     content = b"Subject: s\r\nX-KW-Plan: 7\r\n\nX-KW-Body: stays\r\n\r\nend\r\n"
-    assert strip_control_headers(content) == b"Subject: s\r\n\nX-KW-Body: stays\r\n\r\nend\r\n"
+    assert strip_headers(content, CONTROL) == b"Subject: s\r\n\nX-KW-Body: stays\r\n\r\nend\r\n"
 
 
 def test_strip_control_headers_message_without_body() -> None:
     """A message that is only a header section (no blank line) is stripped too."""
-    assert strip_control_headers(b"Subject: s\r\nX-KW-Plan: 7\r\n") == b"Subject: s\r\n"
-    assert strip_control_headers(b"Subject: s\r\nX-KW-Plan: 7") == b"Subject: s\r\n"
-    assert strip_control_headers(b"X-KW-Plan: 7\r\n") == b""
+    assert strip_headers(b"Subject: s\r\nX-KW-Plan: 7\r\n", CONTROL) == b"Subject: s\r\n"
+    assert strip_headers(b"Subject: s\r\nX-KW-Plan: 7", CONTROL) == b"Subject: s\r\n"
+    assert strip_headers(b"X-KW-Plan: 7\r\n", CONTROL) == b""
 
 
 def test_strip_control_headers_empty_header_section() -> None:
     """A message that starts with the blank line has no header: its body is never touched."""
     content = b"\r\nX-KW-Body: stays\r\n\r\nmore\r\n"
-    assert strip_control_headers(content) == content
+    assert strip_headers(content, CONTROL) == content
     lf_content = b"\nX-KW-Body: stays\n\nmore\n"
-    assert strip_control_headers(lf_content) == lf_content
+    assert strip_headers(lf_content, CONTROL) == lf_content
 
 
 def test_strip_control_headers_empty_message() -> None:
     """Empty content comes back unchanged."""
-    assert strip_control_headers(b"") == b""
+    assert strip_headers(b"", CONTROL) == b""
 
 
 # -- received_header -------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.config.endpoints import Endpoint
 from relay.delivery import pool as pool_module
+from relay.errors import StartupError
 from relay.events.stream import REACHED, THRESHOLD, EventLog, new_event
-from relay.process.redis import StartupError
 from relay.process.wiring import RelayApp
 from relay.store.client import connect_redis
 from tests.conftest import (

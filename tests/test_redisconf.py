@@ -11,8 +11,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from relay.decisions.quota import QuotaStore
-from relay.errors import StoreUnavailableError
-from relay.process.redis import StartupError, wait_for_redis
+from relay.errors import StartupError, StoreUnavailableError
+from relay.process.redis import wait_for_redis
 from relay.store.client import close_redis, connect_redis, durability
 from relay.store.urls import CLUSTER, SENTINEL, SERVER, RedisUrlError, parse_redis_url
 

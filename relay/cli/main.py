@@ -25,12 +25,12 @@ from relay.config.policies import PolicyError, load_policies
 from relay.config.settings import Settings, load_settings
 from relay.decisions.months import SystemClock
 from relay.delivery.credentials import CredentialStore, load_key
-from relay.errors import StoreUnavailableError
+from relay.errors import StartupError, StoreUnavailableError
 from relay.identity.accounts import AccountError
 from relay.observe.logs import configure_logging
 from relay.process import eventloop
 from relay.process.link import WorkerLink, tag_logs
-from relay.process.redis import StartupError, redis_for, wait_for_redis
+from relay.process.redis import redis_for, wait_for_redis
 from relay.process.serve import run_notifier, serve
 from relay.process.supervisor import Supervisor
 from relay.store.embedded import EmbeddedRedisError

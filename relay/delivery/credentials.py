@@ -15,19 +15,11 @@ from pathlib import Path
 import structlog
 from cryptography.fernet import Fernet, InvalidToken
 
-from relay.errors import TemporaryError
+from relay.errors import CredentialsUnreadableError
 from relay.store import keys
 from relay.store.client import RedisClient, store_errors
 
 log = structlog.get_logger()
-
-
-class CredentialsUnreadableError(TemporaryError):
-    # The stored secret does not decrypt under the configured key (a key mix-up between
-    # relays): an operator problem, so the app keeps the mail and retries.
-    code = 451
-    status = "4.7.0"
-    text = "Stored route credentials cannot be read, try again later"
 
 
 @dataclass(frozen=True, slots=True)

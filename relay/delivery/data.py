@@ -6,6 +6,7 @@ import asyncio
 
 import aiosmtplib
 import structlog
+from aiosmtplib import SMTPStatus
 
 from relay.message.wire import Outgoing
 
@@ -20,7 +21,8 @@ _WRITE_BATCH = 256 * 1024
 
 async def send_data(client: aiosmtplib.SMTP, message: Outgoing,
                     seconds: float) -> aiosmtplib.SMTPResponse:
-    """DATA with a message already in wire form (``relay.wire``), written in batches.
+    """DATA with a message already in wire form (``relay/message/wire.py``), written in
+    batches.
 
     aiosmtplib's own ``data()`` takes content and makes three copies of it (line-ending
     normalisation, dot-stuffing, the terminator appended) before one big write; the relay's
@@ -31,7 +33,7 @@ async def send_data(client: aiosmtplib.SMTP, message: Outgoing,
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     start = await client.execute_command(b"DATA", timeout=seconds)
-    if start.code != 354:
+    if start.code != SMTPStatus.start_input:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
     try:
         async with asyncio.timeout(seconds):
@@ -61,7 +63,7 @@ async def send_data(client: aiosmtplib.SMTP, message: Outgoing,
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         client.close()
         raise
-    if response.code != 250:
+    if response.code != SMTPStatus.completed:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
 

@@ -14,10 +14,11 @@ import structlog
 
 from relay.config.endpoints import UpstreamTarget
 from relay.delivery.data import send_data
-from relay.delivery.upstream import UpstreamOutcomeUnknownError, reply_class, translate_error
+from relay.delivery.upstream import reply_class, translate_error
 from relay.errors import (
     SmtpUtf8UnsupportedError,
     UpstreamBusyError,
+    UpstreamOutcomeUnknownError,
     UpstreamUnavailableError,
 )
 from relay.message.wire import Outgoing

@@ -21,7 +21,11 @@ from relay.config.routing import Route, Routing
 from relay.delivery.credentials import CredentialStore
 from relay.delivery.pool import SmtpUpstream
 from relay.delivery.upstream import Upstream, UpstreamSession
-from relay.errors import PermanentError, UpstreamUnavailableError
+from relay.errors import (
+    MissingRouteCredentialsError,
+    RouteNotConfiguredError,
+    UpstreamUnavailableError,
+)
 from relay.identity.accounts import User
 from relay.observe.metrics import RelayMetrics, detached
 
@@ -31,23 +35,6 @@ log = structlog.get_logger()
 # and the least recently used pools are closed beyond this many.
 USER_POOL_SIZE = 2
 MAX_USER_POOLS = 200
-
-
-class MissingRouteCredentialsError(PermanentError):
-    # 5.7.x, naming the fix: never silently sent through another (counted) route instead.
-    code = 550
-    status = "5.7.1"
-    text = "No credentials for this route"
-
-    @classmethod
-    def for_route(cls, route: str) -> MissingRouteCredentialsError:
-        return cls(f"No {route} credentials saved for this user; add them with "
-                   f"`command-relay route credentials USER {route}` or choose another route")
-
-
-class RouteNotConfiguredError(UpstreamUnavailableError):
-    status = "4.3.5"
-    text = "This route's upstream is not configured, try again later"
 
 
 class RouteUpstreams:
@@ -103,12 +90,6 @@ class RouteUpstreams:
         """Routes whose upstream is a setting that is not set (checked at start-up)."""
         return [r.name for r in self._routing.routes.values()
                 if r.upstream == "setting" and r.name not in self._targets]
-
-    def name_of(self, route: Route) -> str:
-        if route.name in self._shared:
-            return self._shared[route.name].name
-        target = self._targets.get(route.name)
-        return str(target) if target else f"{route.name}:unconfigured"
 
     async def _upstream_for(self, route: Route, user: User) -> Upstream:
         if route.credentials == "upstream":

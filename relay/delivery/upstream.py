@@ -50,7 +50,7 @@ def translate_error(exc: BaseException) -> RelayError:
         first = exc.recipients[0] if exc.recipients else None
         return translate_error(first) if first else UpstreamTemporaryError()
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
-        return UpstreamUnavailableError("Upstream lacks a required extension, try again later")
+        return UpstreamUnavailableError.lacking_extension()
     if isinstance(exc, aiosmtplib.SMTPException | OSError | ssl.SSLError | TimeoutError):
         return UpstreamUnavailableError()
     if isinstance(exc, UnicodeEncodeError | ValueError):
@@ -96,12 +96,4 @@ class Upstream(Protocol):
         /readyz. Never waits on the network."""
 
     async def close(self) -> None: ...
-
-
-class UpstreamOutcomeUnknownError(UpstreamTemporaryError):
-    """The connection failed after the message was sent and before the reply: the upstream may
-    have accepted it. The client is told to retry; the units stay counted (high, never low)."""
-
-    status = "4.4.2"
-    text = "Upstream connection lost after the message was sent, try again later"
 

@@ -25,11 +25,6 @@ def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str, tx
             f"\t{format_datetime(now)}\r\n").encode("ascii")
 
 
-def strip_control_headers(content: bytes) -> bytes:
-    """``content`` without X-KW-* header fields (folded continuation lines included)."""
-    return strip_headers(content, (CONTROL_HEADER_PREFIX,))
-
-
 def strip_headers(content: bytes, prefixes: tuple[bytes, ...]) -> bytes:
     """``content`` without the header fields whose names start with one of ``prefixes``
     (lower case), folded continuation lines included.

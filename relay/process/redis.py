@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from relay.config.settings import Settings
+from relay.errors import StartupError
 from relay.store.client import REDIS_ERRORS, RedisClient, close_redis, connect_redis
 from relay.store.embedded import EmbeddedRedis
 
@@ -20,10 +21,6 @@ if TYPE_CHECKING:
     pass
 
 log = structlog.get_logger()
-
-
-class StartupError(RuntimeError):
-    pass
 
 
 @asynccontextmanager

@@ -17,11 +17,12 @@ import structlog
 
 from relay.config.policies import load_policies
 from relay.config.settings import Settings
+from relay.errors import StartupError
 from relay.events.channels import Channel, EmailChannel, WebhookChannel
 from relay.events.notifier import GROUP, Notifier
 from relay.observe.health import MetricsServer, NotifierReadiness
 from relay.observe.metrics import NotifierMetrics
-from relay.process.redis import StartupError, redis_for, wait_for_redis
+from relay.process.redis import redis_for, wait_for_redis
 from relay.process.wiring import RelayApp, make_upstream
 
 if TYPE_CHECKING:

@@ -44,10 +44,11 @@ from relay.config.endpoints import Endpoint
 from relay.config.policies import load_policies
 from relay.config.settings import Settings
 from relay.delivery.credentials import load_key
+from relay.errors import StartupError
 from relay.observe.metrics import SupervisorMetrics
 from relay.observe.supervisor_metrics import SlotState, SupervisorMetricsServer, WorkerSlot
 from relay.process.link import READY, WorkerLink
-from relay.process.redis import StartupError, redis_url_for
+from relay.process.redis import redis_url_for
 from relay.smtp.tls import ensure_dev_certificate
 
 log = structlog.get_logger()

@@ -32,12 +32,12 @@ from relay.delivery.credentials import CredentialStore, load_key
 from relay.delivery.pool import SmtpUpstream
 from relay.delivery.routes import RouteUpstreams
 from relay.delivery.upstream import Upstream
+from relay.errors import StartupError
 from relay.events.stream import EventLog
 from relay.identity.accounts import AccountStore
 from relay.identity.throttle import AuthThrottle
 from relay.observe.health import MetricsServer, RelayReadiness
 from relay.observe.metrics import RelayMetrics, UpstreamMetrics
-from relay.process.redis import StartupError
 from relay.smtp.admission import ConnectionLimiter
 from relay.smtp.hooks import RelayHandler
 from relay.smtp.listeners import listen, make_factory

@@ -1,6 +1,7 @@
-"""aiosmtpd adapted to the relay: the session types (a leaf), the protocol and its hooks, the DATA
-reader, the PROXY header, connection admission, TLS, graceful shutdown, and the per-message
-Transaction that ties a message's stages together.
+"""aiosmtpd adapted to the relay: the session types (a leaf), the protocol (``RelaySMTP``, built
+of the connection base and one mixin per job: admission with the PROXY header, the timers,
+DATA with its bulk reader) and its hooks, the command syntax, TLS, graceful shutdown, and the
+per-message Transaction that ties a message's stages together.
 
 May import every stage below it (events, decisions, delivery, identity, message, config,
 observe, store, errors); nothing below imports it.

@@ -1,10 +1,10 @@
-"""Reading a DATA body in bulk.
+"""DATA: the command (``DataMixin``, part of ``RelaySMTP``) and its bulk reader.
 
 aiosmtpd reads DATA one line at a time in Python (a ``readuntil`` and a debug log call per
 line, then a list of lines joined and un-stuffed): at 100 KB that was most of the relay's CPU.
 This reader asks the stream for everything up to the next ``.\\r\\n`` at once, so a message
 costs a few calls per network read instead of a few per line, and keeps the body in wire form
-(``relay.wire``) as the list of pieces it was read in: never joined, never copied again.
+(``relay/message/wire.py``) as the list of pieces it was read in: never joined, never copied again.
 
 It keeps aiosmtpd's rules (1.4.6, after the SMTP-smuggling fix):
 - only ``.`` alone on a line ends the data, and a line ends only with CRLF: ``\\n.\\n``,
@@ -20,6 +20,13 @@ import asyncio
 import enum
 from dataclasses import dataclass
 
+from aiosmtpd.smtp import MISSING
+
+from relay import errors
+from relay.message.wire import WireMessage
+from relay.smtp.connection import ConnectionBase
+from relay.smtp.session import RelayEnvelope
+
 _DOT_LINE = b".\r\n"
 
 
@@ -33,11 +40,11 @@ class DataRead:
     chunks: list[bytes]  # dot-stuffed, CRLF line ends, without the terminating ".\r\n"
     size: int  # bytes received before the terminator (what the size limit counts)
     problem: DataProblem | None
-    clean: bool  # relay.wire.is_clean_wire of the joined chunks
+    clean: bool  # relay.message.wire.is_clean_wire of the joined chunks
 
 
 class _WireShape:
-    """``relay.wire.is_clean_wire`` of everything fed, decided piece by piece: the counts of
+    """``relay.message.wire.is_clean_wire`` of everything fed, decided piece by piece: the counts of
     CR, LF, CRLF, CRLF "." and CRLF ".." over the whole, exactly, also where a pattern
     straddles two pieces (counted in a window of the junction)."""
 
@@ -166,3 +173,43 @@ async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None,
                     chunks = []  # discard at once: no memory for a refused message
         if at_end:
             return DataRead(chunks, size, problem, problem is None and shape.clean)
+
+
+class DataMixin(ConnectionBase):
+    """The DATA command of ``RelaySMTP``."""
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA with the body read in bulk and kept in wire form (``read_data``);
+        the checks before the 354 and the replies are aiosmtpd's own."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert isinstance(envelope, RelayEnvelope)
+        if not envelope.rcpt_tos:
+            await self.push(errors.DATA_NEED_RCPT)
+            return
+        if arg:
+            await self.push(errors.DATA_SYNTAX)
+            return
+        await self.push(errors.DATA_START)
+        try:
+            read = await read_data(self._reader, size_limit=self.data_size_limit,
+                                   line_limit=self.line_length_limit)
+        except asyncio.CancelledError:
+            # The connection was lost during DATA (aiosmtpd cancels this task).
+            self.session_log.info("data.connection_lost")
+            self._writer.close()
+            raise
+        if read.problem is not None:
+            self.session_log.warning("data.refused", reason=read.problem.value, size=read.size)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self.mark_reply_logged()
+            await self.push(errors.LINE_TOO_LONG if read.problem is DataProblem.LINE_TOO_LONG
+                            else errors.DATA_TOO_MUCH)
+            return
+        envelope.message = WireMessage(read.chunks, clean=read.clean)
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(errors.DATA_OK if status is MISSING else status)

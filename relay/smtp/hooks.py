@@ -23,10 +23,12 @@ from relay.config.zones import UnknownTimeZoneError, zone
 from relay.decisions.months import Clock, period_at
 from relay.decisions.routing import choose_route
 from relay.errors import (
+    AuthFailedError,
     AuthRequiredError,
     AuthThrottledError,
     InternalError,
     RelayError,
+    RouteRefusedError,
     ShuttingDownError,
     SmtpUtf8RequiredError,
     StoreUnavailableError,
@@ -37,7 +39,7 @@ from relay.identity.throttle import AuthThrottle
 from relay.message.headers import received_header
 from relay.smtp.refusals import finish_refused_mail
 from relay.smtp.services import Opened, Services
-from relay.smtp.transaction import RouteRefusedError, State, Transaction
+from relay.smtp.transaction import State, Transaction
 
 if TYPE_CHECKING:
     from relay.smtp.session import RelayEnvelope, RelaySession, SessionServer
@@ -114,9 +116,9 @@ class RelayHandler:
             principal = await self._auth.authenticate(login, password)
         except AuthThrottledError as exc:
             # Refused without looking at the password: a guesser learns nothing more.
-            metrics.auth(mechanism, "throttled").inc()
-            session_log.warning("auth.throttled", mechanism=mechanism, login=shown,
-                                scope=exc.scope, failures=exc.failures, smtp_code=exc.code)
+            exc.log_refusal(session_log, "auth.throttled", metrics.auth(mechanism, "throttled"),
+                            level="warning", mechanism=mechanism, login=shown,
+                            scope=exc.scope, failures=exc.failures)
             server.mark_reply_logged()
             return AuthResult(success=False, handled=False, message=exc.reply)
         except StoreUnavailableError:
@@ -132,11 +134,11 @@ class RelayHandler:
                     counts = {"failures_ip": by_client, "failures_login": by_login}
                 except StoreUnavailableError:
                     session_log.warning("auth.throttle_unavailable", login=shown)
-            metrics.auth(mechanism, "failed").inc()
-            session_log.warning("auth.failed", mechanism=mechanism, login=shown, smtp_code=535,
-                                **counts)
+            failed = AuthFailedError()
+            failed.log_refusal(session_log, "auth.failed", metrics.auth(mechanism, "failed"),
+                               level="warning", mechanism=mechanism, login=shown, **counts)
             server.mark_reply_logged()
-            return AuthResult(success=False, handled=False, message=errors.AUTH_INVALID)
+            return AuthResult(success=False, handled=False, message=failed.reply)
         if earlier and throttle is not None:
             # The owner got in: forget the login's failures (the client's stay counted).
             try:
@@ -152,7 +154,8 @@ class RelayHandler:
     # -- PROXY protocol (a trusted balancer's header, before the greeting) ------------------
     async def handle_PROXY(self, server: SessionServer, session: RelaySession,
                            envelope: RelayEnvelope, proxy_data: ProxyData) -> bool:
-        """True accepts the connection; server.py takes the real client from the header."""
+        """True accepts the connection; ``RelaySMTP.accept_proxy`` (relay/smtp/admission.py)
+        takes the real client from the header."""
         return server.accept_proxy(proxy_data)
 
     # -- the transaction ---------------------------------------------------------------------
@@ -165,13 +168,14 @@ class RelayHandler:
         metrics = services.metrics
         if self.draining:
             shutting_down = ShuttingDownError()
-            metrics.senders("refused", "draining").inc()
-            session_log.info("mail.refused", reason="draining", smtp_code=shutting_down.code)
+            shutting_down.log_refusal(session_log, "mail.refused",
+                                      metrics.senders("refused", "draining"), reason="draining")
             return shutting_down.reply
         if principal is None:
             refusal = AuthRequiredError()
-            metrics.senders("refused", "auth_required").inc()
-            session_log.info("mail.refused", reason="auth_required", smtp_code=refusal.code)
+            refusal.log_refusal(session_log, "mail.refused",
+                                metrics.senders("refused", "auth_required"),
+                                reason="auth_required")
             return refusal.reply
         mail_log = session_log.bind(login=principal.login, app=principal.app)
         opened: Opened | None = None
@@ -208,9 +212,8 @@ class RelayHandler:
                 opened = Opened(*await services.routes.begin(
                     decision.route, user, address, mail_options, smtputf8=envelope.smtp_utf8))
         except RelayError as exc:
-            metrics.senders("refused", type(exc).__name__).inc()
-            mail_log.info("mail.refused", reason=type(exc).__name__, smtp_code=exc.code,
-                          sender_domain=address.rpartition("@")[2].lower())
+            exc.log_refusal(mail_log, "mail.refused", metrics.senders("refused", exc.reason),
+                            reason=exc.reason, sender_domain=address.rpartition("@")[2].lower())
             finish_refused_mail(known, metrics, exc, started=mail_started)
             return exc.reply
         envelope.txn = Transaction(

@@ -26,10 +26,10 @@ def finish_refused_mail(log: structlog.typing.FilteringBoundLogger, metrics: Rel
     ``rejected`` for a 5xx (the client must not retry), ``deferred`` for a 4xx.
     ``started`` is the ``time.monotonic()`` of the MAIL FROM; ``log`` carries whatever is
     known by then (txn_id, and user_id, plan, period once the sender was resolved)."""
-    outcome = "deferred" if refusal.code < 500 else "rejected"
+    outcome = "rejected" if refusal.permanent else "deferred"
     seconds = time.monotonic() - started
-    metrics.messages(outcome, "none").inc()
     metrics.transaction_seconds(outcome).observe(seconds)
-    log.info("delivery.finished", outcome=outcome, smtp_code=refusal.code, size=None,
-             rcpt_accepted=0, rcpt_refused=0, used=0, limit=0, upstream=None,
-             duration_ms=round(seconds * 1000, 1), reason=type(refusal).__name__)
+    refusal.log_refusal(log, "delivery.finished", metrics.messages(outcome, "none"),
+                        outcome=outcome, size=None, rcpt_accepted=0, rcpt_refused=0, used=0,
+                        limit=0, upstream=None, duration_ms=round(seconds * 1000, 1),
+                        reason=refusal.reason)

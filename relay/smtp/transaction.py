@@ -33,16 +33,16 @@ from relay.decisions.months import Period
 from relay.decisions.quota import Reservation, ReserveStatus, Settlement
 from relay.decisions.routing import choose_route
 from relay.decisions.settle import PendingSettlement
-from relay.delivery.upstream import UpstreamOutcomeUnknownError
 from relay.errors import (
-    OverLimitReply,
-    PermanentError,
+    MESSAGE_ACCEPTED_CODE,
     PlanMisconfiguredError,
     QuotaExceededError,
     RelayError,
+    RouteRefusedError,
     SmtpUtf8RequiredError,
     TooManyRecipientsError,
     UnknownSenderError,
+    UpstreamOutcomeUnknownError,
     UserDisabledError,
 )
 from relay.events import stream as events
@@ -57,12 +57,6 @@ class State(Enum):
     OPEN = "open"          # recipients being added
     SENDING = "sending"    # DATA handed to the upstream, reply not yet known
     DONE = "done"          # committed, refunded or left counted; nothing more to do
-
-
-class RouteRefusedError(PermanentError):
-    code = 550
-    status = "5.7.1"
-    text = "Refused by routing policy"
 
 
 class Transaction:
@@ -100,8 +94,7 @@ class Transaction:
         self._last_limit = 0
         self.log = log.bind(txn_id=txn_id, user_id=user.id, plan=user.plan,
                             sender_domain=sender.rpartition("@")[2].lower(),
-                            period=period.label,
-                            route=opened.route.name if opened else None)
+                            period=period.label, route=opened.route.name if opened else None)
 
     @property
     def route(self) -> Route | None:
@@ -124,10 +117,9 @@ class Transaction:
                 await self._add_in_step(address, options)
         except RelayError as exc:
             self.refused += 1
-            reason = type(exc).__name__
-            self._services.metrics.recipients("refused", reason).inc()
-            self.log.info("rcpt.refused", rcpt_domain=rcpt_domain, smtp_code=exc.code,
-                          reason=reason, used=self._last_used, limit=self._last_limit)
+            counter = self._services.metrics.recipients("refused", exc.reason)
+            exc.log_refusal(self.log, "rcpt.refused", counter, rcpt_domain=rcpt_domain,
+                            reason=exc.reason, used=self._last_used, limit=self._last_limit)
             raise
         self._services.metrics.recipients("accepted", "none").inc()
         self.accepted.append(address)
@@ -164,10 +156,10 @@ class Transaction:
     def _raise_for(self, result: Reservation) -> None:
         if result.status is ReserveStatus.OVER_LIMIT:
             reply = self._policies.over_limit
-            if self._app.timeline and reply.code < 500:
+            if self._app.timeline:
                 # A timeline app must not retry a refused email: it moves on to the next
                 # step, so the refusal is permanent whatever the policy's code says.
-                reply = OverLimitReply(550, "5.7.1", reply.text)
+                reply = reply.as_permanent()
             raise QuotaExceededError(reply, used=result.used, limit=result.limit,
                                      resets_on=self.period.resets_on)
         if result.status is ReserveStatus.USER_DISABLED:
@@ -287,7 +279,7 @@ class Transaction:
         self.state = State.DONE
         await self._settle()
         await session.release(reusable=True)
-        self._finish("delivered", 250, len(content), upstream_reply=reply[:200])
+        self._finish("delivered", MESSAGE_ACCEPTED_CODE, len(content), upstream_reply=reply[:200])
         return reply
 
     async def _settle(self) -> None:
