@@ -173,6 +173,6 @@ def _route_library_logs(out: TextIO, renderer: structlog.typing.Processor,
     # a deprecation notice at WARNING on every AUTH; the relay's own structured lines replace
     # it. Its errors still reach the log.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
-    # Its PROXY parser warns on "mail.debug" for every bad header; server.py logs those as
+    # Its PROXY parser warns on "mail.debug" for every bad header; smtp/admission.py logs those as
     # proxy.refused, with the session's fields.
     logging.getLogger("mail.debug").setLevel(logging.ERROR)

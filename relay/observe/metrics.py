@@ -57,7 +57,8 @@ REDIS_STEPS = ("resolve_sender", "reserve", "commit", "refund", "tally", "publis
 UPSTREAM_STEPS = ("connect", "mail", "rcpt", "data")
 REPLY_CLASSES = ("2xx", "4xx", "5xx", "error")
 NOTIFY_OUTCOMES = ("delivered", "dead_lettered")
-# transaction.py's _log_unreconciled reasons: its own, and the abort reasons of server.py.
+# smtp/transaction.py's _log_unreconciled reasons: its own, and the abort reasons of the
+# protocol (smtp/protocol.py).
 UNRECONCILED_REASONS = ("upstream_no_reply", "commit_failed", "refund_failed", "reset",
                         "disconnect", "cancelled")
 

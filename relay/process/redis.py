@@ -8,7 +8,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
 
 import structlog
 
@@ -16,9 +15,6 @@ from relay.config.settings import Settings
 from relay.errors import StartupError
 from relay.store.client import REDIS_ERRORS, RedisClient, close_redis, connect_redis
 from relay.store.embedded import EmbeddedRedis
-
-if TYPE_CHECKING:
-    pass
 
 log = structlog.get_logger()
 
