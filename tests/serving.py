@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
-from .conftest import PASSWORD, POLICIES
+from tests.conftest import PASSWORD, POLICIES
 
 
 def clean_env(**relay: str) -> dict[str, str]:
