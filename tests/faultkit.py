@@ -33,7 +33,7 @@ from relay.identity.accounts import AccountStore
 from tests.conftest import POLICIES, REPO, RedisServer, add_user, free_port
 from tests.ledger import ClientTxn, Ledger, LedgerReport, LedgerUser, load_captures, read_counts
 from tests.loadclient import Account, Load, send_one
-from tests.observe.test_metrics import scrape
+from tests.scraping import scrape
 from tests.serving import ServeProcess, Start, relay_env
 
 LOOPS = ["uvloop", "asyncio"]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tests import fuzzmodel as fm
 from tests.conftest import PASSWORD
-from tests.flows.test_data_path import BODIES, HEAD
+from tests.data_bodies import BODIES, HEAD
 
 APP_PASSWORD = "fuzz app credential passphrase"
 

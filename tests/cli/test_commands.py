@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -46,18 +45,10 @@ from tests.conftest import (
     free_port,
     smtp_client,
 )
+from tests.serving import clean_env
 
 CLI_PASSWORD = "s3cret pass phrase"
 APP_PASSWORD = "an app secret of 30 characters"
-
-
-def clean_env(**relay: str) -> dict[str, str]:
-    """os.environ without any RELAY_* variable, plus the given RELAY_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    # Metrics listeners on ephemeral ports: tests run in parallel, 9465/9466 would collide.
-    env.update(RELAY_METRICS_LISTEN="127.0.0.1:0", RELAY_NOTIFIER_METRICS_LISTEN="127.0.0.1:0")
-    env.update(relay)
-    return env
 
 
 @pytest.fixture

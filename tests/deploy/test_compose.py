@@ -18,7 +18,7 @@ import yaml
 
 from relay.config.endpoints import parse_upstream_url
 from tests.conftest import REPO
-from tests.deploy.test_deploy import (
+from tests.deploy.deploykit import (
     DEPLOY,
     assert_cli_command,
     port_of,
@@ -27,13 +27,13 @@ from tests.deploy.test_deploy import (
     settings_for,
     unknown_names,
 )
-from tests.deploy.test_docker import (
-    _exec_form,
-    _final,
-    _parser,
-    _values,
+from tests.deploy.dockerfile import (
+    exec_form,
+    final_stage,
     image_environment,
+    parsed,
     pinned_image_problems,
+    values_of,
 )
 
 COMPOSE = DEPLOY / "compose.yaml"
@@ -241,5 +241,5 @@ def test_compose_notifier_checks_its_own_health_endpoint():
 
 def _final_healthcheck_argv() -> list[str]:
     """The image's HEALTHCHECK command (exec form)."""
-    [check] = _values(_final(_parser()), "HEALTHCHECK")
-    return _exec_form(check.partition("CMD")[2].strip())
+    [check] = values_of(final_stage(parsed()), "HEALTHCHECK")
+    return exec_form(check.partition("CMD")[2].strip())

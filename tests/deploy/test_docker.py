@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.server
 import importlib.util
-import io
 import json
 import os
 import re
@@ -25,10 +24,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from dockerfile_parse import DockerfileParser
 
 from tests.conftest import REPO, free_port
-from tests.deploy.test_deploy import (
+from tests.deploy.deploykit import (
     DEPLOY,
     RelayProcess,
     assert_cli_command,
@@ -37,90 +35,26 @@ from tests.deploy.test_deploy import (
     settings_for,
     unknown_names,
 )
+from tests.deploy.dockerfile import (
+    DOCKERFILE,
+    base_images,
+    build_stages,
+    exec_form,
+    final_stage,
+    image_environment,
+    parsed,
+    pinned_image_problems,
+    values_of,
+)
 
-DOCKERFILE = DEPLOY / "Dockerfile"
 HEALTHCHECK = DEPLOY / "healthcheck.py"
-
-
-# -- parsing ---------------------------------------------------------------------------------
-def _parser(text: str | None = None) -> DockerfileParser:
-    data = DOCKERFILE.read_bytes() if text is None else text.encode()
-    return DockerfileParser(fileobj=io.BytesIO(data))
-
-
-def _stages(parser: DockerfileParser) -> list[list[dict[str, Any]]]:
-    """Instructions per build stage (the first list holds what precedes the first FROM)."""
-    stages: list[list[dict[str, Any]]] = [[]]
-    for instruction in parser.structure:
-        if instruction["instruction"] == "FROM":
-            stages.append([])
-        stages[-1].append(instruction)
-    return stages
-
-
-def _final(parser: DockerfileParser) -> list[dict[str, Any]]:
-    return _stages(parser)[-1]
-
-
-def _values(stage: list[dict[str, Any]], name: str) -> list[str]:
-    return [i["value"] for i in stage if i["instruction"] == name]
-
-
-def _exec_form(value: str) -> list[str]:
-    parsed = json.loads(value)
-    assert isinstance(parsed, list) and all(isinstance(v, str) for v in parsed), value
-    return parsed
-
-
-def image_environment() -> dict[str, str]:
-    """The RELAY_* environment the final image runs with."""
-    return {k: v for k, v in _parser().envs.items() if k.startswith("RELAY_")}
-
-
-def image_user() -> str:
-    return _values(_final(_parser()), "USER")[-1]
-
-
-def _images(parser: DockerfileParser) -> list[str]:
-    """The base image of each stage with ARG defaults substituted; stage names left out."""
-    args: dict[str, str] = {}
-    for instruction in _stages(parser)[0]:
-        if instruction["instruction"] == "ARG" and "=" in instruction["value"]:
-            key, _, value = instruction["value"].partition("=")
-            args[key.strip()] = value.strip()
-    names: set[str] = set()
-    images = []
-    for stage in _stages(parser)[1:]:
-        words = stage[0]["value"].split()
-        words = [w for w in words if not w.startswith("--platform")]
-        image = re.sub(r"\$\{?(\w+)\}?", lambda m: args[m.group(1)], words[0])
-        if len(words) == 3 and words[1].upper() == "AS":
-            names.add(words[2])
-        if image not in names:
-            images.append(image)
-    return images
-
-
-def pinned_image_problems(images: list[str]) -> list[str]:
-    """Images without a tag (or digest), or tagged `latest`."""
-    problems = []
-    for image in images:
-        if "@sha256:" in image:
-            continue
-        # The tag follows the last ":" of the last path part (a registry may have a port).
-        tag = image.rsplit("/", 1)[-1].partition(":")[2]
-        if not tag:
-            problems.append(f"{image}: no tag")
-        elif tag == "latest":
-            problems.append(f"{image}: the latest tag")
-    return problems
 
 
 # -- the Dockerfile --------------------------------------------------------------------------
 def test_dockerfile_runs_as_a_non_root_user():
     """The final stage ends as a numeric non-root user (Kubernetes' runAsNonRoot needs a
     number), the same uid the manifests run as."""
-    users = _values(_final(_parser()), "USER")
+    users = values_of(final_stage(parsed()), "USER")
     assert users, "the final stage sets no USER: the relay would run as root"
     uid, _, gid = users[-1].partition(":")
     assert uid.isdigit() and int(uid) >= 1000, users[-1]
@@ -129,7 +63,7 @@ def test_dockerfile_runs_as_a_non_root_user():
 
 def test_dockerfile_base_images_are_pinned():
     """Every base image has an explicit tag that is not `latest`."""
-    images = _images(_parser())
+    images = base_images(parsed())
     assert images and all(i.startswith("python:3.1") for i in images), images
     assert pinned_image_problems(images) == []
 
@@ -143,25 +77,25 @@ def test_dockerfile_pin_check_can_fail():
 
 def test_dockerfile_entrypoint_is_the_relay_cli():
     """ENTRYPOINT + CMD is `command-relay serve`, a real command of the CLI."""
-    final = _final(_parser())
-    entrypoint = _exec_form(_values(final, "ENTRYPOINT")[-1])
-    command = _exec_form(_values(final, "CMD")[-1])
+    final = final_stage(parsed())
+    entrypoint = exec_form(values_of(final, "ENTRYPOINT")[-1])
+    command = exec_form(values_of(final, "CMD")[-1])
     assert entrypoint == ["command-relay"]
     assert command == ["serve"]
     assert_cli_command(command)
-    assert _values(final, "STOPSIGNAL") == ["SIGTERM"]
+    assert values_of(final, "STOPSIGNAL") == ["SIGTERM"]
 
 
 def test_dockerfile_healthcheck_runs_the_shipped_script():
     """HEALTHCHECK runs deploy/healthcheck.py, copied into the image, with python."""
-    final = _final(_parser())
-    checks = _values(final, "HEALTHCHECK")
+    final = final_stage(parsed())
+    checks = values_of(final, "HEALTHCHECK")
     assert len(checks) == 1
     options, _, command = checks[0].partition("CMD")
     assert "--timeout=" in options and "--interval=" in options
-    argv = _exec_form(command.strip())
+    argv = exec_form(command.strip())
     assert argv[0] == "python"
-    copies = [shlex.split(v) for v in _values(final, "COPY")]
+    copies = [shlex.split(v) for v in values_of(final, "COPY")]
     assert ["deploy/healthcheck.py", argv[1]] in copies
 
 
@@ -169,7 +103,7 @@ def test_dockerfile_exposes_the_listen_ports():
     """EXPOSE lists exactly the ports of the image's SMTP, SMTPS and metrics listeners (the
     relay's, and the notifier's for a container that runs `notifier`)."""
     env = image_environment()
-    exposed = {int(p.split("/")[0]) for v in _values(_final(_parser()), "EXPOSE")
+    exposed = {int(p.split("/")[0]) for v in values_of(final_stage(parsed()), "EXPOSE")
                for p in v.split()}
     listeners = {port_of(setting_value(env, n))
                  for n in ("RELAY_LISTEN", "RELAY_SMTPS_LISTEN", "RELAY_METRICS_LISTEN",
@@ -187,7 +121,7 @@ def test_dockerfile_environment_is_valid_settings():
     assert settings.log_format == "json"
     assert str(settings.policies_dir) == "/etc/command-relay/policies"
     # The image copies the repository's policies exactly there.
-    copies = [shlex.split(v) for v in _values(_final(_parser()), "COPY")]
+    copies = [shlex.split(v) for v in values_of(final_stage(parsed()), "COPY")]
     assert ["policies/", f"{settings.policies_dir}/"] in copies
     # No secret is baked into the image.
     assert not {"RELAY_REDIS_URL", "RELAY_UPSTREAM_URL", "RELAY_ADMIN_TOKEN",
@@ -204,14 +138,14 @@ def test_dockerfile_metrics_listener_is_reachable_from_outside_the_container(nam
 def test_dockerfile_build_stage_has_what_pip_install_needs():
     """The build stage copies pyproject.toml, the readme it names and the package."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
-    build = _stages(_parser())[1]
-    copied = {source.rstrip("/") for v in _values(build, "COPY")
+    build = build_stages(parsed())[1]
+    copied = {source.rstrip("/") for v in values_of(build, "COPY")
               for source in shlex.split(v)[:-1]}
     assert "pyproject.toml" in copied
     assert project["project"]["readme"] in copied
     for package in project["tool"]["setuptools"]["packages"]["find"]["include"]:
         assert package.rstrip("*") in copied
-    assert any("pip install ." in v for v in _values(build, "RUN"))
+    assert any("pip install ." in v for v in values_of(build, "RUN"))
 
 
 def test_dockerfile_passes_hadolint(tmp_path: Path):
@@ -286,8 +220,8 @@ def test_dockerignore_matcher_follows_docker_rules():
 
 def _copied_sources() -> list[str]:
     sources = []
-    for stage in _stages(_parser())[1:]:
-        for value in _values(stage, "COPY"):
+    for stage in build_stages(parsed())[1:]:
+        for value in values_of(stage, "COPY"):
             words = shlex.split(value)
             if not any(w.startswith("--from") for w in words):
                 sources += words[:-1]

@@ -19,8 +19,9 @@ import yaml
 from relay.config.parsers import SettingsError
 from relay.observe.supervisor_metrics import READY_TIMEOUT
 from tests.conftest import REPO
-from tests.deploy.test_deploy import (
+from tests.deploy.deploykit import (
     DEPLOY,
+    SECRET_STAND_INS,
     assert_cli_command,
     port_of,
     project_version,
@@ -28,22 +29,11 @@ from tests.deploy.test_deploy import (
     settings_for,
     unknown_names,
 )
-from tests.deploy.test_docker import image_environment, image_user, pinned_image_problems
+from tests.deploy.dockerfile import image_environment, image_user, pinned_image_problems
 
 K8S = DEPLOY / "k8s"
 # The oldest Kubernetes the manifests are meant for, and the newest schema bundled.
 VERSIONS = ["1.29", kubernetes_validate.latest_version()]
-# Valid stand-ins for the Secret's placeholders, to load the settings a pod would get.
-SECRET_STAND_INS = {
-    "RELAY_REDIS_URL": "rediss://:a-password@redis.internal:6380/0",
-    "RELAY_UPSTREAM_URL": "smtp+starttls://relay:a-password@smtp.provider.example:587",
-    "RELAY_CREDENTIALS_KEY": "UBU5Ey1ZqhErT4YxI5fRttvpeJCMxb7C_i9MaC3W6UY=",
-    "RELAY_ADMIN_TOKEN": "an-admin-token-of-some-length",
-    "RELAY_NOTIFY_WEBHOOK_SECRET": "a-notify-signing-secret",
-    "RELAY_TIMELINE_WEBHOOK_SECRET": "a-timeline-signing-secret",
-}
-
-
 def manifests() -> dict[str, list[dict[str, Any]]]:
     """Every object of every manifest, by path under k8s/ (the kustomization excluded)."""
     found = {}

@@ -28,9 +28,11 @@ from tests.conftest import (
     RelayFactory,
     UpstreamBehaviour,
     add_user,
+    send,
 )
-from tests.events.test_notifier import Receiver
-from tests.observe.test_metrics import get, running_notifier, send
+from tests.scraping import get
+from tests.serving import running_notifier
+from tests.webhooks import Receiver
 
 PROMETHEUS = REPO / "deploy" / "prometheus"
 ALERTS = PROMETHEUS / "alerts.yml"

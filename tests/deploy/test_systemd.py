@@ -27,9 +27,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import PASSWORD, CapturingUpstream, add_user, free_port, wait_for
-from tests.deploy.test_deploy import (
+from tests.deploy.deploykit import (
     COMMAND_RELAY,
     DEPLOY,
+    SECRET_STAND_INS,
     RelayProcess,
     assert_cli_command,
     setting_value,
@@ -249,7 +250,6 @@ def _environment_file(path: Path) -> dict[str, str]:
 def test_systemd_environment_file_example_has_the_secrets():
     """relay.env.example, named by EnvironmentFile=, sets the same secrets as the Kubernetes
     Secret, each a REPLACE-ME placeholder, and names only settings."""
-    from tests.deploy.test_k8s import SECRET_STAND_INS
 
     unit = Unit(RELAY_UNIT)
     assert Path(unit.get("Service", "EnvironmentFile")).name == "relay.env"

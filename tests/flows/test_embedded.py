@@ -9,7 +9,6 @@ real processes: ``python -m relay``, redis-server and smtplib over STARTTLS.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -26,20 +25,9 @@ from typing import Any
 
 import psutil
 import pytest
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from tests.conftest import PASSWORD, POLICIES, free_port
-
-
-def clean_env(**relay: str) -> dict[str, str]:
-    """os.environ without any RELAY_* variable, plus the given RELAY_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    # Metrics listeners on ephemeral ports: tests run in parallel, 9465/9466 would collide.
-    env.update(RELAY_METRICS_LISTEN="127.0.0.1:0", RELAY_NOTIFIER_METRICS_LISTEN="127.0.0.1:0")
-    env.update(relay)
-    return env
+from tests.conftest import PASSWORD, free_port
+from tests.embedded_redis import embedded_servers, env_for, ok, run_cli, socket_answers
 
 
 @pytest.fixture
@@ -58,50 +46,6 @@ def state_dir() -> Iterator[Path]:
             except psutil.Error:
                 pass
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def embedded_servers(state: Path) -> list[psutil.Process]:
-    """redis-server processes serving ``state``'s embedded socket (title or working dir)."""
-    socket_path = str(state / "redis" / "redis.sock")
-    found = []
-    for process in psutil.process_iter(["name", "cmdline", "cwd"]):
-        info: dict[str, Any] = process.info
-        cmdline = " ".join(info.get("cmdline") or [])
-        if "redis-server" not in (info.get("name") or "") + cmdline:
-            continue
-        if socket_path in cmdline or info.get("cwd") == str(state / "redis"):
-            found.append(process)
-    return found
-
-
-def socket_answers(state: Path) -> bool:
-    # No retries: redis-py would otherwise spend seconds reconnecting to a stopped server.
-    client = redis.Redis(unix_socket_path=str(state / "redis" / "redis.sock"),
-                         socket_timeout=1, socket_connect_timeout=1,
-                         retry=Retry(NoBackoff(), 0))
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
-
-
-def env_for(state: Path, **more: str) -> dict[str, str]:
-    return clean_env(RELAY_STATE_DIR=str(state), RELAY_POLICIES_DIR=str(POLICIES),
-                     RELAY_LOG_FORMAT="json", **more)
-
-
-def run_cli(args: list[str], env: dict[str, str], cwd: Path, *,
-            stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "relay", *args], env=env, input=stdin,
-                          capture_output=True, text=True, timeout=40, cwd=cwd)
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    return result.stdout
 
 
 def log_events(text: str) -> dict[str, dict[str, Any]]:

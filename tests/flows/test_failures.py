@@ -22,7 +22,7 @@ from tests.conftest import (
     smtp_client,
     wait_for,
 )
-from tests.observe.test_metrics import scrape
+from tests.scraping import scrape
 
 
 async def _used(app, user_id: str) -> int:

@@ -48,7 +48,7 @@ from hypothesis.stateful import (
 
 from tests import fuzzmodel as fm
 from tests.conftest import PASSWORD, CapturingUpstream, RedisServer
-from tests.flows.test_data_path import HEAD
+from tests.data_bodies import HEAD
 from tests.fuzzclient import REPLY_BOUND, Client
 from tests.fuzzinput import (
     APP_PASSWORD,

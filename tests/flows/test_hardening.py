@@ -31,9 +31,8 @@ from tests.conftest import (
     add_user,
     wait_for,
 )
-from tests.flows.test_lifecycle import counts
-from tests.observe.test_metrics import scrape
-from tests.serving import LineClient, ServeProcess, Start, body, relay_env
+from tests.scraping import scrape
+from tests.serving import LineClient, ServeProcess, Start, body, counts, relay_env
 
 LOOPS = ["uvloop", "asyncio"]
 

@@ -6,14 +6,11 @@ needs to look inside (the route pools, the admin API's policies)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import smtplib
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from datetime import timedelta
 from pathlib import Path
 
 import aiosmtplib
@@ -22,30 +19,32 @@ import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from relay.config.endpoints import Endpoint, UpstreamTarget
-from relay.config.zones import zone
-from relay.decisions.months import SystemClock, period_at
-from relay.decisions.quota import QuotaStore
-from relay.identity.accounts import AccountStore, User
+from relay.identity.accounts import AccountStore
 from relay.process import eventloop
 from relay.process.wiring import RelayApp
 from tests.conftest import (
     PASSWORD,
-    POLICIES,
     CapturingUpstream,
     RedisServer,
     RelayFactory,
-    UpstreamBehaviour,
     add_user,
     message,
     smtp_client,
     wait_for,
 )
+from tests.policy_files import (
+    SECONDARY_ROUTE,
+    policies_copy,
+    policies_with_limit,
+    set_free_limit,
+)
 from tests.serving import (
     LineClient,
-    ServeProcess,
     Start,
     body,
     captured,
+    counts,
+    no_traceback,
     refused,
     relay_env,
     send_to,
@@ -55,27 +54,6 @@ from tests.serving import (
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
     return tmp_path / "state"
-
-
-def _periods() -> set[str]:
-    """This month's label in UTC, now and a few minutes on (a run across midnight of the
-    1st still finds the label the relay used)."""
-    now = SystemClock().now()
-    return {period_at(now + timedelta(minutes=m), zone("UTC")).label for m in (0, 5)}
-
-
-async def counts(redis: aioredis.Redis, user: User) -> tuple[int, int]:
-    """(used, delivered) this month."""
-    quota = QuotaStore(redis)
-    used = delivered = 0
-    for label in _periods():
-        usage = await quota.usage(user.id, label)
-        used, delivered = used + usage.used, delivered + usage.delivered
-    return used, delivered
-
-
-def no_traceback(relay: ServeProcess) -> None:
-    assert "Traceback" not in relay.stderr + relay.stdout, relay.describe()
 
 
 # -- SIGTERM: drain ------------------------------------------------------------------------------
@@ -240,26 +218,6 @@ async def test_stop_sets_draining_and_closes_an_idle_starttls_session(
 
 
 # -- SIGHUP: reload ------------------------------------------------------------------------------
-def policies_with_limit(tmp_path: Path, limit: int) -> Path:
-    directory = tmp_path / "policies"
-    if not directory.exists():
-        shutil.copytree(POLICIES, directory)
-    set_free_limit(directory, limit)
-    return directory
-
-
-def set_free_limit(directory: Path, limit: int) -> None:
-    path = directory / "plans.toml"
-    text = path.read_text(encoding="utf-8")
-    start = text.index("[plans.free]")
-    key = text.index("monthly_limit = ", start)
-    end = text.index("\n", key)
-    # Write a new file and rename it over the old: a reload never sees half a file.
-    staged = directory / ".plans.toml.new"
-    staged.write_text(text[:key] + f"monthly_limit = {limit}" + text[end:], encoding="utf-8")
-    staged.replace(path)
-
-
 async def test_sighup_reload_changes_the_limit_for_new_transactions(
         serve: Start, redis_server: RedisServer, redis_client: aioredis.Redis,
         accounts: AccountStore, state: Path, tmp_path: Path) -> None:
@@ -343,29 +301,10 @@ async def test_sighup_with_a_broken_file_keeps_the_old_policies(
     no_traceback(relay)
 
 
-SECONDARY_ROUTE = """
-[routes.secondary]
-counted = true
-upstream = "setting"
-credentials = "upstream"
-pass_headers = []
-failover = ""
-"""
-
-
-@pytest.fixture
-async def secondary() -> AsyncIterator[CapturingUpstream]:
-    server = CapturingUpstream(UpstreamBehaviour())
-    await server.start()
-    yield server
-    await server.stop()
-
-
 def routed_to_secondary(tmp_path: Path) -> Path:
     """The shipped policies, with everything that is not SmartPlans or Campaigns sent via a
     ``secondary`` route (a setting upstream, so it has a pool of its own)."""
-    directory = tmp_path / "policies"
-    shutil.copytree(POLICIES, directory)
+    directory = policies_copy(tmp_path)
     path = directory / "routing.toml"
     text = path.read_text(encoding="utf-8")
     last = 'name = "everything-else-command"\nroute = "command"'

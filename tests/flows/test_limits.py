@@ -23,8 +23,8 @@ from relay.identity.throttle import AuthThrottle, client_key, login_digest
 from relay.process.wiring import RelayApp
 from relay.smtp.admission import ConnectionLimiter
 from tests.conftest import PASSWORD, add_user, message, wait_for
+from tests.proxyheaders import v1
 from tests.rawsmtp import RawSMTP
-from tests.smtp.test_proxy import v1
 
 
 def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from tests.conftest import (
     smtp_client,
     wait_for,
 )
+from tests.policy_files import SECONDARY_ROUTE, policies_copy
 
 MC_LOGIN = ("mcuser", "KEY")
 PERIOD = "2026-11"  # the conftest clock's month
@@ -124,22 +124,6 @@ async def send(app: RelayApp, login: str, content: bytes,
 async def recorded(redis_client: aioredis.Redis, kind: str) -> list[dict[str, Any]]:
     return [json.loads(e.to_json()) for _, e in await EventLog(redis_client).recent(10_000)
             if e.kind == kind]
-
-
-def policies_copy(tmp_path: Path) -> Path:
-    target = tmp_path / "policies"
-    shutil.copytree(POLICIES, target)
-    return target
-
-
-SECONDARY_ROUTE = """
-[routes.secondary]
-counted = true
-upstream = "setting"
-credentials = "upstream"
-pass_headers = []
-failover = ""
-"""
 
 
 def failover_policies(tmp_path: Path) -> Path:
@@ -335,14 +319,6 @@ async def test_routes_unconfigured_route_answers_451_4_3_5(
 
 
 # -- failover ----------------------------------------------------------------------------------
-@pytest.fixture
-async def secondary() -> AsyncIterator[CapturingUpstream]:
-    server = CapturingUpstream(UpstreamBehaviour())
-    await server.start()
-    yield server
-    await server.stop()
-
-
 @pytest.mark.parametrize("login", [SENDER, "campaigns"])
 async def test_routes_failover_when_the_primary_is_unreachable(
         make_relay: RelayFactory, upstream: CapturingUpstream, secondary: CapturingUpstream,
@@ -682,7 +658,7 @@ async def test_routes_mailchimp_deliveries_set_its_upstream_up_gauge(
     """relay_upstream_up{pool="mailchimp"} follows the MailChimp route's own connections: 1
     after a delivery through it, 0 once a connection to it fails; the default pool's gauge
     is its own."""
-    from tests.observe.test_metrics import scrape
+    from tests.scraping import scrape
 
     await setup_user(accounts, routed)
     before = await scrape(routed.metrics_port)

@@ -20,7 +20,7 @@ import pytest
 
 from relay.smtp.tls import make_self_signed, server_context
 from tests.conftest import PASSWORD, RedisServer, add_user
-from tests.flows.test_data_path import HEAD
+from tests.data_bodies import HEAD
 from tests.fuzzclient import Client
 from tests.liverelay import LiveRelay, UserSpec, live_relay
 

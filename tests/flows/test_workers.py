@@ -23,14 +23,16 @@ import redis.asyncio as aioredis
 
 from relay.identity.accounts import AccountStore
 from tests.conftest import PASSWORD, RedisServer, add_user, wait_for
-from tests.flows.test_embedded import embedded_servers, env_for, ok, run_cli
-from tests.flows.test_lifecycle import counts, no_traceback, policies_with_limit, set_free_limit
+from tests.embedded_redis import embedded_servers, env_for, ok, run_cli
+from tests.policy_files import policies_with_limit, set_free_limit
 from tests.serving import (
     LineClient,
     ServeProcess,
     Start,
     body,
     captured,
+    counts,
+    no_traceback,
     occupied_port,
     refused,
     relay_env,

@@ -8,21 +8,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import aiosmtplib
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client.parser import text_string_to_metric_families
 
 from relay.config.endpoints import Endpoint
 from relay.delivery import pool as pool_module
@@ -37,64 +30,14 @@ from tests.conftest import (
     RelayFactory,
     UpstreamBehaviour,
     add_user,
-    free_port,
     message,
+    send,
     smtp_client,
     wait_for,
 )
-from tests.events.test_notifier import Receiver
-
-SECRET = "webhook-signing-secret-0123456789"
-
-
-# -- scraping ---------------------------------------------------------------------------------
-@dataclass
-class Scrape:
-    """One /metrics document, parsed by prometheus_client's parser."""
-
-    text: str
-    content_type: str
-
-    def __post_init__(self) -> None:
-        self.samples = [s for family in text_string_to_metric_families(self.text)
-                        for s in family.samples]
-
-    def value(self, name: str, **labels: str) -> float:
-        """The sum of the samples called ``name`` whose labels include ``labels``."""
-        found = [s.value for s in self.samples if s.name == name
-                 and all(s.labels.get(k) == v for k, v in labels.items())]
-        assert found, f"no sample {name}{labels} in:\n{self.text}"
-        return sum(found)
-
-    def names(self) -> set[str]:
-        return {s.name for s in self.samples}
-
-
-async def get(port: int, path: str, accept: str = "") -> tuple[int, str, str]:
-    headers = {"Accept": accept} if accept else {}
-    async with aiohttp.ClientSession() as http, \
-            http.get(f"http://127.0.0.1:{port}{path}", headers=headers) as response:
-        return response.status, response.headers["Content-Type"], await response.text()
-
-
-async def scrape(port: int) -> Scrape:
-    status, content_type, text = await get(port, "/metrics")
-    assert status == 200, text
-    return Scrape(text, content_type)
-
-
-async def readyz(port: int) -> tuple[int, dict[str, Any]]:
-    status, _, text = await get(port, "/readyz")
-    return status, json.loads(text)
-
-
-async def ready(port: int) -> bool:
-    return (await readyz(port))[0] == 200
-
-
-async def send(app: RelayApp, to: list[str], login: str = "agent@kw.test") -> Any:
-    async with smtp_client(app, login) as client:
-        return await client.sendmail("agent@kw.test", to, message())
+from tests.scraping import get, ready, readyz, scrape
+from tests.serving import clean_env, running_notifier
+from tests.webhooks import Receiver
 
 
 # -- the relay ------------------------------------------------------------------------------
@@ -281,7 +224,8 @@ async def test_metrics_listener_port_taken_stops_startup(make_relay: RelayFactor
 
 def test_check_config_names_the_metrics_listeners(tmp_path: Path) -> None:
     """check-config shows where /metrics will listen, or that it is off."""
-    env = clean_env(RELAY_POLICIES_DIR=str(POLICIES), RELAY_STATE_DIR=str(tmp_path / "state"),
+    env = clean_env(metrics_ports=False, RELAY_POLICIES_DIR=str(POLICIES),
+                    RELAY_STATE_DIR=str(tmp_path / "state"),
                     RELAY_METRICS_LISTEN="0.0.0.0:9100", RELAY_NOTIFIER_METRICS_LISTEN="")
     done = subprocess.run([sys.executable, "-m", "relay", "check-config"], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
@@ -374,48 +318,6 @@ async def test_readyz_503_while_the_upstream_is_unreachable(
 
 
 # -- the notifier process ---------------------------------------------------------------------
-def clean_env(**relay: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    env.update(relay)
-    return env
-
-
-@contextmanager
-def notifier_process(redis_url: str, webhook_url: str, workdir: Path) -> Iterator[int]:
-    """``command-relay notifier`` with its metrics listener on a free port (yielded); stopped
-    with SIGTERM at the end, which must exit 0."""
-    port = free_port()
-    env = clean_env(RELAY_REDIS_URL=redis_url, RELAY_POLICIES_DIR=str(POLICIES),
-                    RELAY_STATE_DIR=str(workdir / "state"), RELAY_LOG_FORMAT="json",
-                    RELAY_NOTIFY_WEBHOOK_URL=webhook_url, RELAY_NOTIFY_WEBHOOK_SECRET=SECRET,
-                    RELAY_NOTIFIER_METRICS_LISTEN=f"127.0.0.1:{port}")
-    out = (workdir / "notifier.out").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "relay", "notifier"], env=env,
-                               stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield port
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0, (workdir / "notifier.out").read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        out.close()
-
-
-@asynccontextmanager
-async def running_notifier(redis_url: str, webhook_url: str,
-                           workdir: Path) -> AsyncIterator[int]:
-    with notifier_process(redis_url, webhook_url, workdir) as port:
-        async def listening() -> bool:
-            try:
-                return (await get(port, "/healthz"))[0] == 200
-            except aiohttp.ClientError:
-                return False
-        await wait_for(listening, 30)
-        yield port
-
-
 async def test_notifier_process_exposes_deliveries_and_dead_letters(
         redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path: Path) -> None:
     """``command-relay notifier`` serves its own /metrics, /healthz and /readyz: a delivered

@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.openmetrics.parser import (
@@ -22,30 +20,13 @@ from relay.identity.accounts import AccountStore
 from relay.observe.metrics import RelayMetrics
 from relay.observe.supervisor_metrics import merge_families
 from tests.conftest import RedisServer, add_user, wait_for
-from tests.observe.test_metrics import Scrape, get, readyz
-from tests.serving import LineClient, ServeProcess, body, relay_env, send_to
+from tests.scraping import Scrape, get, readyz
+from tests.serving import LineClient, ServeProcess, Start, body, relay_env, send_to
 
-Start = Callable[..., ServeProcess]
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 # The supervisor's own series (the rest are the workers').
 SUPERVISOR = {"relay_workers_configured", "relay_workers_alive", "relay_worker_up",
               "relay_worker_restarts_total", "relay_worker_scrape_errors_total"}
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Start]:
-    """``serve(env, *args)`` starts ``command-relay serve``; all (and their workers) are
-    killed at the end."""
-    started: list[ServeProcess] = []
-
-    def start(env: dict[str, str], *args: str) -> ServeProcess:
-        process = ServeProcess(env, tmp_path, *args)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
 
 
 class Serve:
