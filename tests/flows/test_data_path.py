@@ -1,34 +1,31 @@
-"""The bulk DATA path (relay.smtpdata, relay.wire, upstream.send_data): the bytes the
-upstream receives are exactly what the former line-by-line path produced (aiosmtpd's
-un-stuffing, then aiosmtplib's normalisation and stuffing), including dot-stuffed lines, bare
-CR and LF, and the SMTP-smuggling sequences; the limits answer as aiosmtpd does.
+"""The bulk DATA path end to end (relay/smtp/data.py, relay/message/wire.py,
+relay/delivery/data.py): the bytes the upstream receives are exactly what the former
+line-by-line path produced (aiosmtpd's un-stuffing, then aiosmtplib's normalisation and
+stuffing), including dot-stuffed lines, bare CR and LF, and the SMTP-smuggling sequences; the
+limits answer as aiosmtpd does.
 
 The reference ("former path") is tests/data_bodies.py's, computed from aiosmtplib's own
-functions and a copy of aiosmtpd 1.4.6's line rule, not from relay code.
+functions and a copy of aiosmtpd 1.4.6's line rule, not from relay code. The reader and the
+wire form on their own are in tests/smtp/test_data.py and tests/message/test_wire.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import random
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from aiosmtplib.protocol import normalize_message_line_endings
 from structlog.testing import capture_logs
 
 from relay.message.headers import strip_control_headers
-from relay.message.wire import WireMessage, is_clean_wire, stuff, unstuff
-from relay.smtp.data import DataProblem, read_data
 from relay.store import keys
 from tests.conftest import PASSWORD, add_user, wait_for
 from tests.data_bodies import (
     BODIES,
     HEAD,
-    LINE_LIMIT,
     pieces,
     random_message,
     stock_unstuff,
@@ -209,109 +206,3 @@ async def test_size_limit_answers_552_after_the_dot_and_counts_nothing(make_rela
     assert replies[1].startswith(b"250")
     assert upstream.messages == []
     await wait_for(lambda: unused(redis_client, user.id))
-
-
-# -- the reader on its own: every way of cutting the stream ------------------------------------
-async def read_all(data: bytes, cuts: Sequence[int], *, size_limit: int | None = None) -> tuple[
-        bytes, DataProblem | None, bytes]:
-    reader = asyncio.StreamReader(limit=LINE_LIMIT)
-    bounds = [0, *cuts, len(data)]
-    task = asyncio.ensure_future(read_data(reader, size_limit=size_limit, line_limit=LINE_LIMIT))
-    for a, b in itertools.pairwise(bounds):
-        reader.feed_data(data[a:b])
-        await asyncio.sleep(0)
-    reader.feed_eof()
-    result = await task
-    rest = await reader.read()
-    joined = b"".join(result.chunks)
-    # The reader's piece-by-piece verdict is the whole's.
-    assert result.clean == (result.problem is None and is_clean_wire(joined)), data
-    return joined, result.problem, rest
-
-
-@pytest.mark.parametrize("body", [b"", b"a\r\n", b"\r\n", b"\r\n\r\n", b"..\r\n", b"x.\r\n",
-                                  b"a\r\n.x\r\n", b"\n.\n\r\n", b"\r.\r\r\n"])
-async def test_reader_finds_the_terminator_wherever_the_reads_are_cut(body):
-    data = body + b".\r\nNEXT\r\n"
-    for cut in range(1, len(data)):
-        raw, problem, rest = await read_all(data, [cut])
-        assert (raw, problem, rest) == (body, None, b"NEXT\r\n"), cut
-    raw, problem, rest = await read_all(data, list(range(1, len(data))))  # byte by byte
-    assert (raw, problem, rest) == (body, None, b"NEXT\r\n")
-
-
-async def test_reader_line_meter_counts_lines_split_across_reads():
-    ok = b"a" * 999 + b"\r\n"
-    long = b"a" * 1000 + b"\r\n"
-    for data, problem in ((ok * 3, None), (ok + long + ok, DataProblem.LINE_TOO_LONG)):
-        for cut in (998, 999, 1000, 1001, 1002, 1500, 2001, 2002, 2003):
-            got = await read_all(data + b".\r\n", [cut])
-            assert got[1] is problem, cut
-
-
-async def test_reader_line_meter_matches_an_exact_measure_on_random_bodies():
-    """Long stretches of short lines (the window proof) with the odd line at or over the
-    limit, bare CR and LF inside lines, cut into random pieces: the verdict is the exact
-    one (any line of more than 1,001 bytes with its CRLF)."""
-    rng = random.Random(4531)
-    for _ in range(120):
-        lines = []
-        for _ in range(rng.randint(1, 400)):
-            length = rng.choice([rng.randint(0, 120)] * 30 + [rng.randint(990, 1010)])
-            filler = bytes(rng.choice(b"ab\r\n") if rng.random() < 0.02 else 97
-                           for _ in range(length))
-            lines.append(filler.replace(b"\r\n", b"rn") + b"\r\n")
-        raw = b"".join(lines)
-        if b"\r\n.\r\n" in b"\r\n" + raw:
-            continue
-        exact = max(len(line) + 2 for line in raw.split(b"\r\n")[:-1]) > LINE_LIMIT
-        cuts = sorted(rng.sample(range(1, len(raw)), min(len(raw) - 1, rng.randint(0, 6))))
-        _, problem, _ = await read_all(raw + b".\r\n", cuts)
-        assert (problem is DataProblem.LINE_TOO_LONG) is exact
-
-
-# -- the wire form ---------------------------------------------------------------------------
-@pytest.mark.parametrize("content", [b"", b"a\r\n", b".a\r\n", b"a\r\n.\r\n..\r\n", b"a\nb",
-                                     b"a\rb\r\n", b"\r\n.", b"x" * 10])
-def test_stuff_is_aiosmtplib_and_unstuff_reverses_it(content):
-    wire = stuff(content)
-    assert wire == (stock_wire(content) if content else b"")
-    assert is_clean_wire(wire)
-    assert unstuff(wire) == normalize_message_line_endings(content) if content else True
-
-
-@pytest.mark.parametrize(("raw", "clean"), [
-    (b"a\r\n", True), (b"..a\r\n", True), (b"a\r\n..b\r\n", True), (b"", True),
-    (b".a\r\n", False), (b"a\r\n.b\r\n", False), (b"a\nb\r\n", False), (b"a\rb\r\n", False),
-    (b"a", False),
-])
-def test_is_clean_wire(raw, clean):
-    assert is_clean_wire(raw) is clean
-    assert (stuff(unstuff(raw)) == raw) is clean or not raw.endswith(b"\r\n")
-
-
-def test_outgoing_is_the_received_pieces_when_nothing_changes():
-    pieces_in = [HEAD[:10], HEAD[10:] + b"..x\r\n", b"body\r\n"]
-    chunks = WireMessage(pieces_in).outgoing(b"Received: x\r\n", (b"x-kw-",)).chunks
-    assert chunks[0] == b"Received: x\r\n"
-    assert all(a is b for a, b in zip(chunks[1:], pieces_in, strict=True))  # not copies
-    with_control = [b"X-KW-Route: m\r\n" + HEAD[:5], HEAD[5:] + b"..x\r\n", b"more\r\n"]
-    chunks = WireMessage(with_control).outgoing(b"R: x\r\n", (b"x-kw-",)).chunks
-    assert chunks[-1] is with_control[-1]
-    assert isinstance(chunks[-2], memoryview) and chunks[-2].obj is with_control[1]
-    assert b"".join(chunks) == b"R: x\r\n" + HEAD + b"..x\r\nmore\r\n"
-
-
-async def test_reader_verdict_matches_the_whole_for_random_pieces():
-    rng = random.Random(1870)
-    for _ in range(300):
-        raw = random_message(rng)
-        cuts = sorted(rng.sample(range(1, len(raw) + 3), min(len(raw) + 2, rng.randint(0, 9))))
-        joined, problem, _ = await read_all(raw + b".\r\n", cuts)  # asserts the verdict
-        assert (joined, problem) == (raw, None)
-
-
-def test_capture_receives_content(tmp_path):
-    """The capture folder gets content (un-stuffed), as before."""
-    out = WireMessage([HEAD + b"..x\r\n"]).outgoing(b"R: 1\r\n", ())
-    assert out.content() == b"R: 1\r\n" + HEAD + b".x\r\n"

@@ -1,7 +1,8 @@
 """SIGTERM drains, SIGHUP reloads, uvloop serves STARTTLS: real signals to a real
 ``command-relay serve`` process, against the test redis-server, checked on the wire, in the
-relay's JSON log and in the Redis counters; plus the same mechanisms in process where a test
-needs to look inside (the route pools, the admin API's policies)."""
+relay's JSON log and in the Redis counters; plus the same reload in process where a test
+needs to look inside (the route pools, the admin API's policies). The drain in process is in
+tests/smtp/test_shutdown.py, the choice of event loop in tests/process/test_eventloop.py."""
 
 from __future__ import annotations
 
@@ -13,14 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import aiosmtplib
 import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from relay.config.endpoints import Endpoint, UpstreamTarget
 from relay.identity.accounts import AccountStore
-from relay.process import eventloop
 from relay.process.wiring import RelayApp
 from tests.conftest import (
     PASSWORD,
@@ -183,38 +182,6 @@ async def test_sigterm_closes_idle_sessions_without_waiting_for_the_timeout(
     assert await relay.wait_exit(seconds=30) == 0
     no_traceback(relay)
     assert relay.events("relay.draining")[0]["sessions"] == 3
-
-
-async def test_drain_refuses_mail_from_while_draining(
-        relay: RelayApp, accounts: AccountStore) -> None:
-    """A session that survives into the drain cannot start a new transaction: MAIL FROM gets
-    421 4.3.2."""
-    await add_user(accounts)
-    async with smtp_client(relay) as client:
-        relay.handler.draining = True
-        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused_mail:
-            await client.mail("agent@kw.test")
-    assert (refused_mail.value.code, refused_mail.value.message) == \
-        (421, "4.3.2 Service shutting down")
-
-
-async def test_stop_sets_draining_and_closes_an_idle_starttls_session(
-        make_relay: RelayFactory, upstream: CapturingUpstream, accounts: AccountStore) -> None:
-    """RelayApp.stop marks the relay draining at once (what /readyz reads) and closes an idle
-    session that used STARTTLS without waiting for the drain timeout."""
-    await add_user(accounts)
-    app: RelayApp = await make_relay(upstream=upstream, allow_plaintext_auth=False)
-    assert app.draining is False
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=app.port, start_tls=True,
-                             validate_certs=False, local_hostname="client.test", timeout=10)
-    await client.connect()
-    await client.login("agent@kw.test", PASSWORD)
-    assert client.get_transport_info("sslcontext") is not None
-    stopping = asyncio.create_task(app.stop(drain_timeout=50))
-    await wait_for(lambda: app.draining)
-    await wait_for(lambda: not client.is_connected, 20)
-    await asyncio.wait_for(stopping, 20)
-    client.close()
 
 
 # -- SIGHUP: reload ------------------------------------------------------------------------------
@@ -445,18 +412,6 @@ async def test_event_loop_auto_prefers_uvloop(
     assert relay.events("relay.started")[0]["event_loop"] == "uvloop"
     relay.signal(signal.SIGTERM)
     assert await relay.wait_exit() == 0
-
-
-def test_event_loop_choice_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without uvloop, auto falls back to asyncio's loop and uvloop is a clear error."""
-    import uvloop
-
-    assert eventloop.loop_factory("auto") is uvloop.new_event_loop
-    assert eventloop.loop_factory("asyncio") is None
-    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now fails
-    assert eventloop.loop_factory("auto") is None
-    with pytest.raises(eventloop.EventLoopError, match="uvloop is not installed"):
-        eventloop.loop_factory("uvloop")
 
 
 def test_serve_refuses_uvloop_when_it_is_not_installed(tmp_path: Path) -> None:

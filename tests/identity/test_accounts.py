@@ -1,7 +1,12 @@
-"""Address normalisation in the account store: only ASCII letters are case-folded, so a
-non-ASCII look-alike (KELVIN SIGN for K, a leading ideographic space) is another
-address, never an alias of an ASCII one, wherever addresses are compared: sender matching,
-lookup by email, login and user creation."""
+"""relay/identity/accounts.py against a real redis-server.
+
+Address normalisation: only ASCII letters are case-folded, so a non-ASCII look-alike (KELVIN
+SIGN for K, a leading ideographic space) is another address, never an alias of an ASCII one,
+wherever addresses are compared: sender matching, lookup by email, login and user creation.
+
+Sender hints: an app's MAIL FROM costs one Redis round trip once the sender's user is known;
+the sender -> user hint is only trusted while the user's own record still lists the address.
+"""
 
 from __future__ import annotations
 
@@ -110,3 +115,44 @@ async def test_a_look_alike_is_a_different_address_to_own(accounts: AccountStore
         await accounts.resolve_sender(UserPrincipal(other.email, other.id), "agent@kw.test")
     with pytest.raises(AccountConflictError):
         await add_user(accounts, "third@kw.test", senders=(f"AGENT@{KELVIN}w.test",))
+
+
+# -- sender hints ---------------------------------------------------------------------------
+async def _gets(redis_client: aioredis.Redis) -> int:
+    stats = await redis_client.info("commandstats")
+    return int(stats.get("cmdstat_get", {}).get("calls", 0))
+
+
+async def test_second_lookup_skips_the_sender_index(accounts: AccountStore,
+                                                    redis_client: aioredis.Redis):
+    user = await add_user(accounts, senders=("team@kw.test",))
+    app = AppPrincipal("campaigns")
+    assert (await accounts.resolve_sender(app, "Team@kw.test")).id == user.id
+    before = await _gets(redis_client)
+    for _ in range(3):
+        assert (await accounts.resolve_sender(app, "team@kw.test")).id == user.id
+    assert await _gets(redis_client) == before  # no index GET: the hint, checked by the record
+
+
+async def test_a_moved_sender_is_followed_to_its_new_owner(accounts: AccountStore,
+                                                           redis_client: aioredis.Redis):
+    first = await add_user(accounts, senders=("desk@kw.test",))
+    second = await add_user(accounts, "other@kw.test")
+    app = AppPrincipal("campaigns")
+    assert (await accounts.resolve_sender(app, "desk@kw.test")).id == first.id
+    # An operator moves the address (the index and both sender sets).
+    await redis_client.srem(keys.user_senders(first.id), "desk@kw.test")
+    await redis_client.sadd(keys.user_senders(second.id), "desk@kw.test")
+    await redis_client.set(keys.sender_index("desk@kw.test"), second.id)
+    assert (await accounts.resolve_sender(app, "desk@kw.test")).id == second.id
+
+
+async def test_a_removed_sender_is_unknown_again(accounts: AccountStore,
+                                                 redis_client: aioredis.Redis):
+    first = await add_user(accounts, senders=("gone@kw.test",))
+    app = AppPrincipal("campaigns")
+    await accounts.resolve_sender(app, "gone@kw.test")
+    await redis_client.srem(keys.user_senders(first.id), "gone@kw.test")
+    await redis_client.delete(keys.sender_index("gone@kw.test"))
+    with pytest.raises(UnknownSenderError):
+        await accounts.resolve_sender(app, "gone@kw.test")
