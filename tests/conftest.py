@@ -266,6 +266,15 @@ async def upstream() -> AsyncIterator[CapturingUpstream]:
     await server.stop()
 
 
+@pytest.fixture
+async def secondary() -> AsyncIterator[CapturingUpstream]:
+    """A second capturing upstream, for a route of its own (failover, reloads)."""
+    server = CapturingUpstream(UpstreamBehaviour())
+    await server.start()
+    yield server
+    await server.stop()
+
+
 # -- the relay -------------------------------------------------------------------------------
 class MutableClock:
     """A clock tests can set; starts at a fixed instant so tests never depend on today."""
@@ -367,6 +376,12 @@ async def smtp_client(app: RelayApp, login: str | None = "agent@kw.test",
                 await client.quit()
             except aiosmtplib.SMTPException:
                 client.close()
+
+
+async def send(app: RelayApp, to: list[str], login: str = "agent@kw.test") -> Any:
+    """One message from agent@kw.test to ``to``; aiosmtplib's (refusals, reply)."""
+    async with smtp_client(app, login) as client:
+        return await client.sendmail("agent@kw.test", to, message())
 
 
 def message(sender: str = "agent@kw.test", to: str = "client@example.test",

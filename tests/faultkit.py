@@ -1,4 +1,4 @@
-"""The harness of the fault scenarios (tests/test_faults.py): real processes for everything
+"""The harness of the fault scenarios (tests/flows/test_faults.py): real processes for everything
 (``command-relay serve``, redis-server, the capturing upstream of tests/upstream_proc.py),
 users, and ``Scenario.finish``, which checks the relay still serves, waits for the relays to
 settle, runs the ledger (tests/ledger.py), prints its line, writes it as JSON and checks the
@@ -30,12 +30,11 @@ from relay.config.policies import load_policies
 from relay.config.zones import zone
 from relay.decisions.months import SystemClock, period_at
 from relay.identity.accounts import AccountStore
-
-from .conftest import POLICIES, REPO, RedisServer, add_user, free_port
-from .ledger import ClientTxn, Ledger, LedgerReport, LedgerUser, load_captures, read_counts
-from .loadclient import Account, Load, send_one
-from .serving import ServeProcess, Start, relay_env
-from .test_metrics import scrape
+from tests.conftest import POLICIES, REPO, RedisServer, add_user, free_port
+from tests.ledger import ClientTxn, Ledger, LedgerReport, LedgerUser, load_captures, read_counts
+from tests.loadclient import Account, Load, send_one
+from tests.scraping import scrape
+from tests.serving import ServeProcess, Start, relay_env
 
 LOOPS = ["uvloop", "asyncio"]
 SOAK = os.environ.get("RELAY_TEST_SOAK", "") not in {"", "0"}

@@ -1,4 +1,4 @@
-"""What the session fuzzer sends (tests/test_fuzz.py): command lines, AUTH exchanges,
+"""What the session fuzzer sends (tests/flows/test_fuzz.py): command lines, AUTH exchanges,
 MAIL/RCPT arguments in odd forms, DATA bodies. Each is built from a seeded generator, one
 hypothesis draw per rule argument: the engine's draws cost more than a session does."""
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tests import fuzzmodel as fm
 from tests.conftest import PASSWORD
-from tests.test_data_path import BODIES, HEAD
+from tests.data_bodies import BODIES, HEAD
 
 APP_PASSWORD = "fuzz app credential passphrase"
 

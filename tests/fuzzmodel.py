@@ -1,5 +1,5 @@
 """What the relay must answer to one command line, given what came before: the model the
-session fuzzer (tests/test_fuzz.py) checks every reply against.
+session fuzzer (tests/flows/test_fuzz.py) checks every reply against.
 
 It follows aiosmtpd's dispatch (line checks, the per-connection AUTH budget, the budget of
 unrecognised commands) and RFC 5321/4954 for the verbs; the relay's own decisions (who may

@@ -1,6 +1,7 @@
-"""Helpers for the lifecycle tests: ``command-relay serve`` as a real process, its JSON log,
-and a line-level SMTP client that can stop anywhere in a transaction (between RCPT and DATA,
-in the middle of the message) while a signal arrives."""
+"""The relay's commands as real processes: ``command-relay serve`` with its JSON log, the
+``notifier``, the environment they run in and the counts they leave in Redis; and a
+line-level SMTP client that can stop anywhere in a transaction (between RCPT and DATA, in the
+middle of the message) while a signal arrives."""
 
 from __future__ import annotations
 
@@ -14,21 +15,35 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
+import redis.asyncio as aioredis
 
-from .conftest import PASSWORD, POLICIES
+from relay.config.zones import zone
+from relay.decisions.months import SystemClock, period_at
+from relay.decisions.quota import QuotaStore
+from relay.identity.accounts import User
+from tests.conftest import PASSWORD, POLICIES, free_port, wait_for
+from tests.scraping import get
+from tests.webhooks import WEBHOOK_SECRET
 
 
-def clean_env(**relay: str) -> dict[str, str]:
-    """os.environ without any RELAY_* variable, plus the given RELAY_* settings."""
+def clean_env(*, metrics_ports: bool = True, **relay: str) -> dict[str, str]:
+    """os.environ without any RELAY_* variable, plus the given RELAY_* settings.
+
+    ``metrics_ports``: both metrics listeners on ephemeral ports (tests run in parallel, the
+    default 9465/9466 would collide); off for a test of those settings' own defaults."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    # Metrics listeners on ephemeral ports: tests run in parallel, 9465/9466 would collide.
-    env.update(RELAY_METRICS_LISTEN="127.0.0.1:0", RELAY_NOTIFIER_METRICS_LISTEN="127.0.0.1:0")
+    if metrics_ports:
+        env.update(RELAY_METRICS_LISTEN="127.0.0.1:0",
+                   RELAY_NOTIFIER_METRICS_LISTEN="127.0.0.1:0")
     env.update(relay)
     return env
 
@@ -134,6 +149,65 @@ class ServeProcess:
                 with contextlib.suppress(psutil.Error):
                     child.kill()
                     child.wait(10)
+
+
+def no_traceback(relay: ServeProcess) -> None:
+    assert "Traceback" not in relay.stderr + relay.stdout, relay.describe()
+
+
+def _periods() -> set[str]:
+    """This month's label in UTC, now and a few minutes on (a run across midnight of the
+    1st still finds the label the relay used)."""
+    now = SystemClock().now()
+    return {period_at(now + timedelta(minutes=m), zone("UTC")).label for m in (0, 5)}
+
+
+async def counts(redis: aioredis.Redis, user: User) -> tuple[int, int]:
+    """(used, delivered) this month, as a relay process on the system clock counts them."""
+    quota = QuotaStore(redis)
+    used = delivered = 0
+    for label in _periods():
+        usage = await quota.usage(user.id, label)
+        used, delivered = used + usage.used, delivered + usage.delivered
+    return used, delivered
+
+
+@contextmanager
+def notifier_process(redis_url: str, webhook_url: str, workdir: Path) -> Iterator[int]:
+    """``command-relay notifier`` with its metrics listener on a free port (yielded); stopped
+    with SIGTERM at the end, which must exit 0."""
+    port = free_port()
+    env = clean_env(metrics_ports=False, RELAY_REDIS_URL=redis_url,
+                    RELAY_POLICIES_DIR=str(POLICIES), RELAY_STATE_DIR=str(workdir / "state"),
+                    RELAY_LOG_FORMAT="json", RELAY_NOTIFY_WEBHOOK_URL=webhook_url,
+                    RELAY_NOTIFY_WEBHOOK_SECRET=WEBHOOK_SECRET,
+                    RELAY_NOTIFIER_METRICS_LISTEN=f"127.0.0.1:{port}")
+    out = (workdir / "notifier.out").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "relay", "notifier"], env=env,
+                               stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield port
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, (workdir / "notifier.out").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        out.close()
+
+
+@asynccontextmanager
+async def running_notifier(redis_url: str, webhook_url: str,
+                           workdir: Path) -> AsyncIterator[int]:
+    """``notifier_process``, once its health listener answers."""
+    with notifier_process(redis_url, webhook_url, workdir) as port:
+        async def listening() -> bool:
+            try:
+                return (await get(port, "/healthz"))[0] == 200
+            except aiohttp.ClientError:
+                return False
+        await wait_for(listening, 30)
+        yield port
 
 
 async def refused(port: int) -> bool:

@@ -10,9 +10,8 @@ import redis.asyncio as aioredis
 
 from relay.decisions.quota import QuotaStore
 from relay.identity.accounts import AccountStore
-
-from .conftest import add_user
-from .ledger import (
+from tests.conftest import add_user
+from tests.ledger import (
     NO_REPLY,
     OUTCOME_UNKNOWN,
     Capture,
@@ -24,7 +23,7 @@ from .ledger import (
     load_captures,
     read_counts,
 )
-from .upstream_proc import body_digest, ledger_id
+from tests.upstream_proc import body_digest, ledger_id
 
 USER = LedgerUser("u-1", 10, ("agent@kw.test",))
 OTHER = LedgerUser("u-2", 2, ("small@kw.test",))

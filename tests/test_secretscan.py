@@ -113,7 +113,7 @@ def _secret_constants() -> dict[str, str]:
         return value if isinstance(value, str) else None
 
     secretish = ("PASSWORD", "SECRET", "TOKEN", "API_KEY", "CREDENTIALS_KEY")
-    for path in sorted(TESTS.glob("*.py")):
+    for path in sorted(TESTS.rglob("*.py")):
         if path.name in ("secretscan.py", "test_secretscan.py"):  # samples, registered here
             continue
         for node in ast.walk(ast.parse(path.read_text())):
@@ -129,7 +129,7 @@ def _secret_constants() -> dict[str, str]:
                 text = literal(value)
                 if (text and len(text) >= 6 and any(s in name.upper() for s in secretish)
                         and not text.startswith(("RELAY_", "/", "http", "redis://"))):
-                    found[f"{path.name}:{name}"] = text
+                    found[f"{path.relative_to(TESTS)}:{name}"] = text
     return found
 
 

@@ -1,5 +1,5 @@
 """A capturing SMTP upstream in a process of its own, for the fault scenarios
-(tests/test_faults.py): it can be SIGKILLed mid-load and restarted on the same port, which an
+(tests/flows/test_faults.py): it can be SIGKILLed mid-load and restarted on the same port, which an
 upstream inside the test's event loop cannot.
 
     python -m tests.upstream_proc --port 2600 --capture captured.jsonl \

@@ -5,7 +5,7 @@
 
 The ConfigMap carries each file byte for byte as a YAML literal block, so ``kubectl apply
 -f`` works as well as ``-k`` (kustomize's configMapGenerator cannot read files outside its
-folder). tests/test_deploy_k8s.py fails when the committed file differs from what this
+folder). tests/deploy/test_k8s.py fails when the committed file differs from what this
 writes. Standard library only.
 """
 

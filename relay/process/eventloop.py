@@ -3,7 +3,7 @@ extra), asyncio's own otherwise; ``RELAY_EVENT_LOOP=asyncio|uvloop|auto`` choose
 
 uvloop runs the relay's STARTTLS unchanged: aiosmtpd switches the connection to TLS with
 ``transport.set_protocol`` and asyncio's ``SSLProtocol``, which uvloop's transports support
-(proven end to end in ``tests/test_lifecycle.py``: STARTTLS, AUTH and a message through a
+(proven end to end in ``tests/flows/test_lifecycle.py``: STARTTLS, AUTH and a message through a
 relay process on uvloop).
 """
 

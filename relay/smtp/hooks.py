@@ -2,7 +2,7 @@
 (STYLE §1 steps 2-7, §4).
 
 aiosmtpd finds hooks and AUTH mechanisms by name, so a misspelt one would silently do
-nothing; ``tests/test_handler.py`` checks this class exposes exactly the names below.
+nothing; ``tests/smtp/test_hooks.py`` checks this class exposes exactly the names below.
 """
 
 from __future__ import annotations
