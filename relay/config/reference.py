@@ -2,7 +2,7 @@
 and the table of every ``RELAY_*`` variable with its default and meaning.
 
 Regenerate it after changing a setting: ``python -m relay.config.reference >
-docs/configuration.md``; tests/test_reference.py fails while the file and the declarations
+docs/configuration.md``; tests/config/test_reference.py fails while the file and the declarations
 differ.
 """
 
