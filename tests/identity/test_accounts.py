@@ -13,17 +13,21 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from relay.errors import SenderNotAllowedError, UnknownSenderError
+from relay.errors import SenderNotAllowedError, UnknownSenderError, UserDisabledError
 from relay.identity.accounts import (
+    ACTIVE,
+    DISABLED,
     AccountConflictError,
+    AccountError,
     AccountStore,
     AppPrincipal,
     UserPrincipal,
     check_address,
     normalize_address,
 )
+from relay.identity.passwords import verify_password
 from relay.store import keys
-from tests.conftest import add_user
+from tests.conftest import PASSWORD, add_user
 
 KELVIN = "\u212a"  # KELVIN SIGN: str.lower() makes it an ASCII "k"
 # Non-ASCII spellings that str.lower() or str.strip() would turn into the ASCII address of
@@ -156,3 +160,102 @@ async def test_a_removed_sender_is_unknown_again(accounts: AccountStore,
     await redis_client.delete(keys.sender_index("gone@kw.test"))
     with pytest.raises(UnknownSenderError):
         await accounts.resolve_sender(app, "gone@kw.test")
+
+
+# -- users and apps in the store -------------------------------------------------------------
+async def test_a_user_is_found_by_id_or_by_any_address_it_owns(accounts: AccountStore) -> None:
+    user = await add_user(accounts, senders=("Desk@KW.test",), plan="pro", limit=42,
+                          tz="Europe/Paris")
+    assert (user.email, user.plan, user.custom_limit, user.tz) == (
+        "agent@kw.test", "pro", 42, "Europe/Paris")
+    assert user.status == ACTIVE and user.active and user.pending is None
+    assert await accounts.get_user(user.id) == user
+    assert await accounts.find_user(user.id) == user
+    assert await accounts.find_user("desk@kw.test") == user
+    assert await accounts.find_user("nobody@kw.test") is None
+    assert await accounts.find_user("not an id") is None
+    assert await accounts.get_user("u-missing") is None
+    other = await add_user(accounts, "other@kw.test")
+    assert [u.id for u in await accounts.list_users()] == sorted([user.id, other.id])
+
+
+async def test_a_taken_address_or_id_is_refused_and_claims_nothing(
+        accounts: AccountStore, redis_client: aioredis.Redis) -> None:
+    """A user whose addresses include one already owned is not created, and the free
+    addresses of that attempt stay free; a taken id, a bad id or a bad address is refused."""
+    first = await add_user(accounts, senders=("shared@kw.test",), user_id="u-first")
+    with pytest.raises(AccountConflictError, match=r"shared@kw\.test"):
+        await add_user(accounts, "new@kw.test", senders=("a-free@kw.test", "shared@kw.test"))
+    assert await redis_client.get(keys.sender_index("a-free@kw.test")) is None
+    assert await redis_client.get(keys.sender_index("new@kw.test")) is None
+    assert await accounts.find_user("shared@kw.test") == first
+    with pytest.raises(AccountConflictError, match="u-first"):
+        await add_user(accounts, "third@kw.test", user_id="u-first")
+    with pytest.raises(AccountError, match="user id"):
+        await add_user(accounts, "fourth@kw.test", user_id="has space")
+    with pytest.raises(AccountError, match="not an email address"):
+        await add_user(accounts, "no-at-sign")
+    assert [u.id for u in await accounts.list_users()] == ["u-first"]
+
+
+async def test_a_disabled_user_cannot_send_until_enabled_again(accounts: AccountStore) -> None:
+    user = await add_user(accounts)
+    await accounts.set_user_status(user.id, DISABLED)
+    for principal in (UserPrincipal(user.email, user.id), AppPrincipal("smartplans")):
+        with pytest.raises(UserDisabledError):
+            await accounts.resolve_sender(principal, "agent@kw.test")
+    await accounts.set_user_status(user.id, ACTIVE)
+    assert (await accounts.resolve_sender(AppPrincipal("smartplans"), "agent@kw.test")).id \
+        == user.id
+    with pytest.raises(AccountError):
+        await accounts.set_user_status("u-missing", DISABLED)
+
+
+async def test_a_user_credential_sends_only_from_its_own_addresses(
+        accounts: AccountStore) -> None:
+    user = await add_user(accounts, senders=("desk@kw.test",))
+    other = await add_user(accounts, "other@kw.test")
+    principal = UserPrincipal(user.email, user.id)
+    assert (await accounts.resolve_sender(principal, "desk@kw.test")).id == user.id
+    with pytest.raises(SenderNotAllowedError):
+        await accounts.resolve_sender(principal, other.email)
+    with pytest.raises(UnknownSenderError):
+        await accounts.resolve_sender(AppPrincipal("smartplans"), "nobody@kw.test")
+
+
+async def test_route_preferences_are_saved_and_cleared(accounts: AccountStore) -> None:
+    user = await add_user(accounts)
+    await accounts.set_preference(user.id, "campaigns", "mailchimp")
+    found = await accounts.get_user(user.id)
+    assert found is not None and dict(found.preferences) == {"campaigns": "mailchimp"}
+    await accounts.set_preference(user.id, "campaigns", None)
+    found = await accounts.get_user(user.id)
+    assert found is not None and dict(found.preferences) == {}
+    with pytest.raises(AccountError):
+        await accounts.set_preference("u-missing", "campaigns", "mailchimp")
+
+
+async def test_a_password_hash_is_found_for_the_login_address_only(
+        accounts: AccountStore) -> None:
+    """A user logs in with its own email, not with another address it may send from; a user
+    without a credential (sends only through apps) has no hash."""
+    user = await add_user(accounts, senders=("desk@kw.test",))
+    found = await accounts.user_password_hash("agent@kw.test")
+    assert found is not None and found[0] == user and verify_password(PASSWORD.encode(), found[1])
+    assert await accounts.user_password_hash("desk@kw.test") is None
+    await add_user(accounts, "apps-only@kw.test", password=False)
+    assert await accounts.user_password_hash("apps-only@kw.test") is None
+
+
+async def test_apps_are_added_once_and_listed_with_their_hash(accounts: AccountStore) -> None:
+    app = await accounts.add_app("smartplans", password_hash="h-1")
+    assert (app.name, app.status) == ("smartplans", ACTIVE)
+    await accounts.add_app("campaigns", password_hash="h-2")
+    with pytest.raises(AccountConflictError):
+        await accounts.add_app("smartplans", password_hash="h-3")
+    with pytest.raises(AccountError):
+        await accounts.add_app("Bad Name", password_hash="h-4")
+    assert await accounts.app_password_hash("smartplans") == (app, "h-1")
+    assert await accounts.app_password_hash("unknown") is None
+    assert await accounts.app_password_hash("Bad Name") is None
+    assert [a.name for a in await accounts.list_apps()] == ["campaigns", "smartplans"]
