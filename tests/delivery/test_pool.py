@@ -14,10 +14,10 @@ import pytest
 
 from relay.config.endpoints import UpstreamTarget
 from relay.delivery.pool import SmtpUpstream
-from relay.delivery.upstream import UpstreamOutcomeUnknownError
 from relay.errors import (
     RelayError,
     UpstreamBusyError,
+    UpstreamOutcomeUnknownError,
     UpstreamUnavailableError,
 )
 from relay.message.wire import Outgoing, stuff

@@ -16,8 +16,8 @@ import pytest
 from relay.config.endpoints import UpstreamTarget
 from relay.delivery.capture import CaptureUpstream
 from relay.delivery.pool import SmtpUpstream
-from relay.delivery.upstream import Upstream, UpstreamOutcomeUnknownError, reply_class
-from relay.errors import TemporaryError, UpstreamUnavailableError
+from relay.delivery.upstream import Upstream, reply_class
+from relay.errors import TemporaryError, UpstreamOutcomeUnknownError, UpstreamUnavailableError
 from relay.message.wire import Outgoing, stuff
 from tests.conftest import CapturingUpstream, message
 
