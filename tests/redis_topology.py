@@ -8,7 +8,6 @@ test's own folder; nothing here talks to a server this suite did not start.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from typing import Any
 import redis
 
 from tests.conftest import POLICIES, bindable, free_port, redis_binary
+from tests.serving import clean_env
 
 # The cluster bus listens on port + 10000 (Redis 6.2 has no cluster-port setting), so cluster
 # nodes take ports below the kernel's ephemeral range, whose bus ports stay below it too.
@@ -262,7 +262,7 @@ class RelayProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.log_path = self.workdir / "serve.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        env = clean_env(metrics_ports=False)
         env.update(RELAY_LISTEN=f"127.0.0.1:{self.port}", RELAY_ALLOW_PLAINTEXT_AUTH="1",
                    RELAY_METRICS_LISTEN="127.0.0.1:0",
                    RELAY_NOTIFIER_METRICS_LISTEN="127.0.0.1:0",

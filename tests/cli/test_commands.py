@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -564,7 +563,7 @@ def test_check_config_lists_the_settings_other_than_the_defaults(tmp_path: Path)
 
 def test_check_config_says_when_every_setting_has_its_default(tmp_path: Path) -> None:
     """With nothing set away from the defaults, check-config says so."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env = clean_env(metrics_ports=False)
     shutil.copytree(POLICIES, tmp_path / "policies")
     out = ok(run_cli(["check-config"], env, cwd=tmp_path))
     assert out.splitlines()[-1] == "settings other than the defaults: none"

@@ -6,7 +6,6 @@ relay process to run checks against. Shared by every tests/deploy/test_*.py.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -20,6 +19,7 @@ from pathlib import Path
 from relay.config.parsers import SettingsError
 from relay.config.settings import Settings, load_settings
 from tests.conftest import POLICIES, REPO, free_port
+from tests.serving import clean_env
 
 DEPLOY = REPO / "deploy"
 # deploy/grafana and deploy/prometheus are checked by their own tests.
@@ -100,7 +100,7 @@ class RelayProcess:
     def __init__(self, tmp_path: Path, redis_url: str, extra: Mapping[str, str] | None = None,
                  *, argv: list[str] | None = None, prefix: list[str] | None = None) -> None:
         self.port = free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        self.env = clean_env(metrics_ports=False)
         self.env.update(RELAY_REDIS_URL=redis_url, RELAY_LISTEN=f"127.0.0.1:{self.port}",
                         RELAY_STATE_DIR=str(tmp_path / "state"),
                         RELAY_POLICIES_DIR=str(POLICIES), RELAY_LOG_FORMAT="json",

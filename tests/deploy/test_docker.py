@@ -46,6 +46,7 @@ from tests.deploy.dockerfile import (
     pinned_image_problems,
     values_of,
 )
+from tests.serving import clean_env
 
 HEALTHCHECK = DEPLOY / "healthcheck.py"
 
@@ -326,7 +327,7 @@ def health_server() -> Iterator[tuple[http.server.HTTPServer, type[_Health]]]:
 
 def _run_healthcheck(listen: str,
                      variable: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env = clean_env(metrics_ports=False)
     env[variable or "RELAY_METRICS_LISTEN"] = listen
     argv = [variable] if variable else []
     return subprocess.run([sys.executable, str(HEALTHCHECK), *argv], env=env,

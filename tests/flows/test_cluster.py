@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -40,6 +39,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.redis_topology import RedisClusterNodes, RelayProcess
+from tests.serving import clean_env
 
 # Long enough for two relay processes to start and 80 sessions to finish on a loaded machine.
 pytestmark = pytest.mark.timeout(180)
@@ -275,7 +275,7 @@ async def test_cluster_cli_check_config_users_and_usage(cluster: RedisClusterNod
                                                         cluster_client: RedisCluster,
                                                         tmp_path: Path) -> None:
     """`check-config`, `users add` and `usage --all` run against a redis+cluster:// URL."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env = clean_env(metrics_ports=False)
     env.update(RELAY_REDIS_URL=cluster.url, RELAY_POLICIES_DIR=str(POLICIES),
                RELAY_STATE_DIR=str(tmp_path / "state"))
 

@@ -1,6 +1,8 @@
-"""Client protections with real clients: connection limits (per address and in total), AUTH
-failure throttling per address and per login (in Redis, so shared by relays), and the idle
-and transaction timeouts. Each refusal is asserted by its reply and its log line.
+"""Client protections with real clients: connection limits (per address and in total) and
+AUTH failure throttling per address and per login (in Redis, so shared by relays). Each
+refusal is asserted by its reply and its log line. The limiter and the throttle on their
+own are in tests/smtp/test_admission.py and tests/identity/test_throttle.py, the timers in
+tests/smtp/test_timeouts.py.
 
 Clients connect from several loopback addresses (127.0.0.1, .2, .3) to be different
 clients on one machine.
@@ -18,11 +20,9 @@ import aiosmtplib
 import pytest
 from structlog.testing import capture_logs
 
-from relay.errors import AuthThrottledError, TooManyConnectionsError
-from relay.identity.throttle import AuthThrottle, client_key, login_digest
+from relay.errors import AuthThrottledError
 from relay.process.wiring import RelayApp
-from relay.smtp.admission import ConnectionLimiter
-from tests.conftest import PASSWORD, add_user, message, wait_for
+from tests.conftest import PASSWORD, add_user, wait_for
 from tests.proxyheaders import v1
 from tests.rawsmtp import RawSMTP
 
@@ -49,80 +49,6 @@ async def auth(app: RelayApp, login: str, password: str, source: str = "127.0.0.
         return reply.code
     finally:
         client.close()
-
-
-# -- units ----------------------------------------------------------------------------------------
-def test_client_key_ipv4_as_is_ipv6_by_64() -> None:
-    """An IPv4 client is its address; an IPv6 client is its /64; a mapped IPv4 is IPv4."""
-    assert client_key("192.0.2.7") == "192.0.2.7"
-    assert client_key("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
-    assert client_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
-    assert client_key("::ffff:192.0.2.7") == "192.0.2.7"
-
-
-def test_connection_limiter_counts_and_releases() -> None:
-    """acquire refuses past either limit without counting; release frees the slot, in the
-    total and for its client."""
-    limiter = ConnectionLimiter(total=3, per_client=2)
-    limiter.acquire("a")
-    limiter.acquire("a")
-    with pytest.raises(TooManyConnectionsError) as per_client:
-        limiter.acquire("a")
-    assert per_client.value.scope == "ip" and per_client.value.code == 421
-    limiter.acquire("b")
-    with pytest.raises(TooManyConnectionsError) as total:
-        limiter.acquire("c")
-    assert total.value.scope == "total"
-    assert limiter.total == 3  # neither refusal was counted
-    limiter.release("a")
-    limiter.acquire("c")  # the slot "a" freed
-    assert limiter.total == 3
-    limiter.release("b")
-    limiter.release("c")
-    limiter.acquire("a")  # "a" is down to one: one more is within its limit of two
-    with pytest.raises(TooManyConnectionsError) as again:
-        limiter.acquire("a")
-    assert again.value.scope == "ip" and limiter.total == 2
-
-
-def test_connection_limiter_zero_is_off() -> None:
-    """Limits of 0 never refuse."""
-    limiter = ConnectionLimiter(total=0, per_client=0)
-    for _ in range(1000):
-        limiter.acquire("a")
-    assert limiter.total == 1000
-
-
-def test_login_digest_ignores_case_and_spaces() -> None:
-    """One login is one counter however the client spells its case."""
-    assert login_digest(b"Agent@KW.test ") == login_digest(b"agent@kw.test")
-    assert len(login_digest(b"x" * 10_000)) == 32
-
-
-async def test_auth_throttle_counts_in_a_window(redis_client) -> None:
-    """Failures count per client and per login; at the limit check() raises; the counters
-    carry a TTL (never a permanent lock) and expire with the window."""
-    # A window long enough that a stalled machine does not expire the counters mid-test.
-    throttle = AuthThrottle(redis_client, per_client=5, per_login=2, window=3)
-    assert await throttle.check("192.0.2.1", b"a@x.test") == 0
-    assert await throttle.record_failure("192.0.2.1", b"a@x.test") == (1, 1)
-    assert await throttle.record_failure("192.0.2.2", b"A@x.test") == (1, 2)
-    with pytest.raises(AuthThrottledError) as throttled:
-        await throttle.check("192.0.2.3", b"a@x.test")
-    assert (throttled.value.scope, throttled.value.failures) == ("login", 2)
-    assert await throttle.check("192.0.2.3", b"b@x.test") == 0
-    keys = [key async for key in redis_client.scan_iter("relay:authfail:*")]
-    assert len(keys) == 3
-    for key in keys:
-        assert 0 < await redis_client.pttl(key) <= 3000
-
-    async def expired() -> bool:
-        try:
-            await throttle.check("192.0.2.3", b"a@x.test")
-        except AuthThrottledError:
-            return False
-        return True
-    await wait_for(expired, 10)
 
 
 # -- connection limits --------------------------------------------------------------------------
@@ -291,84 +217,3 @@ async def test_limits_auth_counts_the_real_client_behind_proxy(make_relay, upstr
         assert (await attempt("198.51.100.7", PASSWORD)).startswith("235")
     (throttled,) = events(logs, "auth.throttled")
     assert (throttled["peer"], throttled["proxy"]) == ("198.51.100.66", "127.0.0.1")
-
-
-# -- timeouts ------------------------------------------------------------------------------------
-async def test_limits_transaction_timeout_cuts_a_slow_transaction(make_relay, upstream,
-                                                                   accounts):
-    """A transaction still open after transaction_timeout (here: RCPTs then silence, well
-    inside the idle timeout) gets 421 4.4.2, is closed and refunded, with session.timeout."""
-    user = await add_user(accounts)
-    app = await make_relay(upstream=upstream, idle_timeout=60, transaction_timeout=2)
-    with capture_logs() as logs:
-        raw = await RawSMTP.connect(app.port)
-        try:
-            assert (await raw.reply()).startswith("220")
-            await raw.login("client.test")
-            assert (await raw.send(b"MAIL FROM:<agent@kw.test>\r\n")).startswith("250")
-            assert (await raw.send(b"RCPT TO:<a@example.test>\r\n")).startswith("250")
-            assert await raw.rest() == b"421 4.4.2 Timeout, closing connection\r\n"
-        finally:
-            await raw.close()
-        await app.handler.drain()
-    (timeout,) = events(logs, "session.timeout")
-    assert (timeout["timeout"], timeout["smtp_code"], timeout["log_level"]) == \
-        ("transaction", 421, "info")
-    assert (await app.quota.usage(user.id, "2026-11")).used == 0
-    assert upstream.messages == []
-
-
-async def test_limits_transaction_timeout_cuts_a_slow_data(make_relay, upstream, accounts):
-    """A DATA body that never ends is cut at the transaction deadline: 421 4.4.2, nothing
-    delivered, the units refunded."""
-    user = await add_user(accounts)
-    app = await make_relay(upstream=upstream, idle_timeout=60, transaction_timeout=2)
-    with capture_logs() as logs:
-        raw = await RawSMTP.connect(app.port)
-        try:
-            assert (await raw.reply()).startswith("220")
-            await raw.login("client.test")
-            assert (await raw.send(b"MAIL FROM:<agent@kw.test>\r\n")).startswith("250")
-            assert (await raw.send(b"RCPT TO:<a@example.test>\r\n")).startswith("250")
-            assert (await raw.send(b"DATA\r\n")).startswith("354")
-            raw.writer.write(b"Subject: slow\r\n\r\nfirst line of a body that never ends\r\n")
-            assert await raw.rest() == b"421 4.4.2 Timeout, closing connection\r\n"
-        finally:
-            await raw.close()
-        await app.handler.drain()
-    assert [entry["timeout"] for entry in events(logs, "session.timeout")] == ["transaction"]
-    assert (await app.quota.usage(user.id, "2026-11")).used == 0
-    assert upstream.messages == []
-
-
-async def test_limits_idle_timeout_says_421(make_relay, upstream):
-    """A silent client gets 421 4.4.2 at the idle timeout, logged as session.timeout idle."""
-    app = await make_relay(upstream=upstream, idle_timeout=1.5)
-    with capture_logs() as logs:
-        raw = await RawSMTP.connect(app.port)
-        try:
-            assert (await raw.reply()).startswith("220")
-            assert (await raw.send(b"EHLO client.test\r\n")).startswith("250")
-            assert await raw.rest() == b"421 4.4.2 Timeout, closing connection\r\n"
-        finally:
-            await raw.close()
-    assert [entry["timeout"] for entry in events(logs, "session.timeout")] == ["idle"]
-
-
-async def test_limits_transaction_deadline_ends_with_the_transaction(make_relay, upstream,
-                                                                      accounts):
-    """After a delivered message the transaction deadline no longer applies: the client may
-    stay quiet past it (inside the idle timeout) and send another message."""
-    await add_user(accounts)
-    app = await make_relay(upstream=upstream, idle_timeout=60, transaction_timeout=2)
-    client = await connect(app)
-    try:
-        await client.ehlo()
-        await client.login("agent@kw.test", PASSWORD)
-        await client.sendmail("agent@kw.test", ["a@example.test"], message())
-        await asyncio.sleep(2.5)  # past the first transaction's deadline, on purpose
-        assert (await client.noop()).code == 250
-        await client.sendmail("agent@kw.test", ["b@example.test"], message())
-    finally:
-        await client.quit()
-    assert len(upstream.messages) == 2

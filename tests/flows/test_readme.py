@@ -19,7 +19,6 @@ ephemeral port instead of 2525 (tests run in parallel), and the metrics listener
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import POLICIES, REPO, free_port, swaks_path
+from tests.serving import clean_env
 
 SECTIONS = ("## Try it: first message in a minute", "## Pointing an application at the relay")
 DOCS = REPO / "docs"
@@ -173,7 +173,7 @@ def test_readme_try_it_runs_as_written(workdir: Path) -> None:
     if swaks_path() is None:
         pytest.skip("swaks is not installed (.ci/run installs it)")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env = clean_env(metrics_ports=False)
     env.update(RELAY_LISTEN=f"127.0.0.1:{port}", RELAY_METRICS_LISTEN="",
                RELAY_NOTIFIER_METRICS_LISTEN="")
     relay = f"{shlex.quote(sys.executable)} -m relay"

@@ -22,7 +22,7 @@ import structlog
 
 from relay.observe.logs import configure_logging
 from tests.conftest import POLICIES, RedisServer, wait_for
-from tests.serving import Start, relay_env
+from tests.serving import Start, clean_env, relay_env
 
 SECRET = "hunter2-in-a-local"
 
@@ -148,7 +148,7 @@ def test_cli_admin_warnings_are_one_readable_line_on_a_terminal(tmp_path: Path) 
     with --json it is a JSON line, for a script to parse."""
     state = Path(tempfile.mkdtemp(prefix="cr-", dir="/tmp"))
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        env = clean_env(metrics_ports=False)
         env.update(RELAY_STATE_DIR=str(state), RELAY_POLICIES_DIR=str(POLICIES),
                    TERM="dumb")
         shown = _in_a_terminal(["users", "list"], env, tmp_path).splitlines()

@@ -1,7 +1,8 @@
-"""relay/smtp/data.py, the DATA reader on its own: the message read in bulk from a stream
-cut every way a network can cut it, the terminator found wherever the reads split it, the
-line-length meter exact across reads, and its piece-by-piece verdict on the wire form equal
-to the whole's. What reaches the upstream through a relay is in tests/flows/test_data_path.py.
+"""relay/smtp/data.py: the DATA command's own refusals on a real socket, and the bulk reader
+on its own: the message read from a stream cut every way a network can cut it, the
+terminator found wherever the reads split it, the line-length meter exact across reads, and
+its piece-by-piece verdict on the wire form equal to the whole's. What reaches the upstream
+through a relay is in tests/flows/test_data_path.py.
 """
 
 from __future__ import annotations
@@ -12,12 +13,38 @@ import random
 from collections.abc import Sequence
 
 import pytest
+from structlog.testing import capture_logs
 
+from relay.identity.accounts import AccountStore
 from relay.message.wire import is_clean_wire
+from relay.process.wiring import RelayApp
 from relay.smtp.data import DataProblem, read_data
+from tests.conftest import add_user
 from tests.data_bodies import LINE_LIMIT, random_message
+from tests.rawsmtp import RawSMTP
 
 
+# -- the command ---------------------------------------------------------------------------
+async def test_data_without_a_recipient_or_with_an_argument_is_refused_once_each(
+        relay: RelayApp, accounts: AccountStore) -> None:
+    """DATA before any accepted RCPT: 503; DATA with an argument: 501. Each refusal is one
+    command.refused line with its code; the transaction goes on."""
+    await add_user(accounts)
+    raw = await RawSMTP.open(relay.port)
+    try:
+        await raw.login()
+        assert (await raw.send(b"MAIL FROM:<agent@kw.test>\r\n")).startswith("250")
+        with capture_logs() as logs:
+            assert await raw.send(b"DATA\r\n") == "503 Error: need RCPT command"
+            assert (await raw.send(b"RCPT TO:<a@example.test>\r\n")).startswith("250")
+            assert await raw.send(b"DATA now\r\n") == "501 Syntax: DATA"
+        assert [e["smtp_code"] for e in logs if e["event"] == "command.refused"] == [503, 501]
+        assert (await raw.send(b"DATA\r\n")).startswith("354")
+    finally:
+        await raw.close()
+
+
+# -- the reader ----------------------------------------------------------------------------
 async def read_all(data: bytes, cuts: Sequence[int], *, size_limit: int | None = None) -> tuple[
         bytes, DataProblem | None, bytes]:
     reader = asyncio.StreamReader(limit=LINE_LIMIT)

@@ -1,8 +1,10 @@
-"""relay/smtp/protocol.py, the server side of one connection (RelaySMTP), on real sockets
-against a relay started in process: the greeting and the extensions offered, a session id on
-every line of a session, an unfinished transaction given back whenever aiosmtpd drops its
-envelope, the DATA command's own refusals, the one log line for each refusal aiosmtpd writes
-(without the client's words), and the end of a session on the client's end of file."""
+"""relay/smtp/protocol.py, the server side of one connection (RelaySMTP and the base its
+mixins share, relay/smtp/connection.py), on real sockets against a relay started in process:
+the greeting and the extensions offered, a session id on every line of a session, an
+unfinished transaction given back whenever aiosmtpd drops its envelope, the one log line for
+each refusal aiosmtpd writes (without the client's words), a path the parser would change,
+and the end of a session on the client's end of file. DATA is in tests/smtp/test_data.py,
+admission in tests/smtp/test_admission.py, the timers in tests/smtp/test_timeouts.py."""
 
 from __future__ import annotations
 
@@ -81,25 +83,6 @@ async def test_a_new_ehlo_inside_a_transaction_gives_its_units_back(
         [finished] = lines(logs, "delivery.finished")
         assert (finished["outcome"], finished["reason"]) == ("abandoned", "reset")
         assert (await raw.send(b"MAIL FROM:<agent@kw.test>\r\n")).startswith("250")
-    finally:
-        await raw.close()
-
-
-async def test_data_without_a_recipient_or_with_an_argument_is_refused_once_each(
-        relay: RelayApp, accounts: AccountStore) -> None:
-    """DATA before any accepted RCPT: 503; DATA with an argument: 501. Each refusal is one
-    command.refused line with its code; the transaction goes on."""
-    await add_user(accounts)
-    raw = await RawSMTP.open(relay.port)
-    try:
-        await raw.login()
-        assert (await raw.send(b"MAIL FROM:<agent@kw.test>\r\n")).startswith("250")
-        with capture_logs() as logs:
-            assert await raw.send(b"DATA\r\n") == "503 Error: need RCPT command"
-            assert (await raw.send(b"RCPT TO:<a@example.test>\r\n")).startswith("250")
-            assert await raw.send(b"DATA now\r\n") == "501 Syntax: DATA"
-        assert [e["smtp_code"] for e in lines(logs, "command.refused")] == [503, 501]
-        assert (await raw.send(b"DATA\r\n")).startswith("354")
     finally:
         await raw.close()
 
