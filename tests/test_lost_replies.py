@@ -26,6 +26,7 @@ from tests.conftest import (
     CapturingUpstream,
     RedisServer,
     RelayFactory,
+    add_app,
     add_user,
     message,
     smtp_client,
@@ -159,3 +160,25 @@ async def test_lost_replies_queued_refund_is_not_committed_first(
     await wait_for(lambda: len(proxied.settlements) == 0, seconds=15)
     assert await _counted(redis_client) == (1, 1, 0)
 
+
+async def test_lost_replies_reservation_at_data_run_but_unanswered_is_given_back(
+        proxied: RelayApp, proxy: ReplyDroppingProxy, upstream: CapturingUpstream,
+        redis_client: aioredis.Redis, accounts: AccountStore) -> None:
+    """Decided at the end of DATA (a timeline app): the reservation of both recipients runs,
+    its reply is lost and the message is refused with a 451; once Redis is back both units
+    are given back (nothing was sent)."""
+    await add_app(accounts, "smartplans")
+    await redis_client.script_load(lua_source("relay.decisions", "reserve.lua",
+                                              prologue="terms.lua"))  # no NOSCRIPT to drop
+    async with smtp_client(proxied, login="smartplans") as client:
+        proxy.drop_reply_to(RESERVE)
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await client.sendmail("agent@kw.test", ["a@example.test", "b@example.test"],
+                                  message())
+    assert refused.value.code == 451
+    assert proxy.dropped.is_set()
+    assert await _counted(redis_client) == (2, 0, 2)  # the reservation was made
+    proxy.heal()
+    await wait_for(lambda: len(proxied.settlements) == 0, seconds=15)
+    assert upstream.messages == []
+    assert await _counted(redis_client) == (0, 0, 0)

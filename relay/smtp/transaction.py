@@ -40,6 +40,7 @@ from relay.errors import (
     RelayError,
     RouteRefusedError,
     SmtpUtf8RequiredError,
+    StoreUnavailableError,
     TooManyRecipientsError,
     UnknownSenderError,
     UpstreamOutcomeUnknownError,
@@ -232,7 +233,15 @@ class Transaction:
         self._next_rcpt = len(numbers)
         self._accepted_nos = numbers
         if decision.route.counted:
-            await self._reserve(numbers)
+            try:
+                await self._reserve(numbers)
+            except StoreUnavailableError:
+                # The reply was lost, not necessarily the reservation (Redis may have run
+                # it, then died). The message is refused, so whatever it took is given back,
+                # in the background: the client hears its 451 now, not a timeout later.
+                self._settle_later(PendingSettlement(
+                    "refund", self.user.id, self.period.label, self.txn_id, self.log))
+                raise
         try:
             route, session, upstream = await self._services.routes.begin(
                 decision.route, self.user, self.sender, self._mail_options,
