@@ -16,7 +16,7 @@ import aiosmtplib
 import pytest
 import redis.asyncio as aioredis
 
-from relay.decisions.quota import QuotaStore, ReserveStatus, Settlement, Usage
+from relay.decisions.quota import QuotaStore, Usage
 from relay.identity.accounts import AccountStore
 from relay.process.wiring import RelayApp
 from relay.store import keys
@@ -35,7 +35,6 @@ from tests.conftest import (
 from tests.replyproxy import ReplyDroppingProxy
 
 NOV = "2026-11"  # the month of the tests' clock
-PLANS: list[str | int] = ["free", 100]
 
 
 def _sha(name: str, prologue: str | None = None) -> bytes:
@@ -80,25 +79,6 @@ async def _usage(redis_client: aioredis.Redis) -> tuple[Usage, int]:
 async def _counted(redis_client: aioredis.Redis) -> tuple[int, int, int]:
     usage, open_units = await _usage(redis_client)
     return usage.used, usage.delivered, open_units
-
-
-async def test_lost_replies_commit_makes_only_the_delivered_numbers_final(
-        redis_client: aioredis.Redis, accounts: AccountStore) -> None:
-    """Three units reserved, two delivered: the commit makes those two final and gives the
-    third back in the same step; a repeat commits and gives back nothing; a commit of every
-    open unit (no numbers) is as before."""
-    user = await add_user(accounts)
-    quota = QuotaStore(redis_client)
-    assert (await quota.reserve(user.id, NOV, "t", [1, 2, 3], PLANS)).status \
-        is ReserveStatus.RESERVED
-    assert await quota.commit(user.id, NOV, "t", "command", PLANS, "", [1, 3]) == Settlement(
-        units=2, used=2, delivered=2, limit=100, released=1)
-    assert await quota.commit(user.id, NOV, "t", "command", PLANS, "", [1, 3]) == Settlement(
-        units=0, used=2, delivered=2, limit=100)
-    assert not await redis_client.exists(keys.reservations(user.id, "t"))
-    await quota.reserve(user.id, NOV, "all", [1, 2], PLANS)
-    assert (await quota.commit(user.id, NOV, "all")).units == 2
-    assert await _counted(redis_client) == (4, 4, 0)
 
 
 async def test_lost_replies_reservation_run_but_unanswered_is_not_committed(
