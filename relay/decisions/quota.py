@@ -64,6 +64,8 @@ class Settlement:
     delivered: int = 0
     limit: int = 0
     crossed: int = 0
+    # A commit's: units of the transaction it gave back because they were not delivered.
+    released: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,24 +153,29 @@ class QuotaStore:
         raise StoreUnavailableError()
 
     async def commit(self, user_id: str, period: str, txn_id: str, route: str = "command",
-                     plan_limits: Sequence[str | int] = (), thresholds: str = "") -> Settlement:
-        """Make every open reservation of ``txn_id`` final, counted under ``route``, and mark
-        any of ``thresholds`` (space-separated percents) the delivered count crossed.
-        Idempotent: a repeat commits and crosses nothing."""
+                     plan_limits: Sequence[str | int] = (), thresholds: str = "",
+                     rcpt_nos: Sequence[int] | None = None) -> Settlement:
+        """Make the open reservations of ``rcpt_nos`` (the recipients delivered; every open
+        one when None) final, counted under ``route``, give back any other open unit of
+        ``txn_id`` (never delivered: the transaction is over), and mark any of
+        ``thresholds`` (space-separated percents) the delivered count crossed.
+        Idempotent: a repeat commits, gives back and crosses nothing."""
+        delivered_nos = "*" if rcpt_nos is None else " ".join(str(n) for n in rcpt_nos)
         started = time.perf_counter()
         try:
             with store_errors():
                 raw = await self._commit(
                     keys=[keys.user(user_id), keys.usage(user_id, period),
                           keys.reservations(user_id, txn_id)],
-                    args=[route, period, thresholds, *plan_limits])
+                    args=[route, period, thresholds, delivered_nos, *plan_limits])
         except StoreUnavailableError:
             self._errors["commit"].inc()
             raise
         self._observe("commit", started)
-        units, used, delivered, limit, crossed = (int(v) for v in raw)
+        units, used, delivered, limit, crossed, released = (int(v) for v in raw)
         self._metrics.units_committed.inc(units)
-        return Settlement(units, used, delivered, limit, crossed)
+        self._metrics.units_refunded.inc(released)
+        return Settlement(units, used, delivered, limit, crossed, released)
 
     async def tally(self, user_id: str, period: str, route: str, units: int) -> None:
         """Count ``units`` sent through an uncounted route (shown in usage, never limited)."""

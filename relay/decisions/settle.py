@@ -5,8 +5,10 @@ A commit after the upstream's 250, or a refund after a refusal or a reset, that 
 away (killed, paused, failing over) is not dropped: the transaction hands it here, and one
 background task retries it until Redis takes it, so ``delivered`` and ``in_flight`` are
 right again once Redis is back, without an operator. Both scripts are idempotent per
-transaction (commit.lua makes the open units final once, refund.lua gives each back at most
-once), so retrying one that did reach Redis before its reply was lost changes nothing.
+transaction (commit.lua makes the delivered recipients' units final once and gives back the
+rest, refund.lua gives each back at most once), so retrying one that did reach Redis before
+its reply was lost changes nothing, and a commit written before a refund still queued for
+the same transaction leaves that refund nothing to do.
 
 While Redis is away, a round stops at the first failure and waits (backoff doubling up to
 ``max_delay``), so an outage costs one probe per interval whatever is pending. The queue
@@ -37,9 +39,10 @@ Kind = Literal["commit", "refund"]
 
 @dataclass(slots=True)
 class PendingSettlement:
-    """One commit or refund still to be written. ``rcpt_nos`` None refunds every open unit
-    of the transaction; ``on_committed`` runs once a late commit is written (the threshold
-    notice it may have crossed)."""
+    """One commit or refund still to be written. ``rcpt_nos``: a refund's recipients (None:
+    every open unit of the transaction), a commit's delivered recipients (None: every open
+    unit; any other is given back); ``on_committed`` runs once a late commit is written (the
+    threshold notice it may have crossed)."""
 
     kind: Kind
     user_id: str
@@ -108,12 +111,14 @@ class LateSettlements:
         if pending.kind == "commit":
             settlement = await quota.commit(pending.user_id, pending.period, pending.txn_id,
                                             pending.route, pending.plan_limits,
-                                            pending.thresholds)
+                                            pending.thresholds, pending.rcpt_nos)
         else:
             settlement = await quota.refund(pending.user_id, pending.period, pending.txn_id,
                                             pending.rcpt_nos)
+        # released: a late commit's units of the transaction that were not delivered.
         pending.log.info("quota.settled_late", kind=pending.kind, units=settlement.units,
-                         used=settlement.used, attempts=pending.attempts,
+                         released=settlement.released, used=settlement.used,
+                         attempts=pending.attempts,
                          waited_s=round(time.monotonic() - pending.since, 2))
         if pending.on_committed is not None:
             await pending.on_committed(settlement)

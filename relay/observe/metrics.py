@@ -266,7 +266,8 @@ class RelayMetrics:
             "(commit.lua).", registry=r)
         self.units_refunded = Counter(
             "relay_quota_units_refunded_total", "Units given back (refund.lua): recipients "
-            "refused upstream, failed messages, RSET and disconnects.", registry=r)
+            "refused upstream, failed messages, RSET and disconnects; and by commit.lua, a "
+            "transaction's units that were not delivered.", registry=r)
         self.settlements_pending = Gauge(
             "relay_quota_settlements_pending", "Commits and refunds that met Redis away and "
             "wait to be written again (relay/decisions/settle.py).", registry=r)

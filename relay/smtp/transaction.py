@@ -40,6 +40,7 @@ from relay.errors import (
     RelayError,
     RouteRefusedError,
     SmtpUtf8RequiredError,
+    StoreUnavailableError,
     TooManyRecipientsError,
     UnknownSenderError,
     UpstreamOutcomeUnknownError,
@@ -73,6 +74,9 @@ class Transaction:
         self.sender = sender
         self.period = period
         self.accepted: list[str] = []
+        # The recipient numbers of ``accepted``: what a commit makes final (it gives back
+        # any other unit of the transaction: a refused recipient's, never sent).
+        self._accepted_nos: list[int] = []
         self.refused = 0
         self.state = State.OPEN
         # Set once the client's final dot handed the message to ``deliver``.
@@ -114,7 +118,7 @@ class Transaction:
             if len(self.accepted) >= self._services.max_recipients:
                 raise TooManyRecipientsError()
             if not self.deferred:
-                await self._add_in_step(address, options)
+                self._accepted_nos.append(await self._add_in_step(address, options))
         except RelayError as exc:
             self.refused += 1
             counter = self._services.metrics.recipients("refused", exc.reason)
@@ -126,7 +130,10 @@ class Transaction:
         self.log.debug("rcpt.accepted", rcpt_domain=rcpt_domain, used=self._last_used,
                       limit=self._last_limit, deferred=self.deferred)
 
-    async def _add_in_step(self, address: str, options: list[str]) -> None:
+    async def _add_in_step(self, address: str, options: list[str]) -> int:
+        """Reserve and mirror one recipient: its number, or the refusal. A reservation
+        whose reply was lost may have been made all the same: the commit or the abort gives
+        it back."""
         assert self._opened is not None
         self._next_rcpt += 1
         rcpt_no = self._next_rcpt
@@ -144,6 +151,7 @@ class Transaction:
                 # The client hears the upstream's refusal, whatever Redis does meanwhile.
                 await self._refund([rcpt_no])
             raise
+        return rcpt_no
 
     async def _reserve(self, rcpt_nos: int | list[int]) -> None:
         """Reserve units (all or nothing); raises the over-limit or account refusal."""
@@ -223,8 +231,17 @@ class Transaction:
         self._chosen = decision.route
         numbers = list(range(1, len(self.accepted) + 1))
         self._next_rcpt = len(numbers)
+        self._accepted_nos = numbers
         if decision.route.counted:
-            await self._reserve(numbers)
+            try:
+                await self._reserve(numbers)
+            except StoreUnavailableError:
+                # The reply was lost, not necessarily the reservation (Redis may have run
+                # it, then died). The message is refused, so whatever it took is given back,
+                # in the background: the client hears its 451 now, not a timeout later.
+                self._settle_later(PendingSettlement(
+                    "refund", self.user.id, self.period.label, self.txn_id, self.log))
+                raise
         try:
             route, session, upstream = await self._services.routes.begin(
                 decision.route, self.user, self.sender, self._mail_options,
@@ -296,16 +313,19 @@ class Transaction:
                 try:
                     settlement = await self._services.quota.commit(
                         self.user.id, self.period.label, self.txn_id, route.name,
-                        plan_limits, thresholds)
+                        plan_limits, thresholds, self._accepted_nos)
                 except RelayError:
                     # Delivered mail stays counted (reserve took the units); the commit that
                     # makes them final is written once Redis is back.
                     self._settle_later(PendingSettlement(
                         "commit", self.user.id, self.period.label, self.txn_id, self.log,
                         route=route.name, plan_limits=plan_limits, thresholds=thresholds,
-                        on_committed=self._notify_crossing))
+                        rcpt_nos=self._accepted_nos, on_committed=self._notify_crossing))
                     return
                 self._last_used = settlement.used
+                if settlement.released:
+                    self.log.info("quota.refunded", units=settlement.released,
+                                  used=settlement.used)
                 await self._notify_crossing(settlement)
             else:
                 await self._services.quota.tally(self.user.id, self.period.label, route.name,

@@ -151,6 +151,21 @@ async def test_quota_commit_is_idempotent(redis_client: aioredis.Redis,
     assert not await redis_client.exists(keys.reservations(UID, "txn1"))
 
 
+async def test_quota_commit_makes_only_the_delivered_numbers_final(
+        redis_client: aioredis.Redis, quota: QuotaStore) -> None:
+    """Three units reserved, recipients 1 and 3 delivered: the commit makes those final and
+    gives back 2 (never sent: a reservation whose reply was lost, a refund still queued) in
+    the same step; a repeat commits and gives back nothing."""
+    await make_user(redis_client, plan="pro")
+    await reserve_n(quota, "txn1", 3)
+    assert await quota.commit(UID, NOV, "txn1", "command", PLANS, "", [1, 3]) == Settlement(
+        units=2, used=2, delivered=2, limit=10, released=1)
+    assert await quota.commit(UID, NOV, "txn1", "command", PLANS, "", [1, 3]) == Settlement(
+        units=0, used=2, delivered=2, limit=10)
+    assert await quota.usage(UID, NOV) == Usage(used=2, delivered=2, routes={"command": 2})
+    assert not await redis_client.exists(keys.reservations(UID, "txn1"))
+
+
 THRESHOLDS = "80 90 100"
 
 

@@ -3,9 +3,17 @@ commit.lua: make a transaction's reservations final once the upstream accepted t
 and decide, in the same step, whether these delivered sends crossed a notification
 threshold.
 
+Only the recipients the message was delivered to are made final. Any other unit the
+transaction still holds was never sent, and is given back in the same step: a recipient
+whose reservation ran but whose reply was lost (Redis killed or the connection cut before
+it answered, so the client was told 451 and the message went without it), or one the
+upstream refused whose refund met Redis away and is still queued. The transaction is over,
+so nothing can deliver those units later, and a commit that counted them would charge the
+user for mail that was never sent.
+
 After a commit the units can no longer be refunded (delivered mail is never refunded).
-Idempotent: a second commit of the same transaction finds no open reservations, and crosses
-nothing.
+Idempotent: a second commit of the same transaction finds no open reservations, commits
+and gives back nothing, and crosses nothing.
 
 Thresholds are crossed by delivered sends, not by reservations: a reservation the upstream
 then refuses is refunded, and a notice for it would name a send that never happened. The
@@ -21,26 +29,45 @@ KEYS[3]  relay:resv:{uid}:TXN        hash: recipient number -> 1
 ARGV[1]  the route the message went through (its count per route: field route:<name>)
 ARGV[2]  the month, YYYY-MM (selects a pending plan change that has come due)
 ARGV[3]  notification thresholds, percent, space separated, ascending (e.g. "80 85 90 95 100")
-ARGV[4..] plan limits as pairs: plan name, sends per month
+ARGV[4]  the recipient numbers delivered (fields of KEYS[3]), space separated; '*' = every
+         open reservation of the transaction
+ARGV[5..] plan limits as pairs: plan name, sends per month
 
-Returns {committed, used, delivered, limit, crossed}
+Returns {committed, used, delivered, limit, crossed, released}
   committed  units made final by this call (0 on a repeat)
   used       the month's count after the call (reserved + delivered)
   delivered  the month's delivered count after the call
   limit      the limit in force (0 if the user or the plan is gone)
   crossed    the highest threshold (percent) this commit crossed for the first time, else 0
+  released   units of the transaction not delivered, given back by this call
 ]]
-local PLANS = 4
-local n = redis.call('HLEN', KEYS[3])
+local PLANS = 5
+local n, released = 0, 0
+if ARGV[4] == '*' then
+  n = redis.call('HLEN', KEYS[3])
+else
+  for number in string.gmatch(ARGV[4], '%d+') do
+    n = n + redis.call('HDEL', KEYS[3], number)
+  end
+  -- What the transaction still holds was never delivered (see above): given back.
+  released = redis.call('HLEN', KEYS[3])
+end
 local delivered
 if n > 0 then
   delivered = redis.call('HINCRBY', KEYS[2], 'delivered', n)
   redis.call('HINCRBY', KEYS[2], 'route:' .. ARGV[1], n)
-  redis.call('DEL', KEYS[3])
 else
   delivered = tonumber(redis.call('HGET', KEYS[2], 'delivered') or '0')
 end
 local used = tonumber(redis.call('HGET', KEYS[2], 'used') or '0')
+if released > 0 then
+  -- Never below zero, even if an operator reset the month by hand meanwhile (refund.lua).
+  local give = math.min(released, used)
+  if give > 0 then
+    used = redis.call('HINCRBY', KEYS[2], 'used', -give)
+  end
+end
+redis.call('DEL', KEYS[3])
 local state, plan, custom = terms(KEYS[1], ARGV[2])
 local limit = 0
 if state ~= 'missing' then
@@ -59,4 +86,4 @@ if n > 0 and limit > 0 then
     end
   end
 end
-return {n, used, delivered, limit, crossed}
+return {n, used, delivered, limit, crossed, released}
