@@ -21,7 +21,15 @@ from enum import IntEnum
 import structlog
 from redis.commands.core import AsyncScript
 
-from relay.errors import StoreUnavailableError
+from relay.errors import (
+    OverLimitReply,
+    PlanMisconfiguredError,
+    QuotaExceededError,
+    RelayError,
+    StoreUnavailableError,
+    UnknownSenderError,
+    UserDisabledError,
+)
 from relay.observe.metrics import RelayMetrics, detached
 from relay.store import keys
 from relay.store.client import RedisClient, durability, eval_replicated, store_errors
@@ -50,6 +58,25 @@ class Reservation:
     status: ReserveStatus
     used: int
     limit: int
+
+
+def refusal_for(result: Reservation, *, over_limit: OverLimitReply, permanent: bool,
+                resets_on: str) -> RelayError | None:
+    """What a reservation's status means for the recipient: None when its units were
+    taken, else the refusal to answer. ``permanent``: the app must not retry a refused
+    email (a timeline app moves on to its next step), so an over-limit refusal is a 5xx
+    whatever the policy's code says."""
+    if result.status is ReserveStatus.OVER_LIMIT:
+        reply = over_limit.as_permanent() if permanent else over_limit
+        return QuotaExceededError(reply, used=result.used, limit=result.limit,
+                                  resets_on=resets_on)
+    if result.status is ReserveStatus.USER_DISABLED:
+        return UserDisabledError()
+    if result.status is ReserveStatus.USER_MISSING:
+        return UnknownSenderError()
+    if result.status is ReserveStatus.UNKNOWN_PLAN:
+        return PlanMisconfiguredError()
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ import structlog
 
 from relay.config.routing import Route
 from relay.decisions.months import Period
-from relay.decisions.quota import Reservation, ReserveStatus, Settlement
+from relay.decisions.quota import Reservation, Settlement, refusal_for
 from relay.decisions.routing import choose_route
 from relay.decisions.settle import PendingSettlement
 from relay.errors import (
@@ -42,9 +42,7 @@ from relay.errors import (
     SmtpUtf8RequiredError,
     StoreUnavailableError,
     TooManyRecipientsError,
-    UnknownSenderError,
     UpstreamOutcomeUnknownError,
-    UserDisabledError,
 )
 from relay.events import stream as events
 from relay.identity.accounts import Principal, User
@@ -162,21 +160,12 @@ class Transaction:
         self._raise_for(result)
 
     def _raise_for(self, result: Reservation) -> None:
-        if result.status is ReserveStatus.OVER_LIMIT:
-            reply = self._policies.over_limit
-            if self._app.timeline:
-                # A timeline app must not retry a refused email: it moves on to the next
-                # step, so the refusal is permanent whatever the policy's code says.
-                reply = reply.as_permanent()
-            raise QuotaExceededError(reply, used=result.used, limit=result.limit,
-                                     resets_on=self.period.resets_on)
-        if result.status is ReserveStatus.USER_DISABLED:
-            raise UserDisabledError()
-        if result.status is ReserveStatus.USER_MISSING:
-            raise UnknownSenderError()
-        if result.status is ReserveStatus.UNKNOWN_PLAN:
+        refusal = refusal_for(result, over_limit=self._policies.over_limit,
+                              permanent=self._app.timeline, resets_on=self.period.resets_on)
+        if isinstance(refusal, PlanMisconfiguredError):
             self.log.error("quota.unknown_plan", plan=self.user.plan)
-            raise PlanMisconfiguredError()
+        if refusal is not None:
+            raise refusal
 
     # -- the message ----------------------------------------------------------------------------
     async def deliver(self, message: WireMessage, trace: bytes) -> str:

@@ -6,11 +6,12 @@ import asyncio
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import redis.asyncio as aioredis
 
+from relay.config.policies import load_policies
 from relay.decisions.quota import (
     RESERVATION_TTL_SECONDS,
     USAGE_TTL_SECONDS,
@@ -19,12 +20,20 @@ from relay.decisions.quota import (
     ReserveStatus,
     Settlement,
     Usage,
+    refusal_for,
 )
-from relay.errors import StoreUnavailableError
+from relay.errors import (
+    PlanMisconfiguredError,
+    QuotaExceededError,
+    RelayError,
+    StoreUnavailableError,
+    UnknownSenderError,
+    UserDisabledError,
+)
 from relay.identity.accounts import DISABLED, AccountStore
 from relay.store import keys
 from relay.store.client import connect_redis
-from tests.conftest import RedisServer
+from tests.conftest import POLICIES, RedisServer
 
 NOV = "2026-11"
 DEC = "2026-12"
@@ -422,3 +431,26 @@ async def test_quota_redis_unreachable_is_store_unavailable() -> None:
                 await quota.usage(UID, NOV)
         finally:
             await client.aclose()
+
+
+# -- what a reservation's status means ---------------------------------------------------------
+def test_refusal_for_names_the_refusal_of_each_status() -> None:
+    """refusal_for: nothing when the units were taken; the account's refusal, or the policy's
+    over-limit reply (made permanent for an app that must not retry) otherwise."""
+    # The shipped reply's text as a 4xx (a policy may choose one), so "permanent" changes it.
+    over_limit = replace(load_policies(POLICIES).over_limit, code=452, status="4.2.2")
+
+    def refusal(status: ReserveStatus, permanent: bool = False) -> RelayError | None:
+        return refusal_for(Reservation(status, used=5000, limit=5000), over_limit=over_limit,
+                           permanent=permanent, resets_on="December 1, 2026")
+
+    assert refusal(ReserveStatus.RESERVED) is None
+    assert refusal(ReserveStatus.ALREADY_RESERVED) is None
+    assert isinstance(refusal(ReserveStatus.USER_DISABLED), UserDisabledError)
+    assert isinstance(refusal(ReserveStatus.USER_MISSING), UnknownSenderError)
+    assert isinstance(refusal(ReserveStatus.UNKNOWN_PLAN), PlanMisconfiguredError)
+    retry = refusal(ReserveStatus.OVER_LIMIT)
+    assert isinstance(retry, QuotaExceededError) and retry.code == over_limit.code
+    final = refusal(ReserveStatus.OVER_LIMIT, permanent=True)
+    assert isinstance(final, QuotaExceededError) and final.permanent
+    assert "December 1, 2026" in final.reply
