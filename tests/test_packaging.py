@@ -11,6 +11,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 RELAY = REPO / "relay"
@@ -37,8 +39,13 @@ def _source_files() -> set[str]:
             if path.is_file() and "__pycache__" not in path.parts}
 
 
-def test_the_wheel_holds_every_file_of_the_package(tmp_path: Path) -> None:
-    wheel = _build_wheel(tmp_path)
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One wheel for the module's tests: a build takes several seconds."""
+    return _build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def test_the_wheel_holds_every_file_of_the_package(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         packed = {name for name in archive.namelist() if name.startswith("relay/")}
     assert _source_files() - packed == set()
@@ -46,22 +53,22 @@ def test_the_wheel_holds_every_file_of_the_package(tmp_path: Path) -> None:
     assert all((package / "__init__.py").is_file() for package in packages)
 
 
-def test_the_relay_runs_from_the_wheel(tmp_path: Path) -> None:
+def test_the_relay_runs_from_the_wheel(wheel: Path, tmp_path: Path) -> None:
     """Lua scripts and the API document load from the unpacked wheel, not the checkout."""
-    with zipfile.ZipFile(_build_wheel(tmp_path)) as archive:
+    with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp_path / "site")
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "import relay, relay.admin.api as api\n"
         "from relay.store.scripts import lua_source\n"
         "assert relay.__file__.startswith(sys.argv[1]), relay.__file__\n"
-        "for package, name, prologue in [('relay.identity', 'user.lua', None),\n"
-        "        ('relay.identity', 'auth_failure.lua', None),\n"
-        "        ('relay.decisions', 'reserve.lua', 'terms.lua'),\n"
-        "        ('relay.decisions', 'commit.lua', 'terms.lua'),\n"
-        "        ('relay.decisions', 'refund.lua', None),\n"
-        "        ('relay.decisions', 'plan_change.lua', 'terms.lua')]:\n"
-        "    assert 'redis.call' in lua_source(package, name, prologue=prologue), name\n"
+        "for package, name, prologues in [('relay.identity', 'user.lua', []),\n"
+        "        ('relay.identity', 'auth_failure.lua', []),\n"
+        "        ('relay.decisions', 'reserve.lua', ['terms.lua']),\n"
+        "        ('relay.decisions', 'commit.lua', ['terms.lua', 'units.lua']),\n"
+        "        ('relay.decisions', 'refund.lua', ['units.lua']),\n"
+        "        ('relay.decisions', 'plan_change.lua', ['terms.lua'])]:\n"
+        "    assert 'redis.call' in lua_source(package, name, prologues=prologues), name\n"
         "print(sorted(api.openapi_document()['paths'])[0])\n"
     )
     done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "site")],

@@ -114,11 +114,12 @@ class QuotaStore:
     def __init__(self, redis: RedisClient, metrics: RelayMetrics | None = None) -> None:
         self._redis = redis
         self._reserve: AsyncScript = redis.register_script(
-            lua_source("relay.decisions", "reserve.lua", prologue="terms.lua"))
+            lua_source("relay.decisions", "reserve.lua", prologues=["terms.lua"]))
         self._commit: AsyncScript = redis.register_script(
-            lua_source("relay.decisions", "commit.lua", prologue="terms.lua"))
+            lua_source("relay.decisions", "commit.lua",
+                       prologues=["terms.lua", "units.lua"]))
         self._refund: AsyncScript = redis.register_script(
-            lua_source("relay.decisions", "refund.lua"))
+            lua_source("relay.decisions", "refund.lua", prologues=["units.lua"]))
         m = self._metrics = metrics or detached()
         self._reserved = {status: m.reservations(status.name.lower()) for status in ReserveStatus}
         self._reserve_failed = m.reservations("error")

@@ -83,7 +83,7 @@ class SubscriptionStore:
     def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
         self._change: AsyncScript = redis.register_script(
-            lua_source("relay.decisions", "plan_change.lua", prologue="terms.lua"))
+            lua_source("relay.decisions", "plan_change.lua", prologues=["terms.lua"]))
 
     async def change_plan(self, user: User, plan: str, *, custom_limit: int | None,
                           by: str, now: datetime, period: Period,

@@ -59,8 +59,7 @@ class RelayError(Exception):
         reply."""
         if counter is not None:
             counter.inc()
-        write = {"debug": log.debug, "info": log.info, "warning": log.warning}[level]
-        write(event, **fields, smtp_code=self.code)
+        getattr(log, level)(event, **fields, smtp_code=self.code)
 
 
 class TemporaryError(RelayError):

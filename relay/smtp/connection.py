@@ -46,10 +46,7 @@ class ConnectionBase(SMTP):
 
     def _log(self, event: str, **fields: Any) -> None:
         """Session life-cycle lines; at debug for the balancer's own (health check) sessions."""
-        if self._quiet:
-            self.session_log.debug(event, **fields)
-        else:
-            self.session_log.info(event, **fields)
+        getattr(self.session_log, self._level)(event, **fields)
 
     def mark_reply_logged(self) -> None:
         """The next reply is a refusal the caller has logged already (not again as

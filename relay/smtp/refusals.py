@@ -5,9 +5,8 @@ A transaction that reached MAIL FROM ends in exactly one ``delivery.finished`` l
 its outcome: ``Transaction._finish`` writes it once the transaction exists; this writes it
 when the MAIL FROM itself is refused (sender not allowed 553/550, upstream unreachable 451
 4.4.1 or its pool busy 451 4.4.5, plan or route not configured 451 4.3.5, Redis down 451
-4.3.0), before there is a
-``Transaction``. Same fields, same counters, so one jq recipe over ``delivery.finished``
-sees an upstream outage too.
+4.3.0), before there is a ``Transaction``. Same fields, same counters, so one jq recipe over
+``delivery.finished`` sees an upstream outage too.
 """
 
 from __future__ import annotations

@@ -37,14 +37,14 @@ from tests.replyproxy import ReplyDroppingProxy
 NOV = "2026-11"  # the month of the tests' clock
 
 
-def _sha(name: str, prologue: str | None = None) -> bytes:
+def _sha(name: str, *prologues: str) -> bytes:
     """The SHA1 redis-py sends in EVALSHA for ``relay/decisions/lua/<name>``."""
-    source = lua_source("relay.decisions", name, prologue=prologue)
+    source = lua_source("relay.decisions", name, prologues=prologues)
     return hashlib.sha1(source.encode()).hexdigest().encode()
 
 
 RESERVE = _sha("reserve.lua", "terms.lua")
-REFUND = _sha("refund.lua")
+REFUND = _sha("refund.lua", "units.lua")
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ async def test_lost_replies_reservation_at_data_run_but_unanswered_is_given_back
     are given back (nothing was sent)."""
     await add_app(accounts, "smartplans")
     await redis_client.script_load(lua_source("relay.decisions", "reserve.lua",
-                                              prologue="terms.lua"))  # no NOSCRIPT to drop
+                                              prologues=["terms.lua"]))  # no NOSCRIPT to drop
     async with smtp_client(proxied, login="smartplans") as client:
         proxy.drop_reply_to(RESERVE)
         with pytest.raises(aiosmtplib.SMTPDataError) as refused:

@@ -59,14 +59,7 @@ if n > 0 then
 else
   delivered = tonumber(redis.call('HGET', KEYS[2], 'delivered') or '0')
 end
-local used = tonumber(redis.call('HGET', KEYS[2], 'used') or '0')
-if released > 0 then
-  -- Never below zero, even if an operator reset the month by hand meanwhile (refund.lua).
-  local give = math.min(released, used)
-  if give > 0 then
-    used = redis.call('HINCRBY', KEYS[2], 'used', -give)
-  end
-end
+local used = give_back(KEYS[2], released)
 redis.call('DEL', KEYS[3])
 local state, plan, custom = terms(KEYS[1], ARGV[2])
 local limit = 0

@@ -9,7 +9,7 @@ KEYS[1]  relay:usage:{uid}:YYYY-MM   hash: used, delivered
 KEYS[2]  relay:resv:{uid}:TXN        hash: recipient number -> 1
 ARGV     recipient numbers to refund; none = every open reservation of the transaction
 
-Returns {refunded, used}
+Returns {refunded, used}: `used` after the refund, never below zero (units.lua).
 ]]
 local fields = ARGV
 if #fields == 0 then
@@ -19,12 +19,4 @@ local n = 0
 for _, field in ipairs(fields) do
   n = n + redis.call('HDEL', KEYS[2], field)
 end
-local used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
-if n > 0 then
-  -- Never below zero, even if an operator reset the month by hand meanwhile.
-  local give = math.min(n, used)
-  if give > 0 then
-    used = redis.call('HINCRBY', KEYS[1], 'used', -give)
-  end
-end
-return {n, used}
+return {n, give_back(KEYS[1], n)}
