@@ -180,6 +180,11 @@ class Settings:
         parse_fernet_key, default=None, secret=True,
         default_doc="— (development key in the state folder)",
         doc="Fernet key sealing users' route credentials (e.g. Mailchimp API keys) at rest")
+    link_secret: str | None = setting(
+        parse_secret, default=None, secret=True,
+        default_doc="— (development key in the state folder)",
+        doc="HMAC-SHA256 key signing the links the relay hands out (one-click unsubscribe, "
+            "the agent's usage page; 16+ characters); changing it voids every link given")
     timeline_webhook_url: str | None = setting(
         parse_http_url, default=None,
         doc="the CRM's Contact Timeline endpoint (`http(s)://…`); unset = timeline entries "

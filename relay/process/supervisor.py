@@ -45,6 +45,7 @@ from relay.config.policies import load_policies
 from relay.config.settings import Settings
 from relay.delivery.credentials import load_key
 from relay.errors import StartupError
+from relay.identity.signed_links import load_link_secret
 from relay.observe.metrics import SupervisorMetrics
 from relay.observe.supervisor_metrics import SlotState, SupervisorMetricsServer, WorkerSlot
 from relay.process.link import READY, WorkerLink
@@ -167,6 +168,9 @@ class Supervisor:
             # Made here so that workers cannot race to create two different keys.
             key_bytes = await asyncio.to_thread(load_key, None, s.state_dir)
             env["RELAY_CREDENTIALS_KEY"] = key_bytes.decode()
+        if not s.link_secret:
+            secret = await asyncio.to_thread(load_link_secret, None, s.state_dir)
+            env["RELAY_LINK_SECRET"] = secret.decode()
         return env
 
     async def _start_metrics(self) -> None:

@@ -92,3 +92,17 @@ def auth_failures_login(digest: str) -> str:
     """String counter with a TTL: failed AUTH attempts for one login (a digest of the
     lower-cased login, so any bytes a client sends make a short, safe key)."""
     return f"{PREFIX}:authfail:login:{{{digest}}}"
+
+
+def suppressions(user_id: str) -> str:
+    """Hash of the recipients one user must not send to (a contact unsubscribed from that
+    agent): normalised address -> ``reason<TAB>source<TAB>unix seconds``. In the user's slot,
+    so reserve.lua reads it in the same step as the quota."""
+    return f"{PREFIX}:supp:{{{user_id}}}"
+
+
+def global_suppressions() -> str:
+    """Hash of the recipients nobody at the brokerage may send to (a hard bounce, a spam
+    complaint): normalised address -> ``reason<TAB>source<TAB>unix seconds``. One key in one
+    Cluster slot, read with single-key commands only."""
+    return f"{PREFIX}:supp:global"
