@@ -96,6 +96,16 @@ class Settlement:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordedTerms:
+    """The plan and limit a month's usage hash records as governing it (written by
+    reserve.lua and plan_change.lua; the latest write wins)."""
+
+    plan: str
+    custom_limit: int | None
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     used: int
     delivered: int
@@ -103,6 +113,8 @@ class Usage:
     notified: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # Recipients delivered per route this month (counted and uncounted routes alike).
     routes: dict[str, int] = field(default_factory=dict)
+    # The month's own terms, None for a month with nothing recorded (older keys).
+    terms: RecordedTerms | None = None
 
     @property
     def in_flight(self) -> int:
@@ -264,5 +276,10 @@ def _usage_from(record: dict[str, str]) -> Usage:
         if name.startswith("n:"):
             _, limit, percent = name.split(":")
             notified.setdefault(int(limit), []).append(int(percent))
+    terms = None
+    if record.get("limit"):
+        custom = record.get("custom_limit")
+        terms = RecordedTerms(record.get("plan", ""), int(custom) if custom else None,
+                              int(record["limit"]))
     return Usage(int(record.get("used", 0)), int(record.get("delivered", 0)),
-                 {limit: tuple(sorted(p)) for limit, p in notified.items()}, routes)
+                 {limit: tuple(sorted(p)) for limit, p in notified.items()}, routes, terms)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from relay.config.policies import Policies
 from relay.config.routing import Route
+from relay.decisions.months import Clock, SystemClock
 from relay.decisions.quota import QuotaStore
 from relay.decisions.settle import LateSettlements
 from relay.delivery.routes import RouteUpstreams
@@ -27,6 +28,8 @@ class Services:
     # Where a commit or refund that met Redis away goes to be written later; None (tests of
     # the transaction alone) logs it as unreconciled at once.
     settlements: LateSettlements | None = None
+    # The relay's clock (tests set it): "now" for the forecast in a threshold notice.
+    clock: Clock = field(default_factory=SystemClock)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from enum import Enum
 import structlog
 
 from relay.config.routing import Route
+from relay.decisions.forecast import forecast_data
 from relay.decisions.months import Period
 from relay.decisions.quota import Reservation, Settlement, refusal_for
 from relay.decisions.routing import choose_route
@@ -361,11 +362,13 @@ class Transaction:
 
     async def _notify_crossing(self, settlement: Settlement) -> None:
         """The event for a threshold this commit's delivered sends crossed: it names the
-        delivered count ("16 of 20"), the sends that really went out."""
+        delivered count ("16 of 20"), the sends that really went out, and the forecast."""
         if settlement.crossed:
             kind = events.REACHED if settlement.crossed == 100 else events.THRESHOLD
             await self._publish(kind, percent=settlement.crossed,
-                                used=settlement.delivered, limit=settlement.limit)
+                                used=settlement.delivered, limit=settlement.limit,
+                                forecast=forecast_data(settlement.delivered, settlement.limit,
+                                                       self.period, self._services.clock.now()))
 
     async def _refund_all(self) -> None:
         await self._refund(None)
