@@ -33,14 +33,14 @@ def format_report(report: dict[str, Any]) -> str:
                      + (f" (custom limit {change['custom_limit']:,})"
                         if change["custom_limit"] else "")
                      + f" from {change['effective_from']}")
-    if report.get("terms_source") == "fallback":
+    if report["terms_source"] == "fallback":
         lines.append(f"  no plan recorded for {report['period']}: today's terms shown")
-    if report.get("forecast"):
+    if report["forecast"]:
         lines.append(f"  {report['forecast']['text']}")
     past = [h for h in report["history"] if h["used"]]
     if past:
         lines.append("  history: " + ", ".join(_past_month(h) for h in past))
-        if any(h.get("terms_source") == "fallback" for h in past):
+        if any(h["terms_source"] == "fallback" for h in past):
             lines.append("  * no plan recorded for that month: today's terms shown")
     return "\n".join(lines)
 
@@ -51,9 +51,7 @@ def _limit(limit: int | None) -> str:
 
 def _past_month(month: dict[str, Any]) -> str:
     """``2026-10 4,000 of 10,000 (plus)``; ``*`` marks terms not recorded for the month."""
-    if "limit" not in month:  # a report from before the months kept their terms
-        return f"{month['period']} {month['used']:,}"
-    mark = "*" if month.get("terms_source") == "fallback" else ""
+    mark = "*" if month["terms_source"] == "fallback" else ""
     return f"{month['period']} {month['used']:,} of {_limit(month['limit'])} " \
         f"({month['plan']}{mark})"
 
