@@ -1,7 +1,7 @@
 """The installed package is the checkout: a built wheel carries every file the code reads
-at run time (Lua scripts, openapi.json, the page templates, py.typed) and every subpackage. The editable install
-the suite runs on reads files straight from the checkout, so it would hide a missing
-package-data entry; this builds a real wheel and runs from it."""
+at run time (Lua scripts, openapi.json, the page templates, py.typed) and every
+subpackage. The editable install the suite runs on reads files straight from the checkout,
+so it would hide a missing package-data entry; this builds a real wheel and runs from it."""
 
 from __future__ import annotations
 
