@@ -108,9 +108,13 @@ def check_known_user_page(browser: Any, url: str) -> None:
         assert "MailChimp (not counted) 310" in text(browser, "routes")
         assert "80%" in text(browser, "notified")
         history = text(browser, "history")
+        # Each past month with the plan and limit that applied in it.
         assert "December 2026 Free 4,200 5,000" in history
-        assert "November 2026" in history and "2,600" in history
-        assert "September 2026" in history and "4,999" in history
+        assert "November 2026 Free 2,600 5,000" in history
+        assert "September 2026 Free 4,999 5,000" in history
+        # 4,200 sends in the first 13.6 days of December: the limit comes before the reset.
+        assert text(browser, "forecast") == ("At this pace you will reach your 5,000-send "
+                                             "limit around December 16.")
         assert "17" not in text(browser, "this-month")  # bob's count is not here
         # Reads well in a narrow panel: nothing wider than the window.
         assert browser.execute_script(
