@@ -12,6 +12,7 @@ from relay.delivery.routes import RouteUpstreams
 from relay.delivery.upstream import UpstreamSession
 from relay.events import stream as events
 from relay.observe.metrics import RelayMetrics, detached
+from relay.smtp.unsubscribe import UnsubscribeLinks, detached_links
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,8 @@ class Services:
     # Where a commit or refund that met Redis away goes to be written later; None (tests of
     # the transaction alone) logs it as unreconciled at once.
     settlements: LateSettlements | None = None
+    # The signed one-click unsubscribe URLs of apps with unsubscribe = "adds".
+    links: UnsubscribeLinks = field(default_factory=detached_links)
 
 
 @dataclass(frozen=True, slots=True)
