@@ -35,6 +35,7 @@ from relay.delivery.upstream import Upstream
 from relay.errors import StartupError
 from relay.events.stream import EventLog
 from relay.identity.accounts import AccountStore
+from relay.identity.signed_links import load_link_secret
 from relay.identity.throttle import AuthThrottle
 from relay.observe.health import MetricsServer, RelayReadiness
 from relay.observe.metrics import RelayMetrics, UpstreamMetrics
@@ -45,6 +46,7 @@ from relay.smtp.proxy import ProxyPolicy
 from relay.smtp.services import Services
 from relay.smtp.shutdown import SessionTracker
 from relay.smtp.tls import ensure_dev_certificate, server_context
+from relay.smtp.unsubscribe import UnsubscribeLinks
 from relay.store.client import RedisClient
 
 if TYPE_CHECKING:
@@ -125,7 +127,9 @@ class RelayApp:
             services=Services(quota=self.quota, events=self.events, routes=self.routes,
                               policies=self.policies, max_recipients=settings.max_recipients,
                               metrics=self.metrics, settlements=self.settlements,
-                              clock=self.clock),
+                              clock=self.clock,
+                              links=UnsubscribeLinks(settings.public_url, lambda: load_link_secret(
+                                  settings.link_secret, settings.state_dir))),
             clock=self.clock, hostname=settings.hostname, default_tz=settings.default_tz,
             throttle=AuthThrottle(redis, per_client=settings.auth_max_failures_per_ip,
                                   per_login=settings.auth_max_failures_per_login,

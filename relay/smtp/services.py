@@ -13,6 +13,7 @@ from relay.delivery.routes import RouteUpstreams
 from relay.delivery.upstream import UpstreamSession
 from relay.events import stream as events
 from relay.observe.metrics import RelayMetrics, detached
+from relay.smtp.unsubscribe import UnsubscribeLinks, detached_links
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,8 @@ class Services:
     settlements: LateSettlements | None = None
     # The relay's clock (tests set it): "now" for the forecast in a threshold notice.
     clock: Clock = field(default_factory=SystemClock)
+    # The signed one-click unsubscribe URLs of apps with unsubscribe = "adds".
+    links: UnsubscribeLinks = field(default_factory=detached_links)
 
 
 @dataclass(frozen=True, slots=True)
