@@ -83,11 +83,25 @@ async def _chunks(source: BinaryIO) -> AsyncIterator[bytes]:
     a terminal; its total is the file's size when it has one)."""
     info = os.fstat(source.fileno())
     total = info.st_size if stat.S_ISREG(info.st_mode) else None
+    terminal = sys.stderr.isatty()
+    # A terminal that gives no size (a pseudo-terminal never sized, as under `script`) gets
+    # a common one: tqdm would draw nothing in 0 columns and hide its bar below row 0.
+    unsized = terminal and _size() == (0, 0)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="importing",
-              file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+              file=sys.stderr, disable=not terminal, ncols=80 if unsized else None,
+              nrows=24 if unsized else None) as bar:
         while chunk := await asyncio.to_thread(source.read, CHUNK):
             bar.update(len(chunk))
             yield chunk
+
+
+def _size() -> tuple[int, int]:
+    """(columns, lines) of the terminal on stderr; (0, 0) when it does not say."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except OSError:
+        return 0, 0
+    return size.columns, size.lines
 
 
 def _show(summary: ImportSummary, name: str) -> None:

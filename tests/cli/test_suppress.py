@@ -9,6 +9,7 @@ import asyncio
 import fcntl
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -221,11 +222,13 @@ async def test_suppress_import_refuses_an_endless_line_and_goes_on(env, redis_cl
     assert await redis_client.hkeys(keys.global_suppressions()) == ["last@x.test"]
 
 
-def _run_with_terminal_stderr(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
-    """Run the CLI with stderr on a pseudo-terminal (80 columns): its exit status, stdout and
-    what it wrote on the terminal."""
+def _run_with_terminal_stderr(args: list[str], env: dict[str, str],
+                              columns: int) -> tuple[int, str, str]:
+    """Run the CLI with stderr on a pseudo-terminal of ``columns`` (0: never sized, as under
+    `script`): its exit status, stdout and what it wrote on the terminal."""
     master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns,
+                                                       0, 0))
     seen = bytearray()
 
     def read() -> None:
@@ -253,15 +256,19 @@ def _run_with_terminal_stderr(args: list[str], env: dict[str, str]) -> tuple[int
 
 async def test_suppress_import_shows_a_progress_bar_only_on_a_terminal(env, tmp_path):
     """On a terminal, import draws a tqdm bar on stderr that ends at 100 % of the file's
-    size; the summary stays on stdout. With stderr not a terminal (a script, a log) stderr
-    gets no bar at all."""
+    size (on one that gives no size too); the summary stays on stdout. With stderr not a
+    terminal (a script, a log) stderr gets no bar at all."""
     path = tmp_path / "list.csv"
     path.write_text(HEADER + "".join(f"p{n}@x.test,*,bounce,,\n" for n in range(3000)))
-    status, stdout, terminal = await asyncio.to_thread(_run_with_terminal_stderr,
-                                                     ["suppress", "import", str(path)], env)
-    assert (status, stdout) == (0, f"imported {path}: 3,000 added, 0 replaced, 0 refused\n")
-    assert "importing" in terminal and "100%" in terminal, terminal
-    assert "Traceback" not in terminal
+    for columns, added in ((100, 3000), (0, 0)):
+        status, stdout, terminal = await asyncio.to_thread(
+            _run_with_terminal_stderr, ["suppress", "import", str(path)], env, columns)
+        assert (status, stdout) == (0, f"imported {path}: {added:,} added, "
+                                       f"{3000 - added:,} replaced, 0 refused\n")
+        last = terminal.replace("\r", "\n").strip().splitlines()[-1]
+        # All of the file read: "importing: 100%|███…| 69.3k/69.3k [00:00<00:00, 442kB/s]".
+        assert re.match(r"importing: 100%\|.+\| ([0-9.]+k)/\1 \[", last), terminal
+        assert "Traceback" not in terminal
 
     plain = await cli(["suppress", "import", str(path)], env)
     assert ok(plain) == f"imported {path}: 0 added, 3,000 replaced, 0 refused\n"
