@@ -41,7 +41,7 @@ _ADDRESS = re.compile(ADDRESS_PATTERN)
 _SOURCE = re.compile(SOURCE_PATTERN)
 
 
-def check_address(address: str) -> str:
+def check_recipient(address: str) -> str:
     """The address to suppress, normalised (A-Z lower-cased); ValueError unless it is one
     address of at most MAX_ADDRESS characters, as given (no blanks around it)."""
     if not _ADDRESS.match(address) or len(address) > MAX_ADDRESS:
@@ -126,7 +126,7 @@ class SuppressionOps:
         """Create or replace the entry of ``address`` on one list (the latest reason wins);
         the entry and whether it is new."""
         try:
-            normalized = check_address(address)
+            normalized = check_recipient(address)
             checked_reason = check_reason(reason)
             checked_source = check_source(source)
         except ValueError as exc:
@@ -222,7 +222,7 @@ class SuppressionOps:
             return None
         address, scope, reason, source, at = csvform.split_fields(text)
         try:
-            normalized = check_address(address)
+            normalized = check_recipient(address)
             checked_reason = check_reason(reason)
             checked_source = check_source(source) if source else "import"
         except ValueError as exc:
