@@ -20,6 +20,7 @@ from relay.decisions.months import Clock
 from relay.decisions.quota import QuotaStore
 from relay.decisions.routing import choose_route
 from relay.decisions.subscriptions import PlanChangeError, SubscriptionStore, terms_in_force
+from relay.decisions.suppression import SuppressionStore
 from relay.decisions.usage import usage_report, user_period
 from relay.delivery.credentials import CredentialStore, RouteCredentials
 from relay.events import stream as events
@@ -66,6 +67,7 @@ class Admin:
         self.quota = QuotaStore(redis)
         self.subscriptions = SubscriptionStore(redis)
         self.events = EventLog(redis)
+        self.suppressions = SuppressionStore(redis)
         self.policies = policies
         self.clock = clock
         self.default_tz = default_tz
