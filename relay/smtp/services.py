@@ -12,6 +12,7 @@ from relay.delivery.routes import RouteUpstreams
 from relay.delivery.upstream import UpstreamSession
 from relay.events import stream as events
 from relay.observe.metrics import RelayMetrics, detached
+from relay.smtp.resubmission import Resubmissions
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,8 @@ class Services:
     # Where a commit or refund that met Redis away goes to be written later; None (tests of
     # the transaction alone) logs it as unreconciled at once.
     settlements: LateSettlements | None = None
+    # Idempotent resubmission (RELAY_DEDUP_WINDOW); off unless the relay wires it.
+    resubmissions: Resubmissions = field(default_factory=Resubmissions.off)
 
 
 @dataclass(frozen=True, slots=True)
