@@ -376,7 +376,7 @@ class Transaction:
             else:
                 await self._claims.conclude("accepted")
                 await self._services.quota.tally(self.user.id, self.period.label, route.name,
-                                                 len(self.accepted))
+                                                 len(self._accepted_nos))
         except RelayError:
             # A tally is not idempotent (HINCRBY), so it is not retried: the per-route count
             # of an uncounted route is for reports only and may be low by this message.
