@@ -15,6 +15,9 @@ While Redis is away, a round stops at the first failure and waits (backoff doubl
 lives in this process: a relay that dies with settlements pending leaves their open
 reservations counted (high, never low), and ``close`` logs each one it could not write as
 ``quota.unreconciled`` for an operator, as before.
+
+A resubmitted message's claims that could not be concluded (released, or marked unknown)
+wait here too, as an idempotent ``action`` (relay/smtp/resubmission.py).
 """
 
 from __future__ import annotations
