@@ -155,6 +155,11 @@ class Settings:
         doc="replicas that must acknowledge each reservation (Redis `WAIT`, up to half of "
             "`RELAY_REDIS_TIMEOUT`) before a recipient gets 250; not with Redis Cluster; see "
             "[Scaling out](scaling.md)")
+    dedup_window: int = setting(
+        parse_non_negative_int, default=24 * 3600,
+        doc="seconds a message's recipients are remembered by user and `Message-ID`, so a "
+            "resubmission is not sent or counted twice (see [Resubmission](resubmission.md)); "
+            "`0` = off")
     # -- logs
     log_format: str = setting(
         parse_choice("auto", "json", "console"), default="auto",

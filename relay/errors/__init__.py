@@ -22,6 +22,7 @@ limit), ``delivery`` (the upstream and the routes' upstreams), ``startup``.
     │   ├── AuthThrottledError          454 4.7.0  too many AUTH failures (address or login)
     │   ├── SessionTimeoutError         421 4.4.2  idle or transaction timeout; then closed
     │   ├── CredentialsUnreadableError  451 4.7.0  a user's route credentials do not decrypt
+    │   ├── ResubmissionInProgressError 451 4.3.0  the same message is being sent right now
     │   ├── UpstreamTemporaryError      4xx        the upstream said 4xx, or could not be reached
     │   │   ├── UpstreamUnavailableError 451 4.4.1 connection, TLS or login to the upstream failed
     │   │   │   └── RouteNotConfiguredError 451 4.3.5  the route's upstream setting is not set
@@ -67,6 +68,7 @@ from relay.errors.delivery import (
     BadAddressError,
     CredentialsUnreadableError,
     MissingRouteCredentialsError,
+    ResubmissionInProgressError,
     RouteNotConfiguredError,
     SmtpUtf8UnsupportedError,
     UpstreamBusyError,
@@ -156,6 +158,7 @@ __all__ = [
     "RefusalCounter",
     "RefusalLevel",
     "RelayError",
+    "ResubmissionInProgressError",
     "RouteNotConfiguredError",
     "RouteRefusedError",
     "SenderNotAllowedError",

@@ -50,10 +50,11 @@ OVERFLOW = "other"
 LISTENERS = ("starttls", "smtps")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 AUTH_RESULTS = ("succeeded", "failed", "unavailable", "malformed")
-OUTCOMES = ("delivered", "deferred", "failed", "rejected", "abandoned")
+OUTCOMES = ("delivered", "deferred", "failed", "rejected", "abandoned", "duplicate")
 RESERVE_RESULTS = ("reserved", "over_limit", "already_reserved", "user_disabled",
                    "user_missing", "unknown_plan", "error")
-REDIS_STEPS = ("resolve_sender", "reserve", "commit", "refund", "tally", "publish")
+REDIS_STEPS = ("resolve_sender", "reserve", "commit", "refund", "tally", "publish", "claim",
+               "conclude")
 UPSTREAM_STEPS = ("connect", "mail", "rcpt", "data")
 REPLY_CLASSES = ("2xx", "4xx", "5xx", "error")
 NOTIFY_OUTCOMES = ("delivered", "dead_lettered")
@@ -249,7 +250,7 @@ class RelayMetrics:
              ("refused", "UpstreamUnavailableError"), ("refused", "StoreUnavailableError")])
         self.messages = Children(Counter(
             "relay_messages_total", "Transactions by outcome (delivered, deferred, failed, "
-            "rejected, abandoned) and route (none: no route was chosen).",
+            "rejected, abandoned, duplicate) and route (none: no route was chosen).",
             ["outcome", "route"], registry=r), _product(OUTCOMES, routes))
         self.transaction_seconds = Children(Histogram(
             "relay_transaction_duration_seconds", "Time from MAIL FROM to the transaction's "
@@ -281,6 +282,12 @@ class RelayMetrics:
             "relay_quota_unreconciled_total", "Transactions whose count may be high (the log's "
             "quota.unreconciled), by reason.", ["reason"], registry=r),
             [(reason,) for reason in UNRECONCILED_REASONS])
+        self.claims = Children(Counter(
+            "relay_dedup_recipients_total", "Recipients of messages with a Message-ID, by what "
+            "the end of DATA decided (docs/resubmission.md): claimed, resent (the earlier "
+            "outcome was unknown), duplicate (not sent again), in_progress (another "
+            "transaction is sending it: 451).", ["result"], registry=r),
+            [(result,) for result in ("claimed", "resent", "duplicate", "in_progress")])
         self.redis_seconds = Children(Histogram(
             "relay_redis_duration_seconds", "Time of one Redis step on the SMTP path.",
             ["step"], buckets=REDIS_BUCKETS, registry=r), [(s,) for s in REDIS_STEPS])

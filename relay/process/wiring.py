@@ -24,6 +24,7 @@ from relay.admin.operations import Admin
 from relay.config.policies import Policies, PolicyError, load_policies
 from relay.config.reload import changed_files, read_policies
 from relay.config.settings import Settings
+from relay.decisions.dedup import DedupStore
 from relay.decisions.months import Clock, SystemClock
 from relay.decisions.quota import QuotaStore
 from relay.decisions.settle import LateSettlements
@@ -43,6 +44,7 @@ from relay.smtp.admission import ConnectionLimiter
 from relay.smtp.hooks import RelayHandler
 from relay.smtp.listeners import listen, make_factory
 from relay.smtp.proxy import ProxyPolicy
+from relay.smtp.resubmission import Resubmissions
 from relay.smtp.services import Services
 from relay.smtp.shutdown import SessionTracker
 from relay.smtp.tls import ensure_dev_certificate, server_context
@@ -129,7 +131,14 @@ class RelayApp:
                               metrics=self.metrics, settlements=self.settlements,
                               clock=self.clock,
                               links=UnsubscribeLinks(settings.public_url, lambda: load_link_secret(
-                                  settings.link_secret, settings.state_dir))),
+                                  settings.link_secret, settings.state_dir)),
+                              resubmissions=Resubmissions(
+                                  DedupStore(redis, self.metrics), self.clock,
+                                  window=settings.dedup_window,
+                                  upstream_timeout=max([settings.upstream_timeout, *(
+                                      r.timeout for r in routes.values() if r.timeout)]),
+                                  redis_timeout=settings.redis_timeout, metrics=self.metrics,
+                                  settlements=self.settlements)),
             clock=self.clock, hostname=settings.hostname, default_tz=settings.default_tz,
             throttle=AuthThrottle(redis, per_client=settings.auth_max_failures_per_ip,
                                   per_login=settings.auth_max_failures_per_login,

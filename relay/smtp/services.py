@@ -13,6 +13,7 @@ from relay.delivery.routes import RouteUpstreams
 from relay.delivery.upstream import UpstreamSession
 from relay.events import stream as events
 from relay.observe.metrics import RelayMetrics, detached
+from relay.smtp.resubmission import Resubmissions
 from relay.smtp.unsubscribe import UnsubscribeLinks, detached_links
 
 
@@ -33,6 +34,8 @@ class Services:
     clock: Clock = field(default_factory=SystemClock)
     # The signed one-click unsubscribe URLs of apps with unsubscribe = "adds".
     links: UnsubscribeLinks = field(default_factory=detached_links)
+    # Idempotent resubmission (RELAY_DEDUP_WINDOW); off unless the relay wires it.
+    resubmissions: Resubmissions = field(default_factory=Resubmissions.off)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ Every outcome ends in one canonical ``delivery.finished`` log line.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from enum import Enum
 
@@ -99,6 +100,12 @@ class Transaction:
         self.log = log.bind(txn_id=txn_id, user_id=user.id, plan=user.plan,
                             sender_domain=sender.rpartition("@")[2].lower(),
                             period=period.label, route=opened.route.name if opened else None)
+        # Idempotent resubmission: the claims on the message's recipients (made at the end of
+        # DATA), and the recipients it goes to with their unit numbers: those accepted, less
+        # the duplicates of an earlier send (relay/smtp/resubmission.py).
+        self._claims = services.resubmissions.begin(user_id=user.id, txn_id=txn_id,
+                                                    period=period.label, log=self.log)
+        self._sending: list[tuple[str, int]] = []
 
     @property
     def route(self) -> Route | None:
@@ -189,19 +196,27 @@ class Transaction:
             raise
 
     async def _deliver(self, message: WireMessage, trace: bytes) -> str:
+        header = message.header_content()
         if self.deferred:
-            self._controls = read_controls(message.header_content())
+            self._controls = read_controls(header)
             if self._controls.problems:
                 self.log.warning("controls.ignored", problems=list(self._controls.problems))
         trace += await self._unsubscribe_fields(message)
         if self.deferred:
             try:
+                self._sending = await self._claims.claim(
+                    header, list(zip(self.accepted, itertools.count(1))))
+                if not self._sending:
+                    return self._duplicate(len(message))
                 await self._open_at_data()
             except RelayError as exc:
                 self.state = State.DONE
+                await self._claims.conclude("released")
                 await self._refuse_whole(exc)
                 self._finish("failed" if exc.permanent else "deferred", exc.code, len(message))
                 raise
+        elif not await self._dedupe_in_step(header, len(message)):
+            return self._duplicate(len(message))
         assert self._opened is not None
         prefixes = (CONTROL_HEADER_PREFIX, *(p.encode() for p in
                     self._policies.routing.stripped_prefixes(self._opened.route)))
@@ -239,8 +254,8 @@ class Transaction:
         if decision.route is None:
             raise RouteRefusedError(decision.refusal)
         self._chosen = decision.route
-        numbers = list(range(1, len(self.accepted) + 1))
-        self._next_rcpt = len(numbers)
+        numbers = [number for _, number in self._sending]
+        self._next_rcpt = len(self.accepted)
         self._accepted_nos = numbers
         if decision.route.counted:
             try:
@@ -253,32 +268,69 @@ class Transaction:
                     "refund", self.user.id, self.period.label, self.txn_id, self.log))
                 raise
         try:
-            route, session, upstream = await self._services.routes.begin(
-                decision.route, self.user, self.sender, self._mail_options,
-                smtputf8=self._smtputf8)
+            await self._open(decision.route, [address for address, _ in self._sending])
         except RelayError:
-            await self._refund_all()
-            raise
-        self._opened = Opened(route, session, upstream)
-        self.log = self.log.bind(route=route.name)
-        try:
-            for address in self.accepted:
-                await session.rcpt(address, [])
-        except RelayError:
-            await session.release(reusable=True)
             await self._refund_all()
             raise
 
+    async def _open(self, route: Route, addresses: list[str]) -> None:
+        """Open a transaction on ``route`` and mirror ``addresses`` (all must be accepted)."""
+        route, session, upstream = await self._services.routes.begin(
+            route, self.user, self.sender, self._mail_options, smtputf8=self._smtputf8)
+        self._opened = Opened(route, session, upstream)
+        self.log = self.log.bind(route=route.name)
+        try:
+            for address in addresses:
+                await session.rcpt(address, [])
+        except RelayError:
+            await session.release(reusable=True)
+            raise
+
+    async def _dedupe_in_step(self, header: bytes, size: int) -> bool:
+        """Decided at RCPT: claim the recipients (the upstream has them all already). False
+        when every one is a duplicate (the upstream transaction and the units given up);
+        with some, the upstream transaction is opened again with the others only."""
+        assert self._opened is not None
+        numbered = list(zip(self.accepted, self._accepted_nos, strict=True))
+        try:
+            self._sending = await self._claims.claim(header, numbered)
+            if len(self._sending) < len(numbered):
+                await self._opened.session.release(reusable=True)
+                self._accepted_nos = [number for _, number in self._sending]
+                if self._sending:
+                    await self._open(self._opened.route, [a for a, _ in self._sending])
+        except RelayError as exc:
+            self.state = State.DONE
+            await self._opened.session.release(reusable=True)
+            await self._claims.conclude("released")
+            if isinstance(exc, StoreUnavailableError):  # Redis just failed: no second wait
+                self._settle_later(PendingSettlement(
+                    "refund", self.user.id, self.period.label, self.txn_id, self.log))
+            else:
+                await self._refund_all()
+            self._finish("failed" if exc.permanent else "deferred", exc.code, size)
+            raise
+        if not self._sending:
+            await self._refund_all()
+        return bool(self._sending)
+
+    def _duplicate(self, size: int) -> str:
+        """Every recipient was accepted upstream before (a resubmission): 250, nothing sent."""
+        self.state = State.DONE
+        self._finish("duplicate", MESSAGE_ACCEPTED_CODE, size)
+        return "duplicate"
+
     async def _refuse_whole(self, refusal: RelayError) -> None:
         """Events for a message refused whole at the end of DATA."""
+        recipients = [address for address, _ in self._sending]
         if isinstance(refusal, QuotaExceededError):
-            for address in self.accepted:
+            for address in recipients:
                 await self._publish(events.REJECTED, recipient=address, smtp_code=refusal.code,
                                     reply=refusal.reply, **self._controls.ids())
         if self._app.timeline and (isinstance(refusal, QuotaExceededError)
                                    or refusal.permanent):
             reason = "quota" if isinstance(refusal, QuotaExceededError) else "refused"
-            for address in self.accepted:
+            for address in recipients:
                 await self._publish(events.TIMELINE_EMAIL_FAILED, recipient=address,
                                     reason=reason, smtp_code=refusal.code,
                                     reply=refusal.reply, **self._controls.ids())
@@ -288,16 +340,19 @@ class Transaction:
         session = self._opened.session
         self.state = State.SENDING
         try:
+            await self._claims.confirm()
             reply = await session.data(content)
         except UpstreamOutcomeUnknownError as exc:
             self.state = State.DONE
             await session.release(reusable=False)
+            await self._claims.conclude("unknown")
             self._log_unreconciled("upstream_no_reply")
             self._finish("deferred", exc.code, len(content))
             raise
         except RelayError as exc:
             self.state = State.DONE
             await session.release(reusable=True)
+            await self._claims.conclude("released")
             await self._refund_all()
             if self.deferred:
                 await self._refuse_whole(exc)
@@ -320,17 +375,19 @@ class Transaction:
                 # as possible after the upstream's 250.
                 plan_limits = self._policies.plan_limits()
                 thresholds = self._policies.notifications.threshold_argument
+                claims = self._claims.settlement()  # made accepted by the commit, same step
                 try:
                     settlement = await self._services.quota.commit(
                         self.user.id, self.period.label, self.txn_id, route.name,
-                        plan_limits, thresholds, self._accepted_nos)
+                        plan_limits, thresholds, self._accepted_nos, claims)
                 except RelayError:
                     # Delivered mail stays counted (reserve took the units); the commit that
                     # makes them final is written once Redis is back.
                     self._settle_later(PendingSettlement(
                         "commit", self.user.id, self.period.label, self.txn_id, self.log,
                         route=route.name, plan_limits=plan_limits, thresholds=thresholds,
-                        rcpt_nos=self._accepted_nos, on_committed=self._notify_crossing))
+                        rcpt_nos=self._accepted_nos, on_committed=self._notify_crossing,
+                        claims=claims))
                     return
                 self._last_used = settlement.used
                 if settlement.released:
@@ -338,8 +395,9 @@ class Transaction:
                                   used=settlement.used)
                 await self._notify_crossing(settlement)
             else:
+                await self._claims.conclude("accepted")
                 await self._services.quota.tally(self.user.id, self.period.label, route.name,
-                                                 len(self.accepted))
+                                                 len(self._accepted_nos))
         except RelayError:
             # A tally is not idempotent (HINCRBY), so it is not retried: the per-route count
             # of an uncounted route is for reports only and may be low by this message.
@@ -357,12 +415,14 @@ class Transaction:
             self.state = State.DONE
             if session is not None:
                 await session.release(reusable=False)
+            await self._claims.conclude("unknown")
             self._log_unreconciled(reason)
             self._finish("deferred", None, None, reason=reason)
             return
         self.state = State.DONE
         if session is not None:
             await session.release(reusable=True)
+        await self._claims.conclude("released")
         if self._next_rcpt:
             await self._refund_all()
         self._finish("abandoned" if self.accepted else "rejected", None, None, reason=reason)

@@ -106,3 +106,11 @@ def global_suppressions() -> str:
     complaint): normalised address -> ``reason<TAB>source<TAB>unix seconds``. One key in one
     Cluster slot, read with single-key commands only."""
     return f"{PREFIX}:supp:global"
+
+
+def dedup(user_id: str, digest: str) -> str:
+    """Hash of one message's recipients, for idempotent resubmission: normalised recipient ->
+    its state (relay/decisions/lua/claims.lua). ``digest``: the SHA-256 of the message's
+    Message-ID, hex. In the user's slot, so commit.lua marks the recipients accepted in the
+    same step as the quota; expires after ``RELAY_DEDUP_WINDOW``."""
+    return f"{PREFIX}:dedup:{{{user_id}}}:{digest}"
