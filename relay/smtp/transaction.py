@@ -234,7 +234,8 @@ class Transaction:
             if self._opened is not None:  # decided at RCPT: opened at MAIL FROM
                 await self._opened.session.release(reusable=True)
                 await self._refund_all()
-            await self._refuse_whole(exc)
+            # Refused before any claim: for every recipient.
+            await self._refuse_whole(exc, self.accepted)
             self._finish("failed", exc.code, len(message))
             raise
 
@@ -320,9 +321,12 @@ class Transaction:
         self._finish("duplicate", MESSAGE_ACCEPTED_CODE, size)
         return "duplicate"
 
-    async def _refuse_whole(self, refusal: RelayError) -> None:
-        """Events for a message refused whole at the end of DATA."""
-        recipients = [address for address, _ in self._sending]
+    async def _refuse_whole(self, refusal: RelayError,
+                            recipients: list[str] | None = None) -> None:
+        """Events for a message refused whole at the end of DATA: for ``recipients``, by
+        default those this transaction claimed (not those another one sent already)."""
+        if recipients is None:
+            recipients = [address for address, _ in self._sending]
         if isinstance(refusal, QuotaExceededError):
             for address in recipients:
                 await self._publish(events.REJECTED, recipient=address, smtp_code=refusal.code,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import smtplib
 import subprocess
 import sys
@@ -74,8 +75,12 @@ async def start(make_relay: RelayFactory, upstream: CapturingUpstream, accounts:
 
 
 def compose(*extra: str, to: str = "client@example.test") -> bytes:
+    # One Message-ID per distinct message: two different messages with one id would be one
+    # resubmission to the relay (docs/resubmission.md), and the second would not be sent.
+    digest = hashlib.sha256("\n".join((to, *extra)).encode()).hexdigest()[:12]
     lines = ["From: Agent <agent@kw.test>", f"To: {to}", "Subject: Spring listings",
-             "Date: Sun, 15 Nov 2026 12:00:00 +0000", "Message-ID: <spring-1@kw.test>", *extra]
+             "Date: Sun, 15 Nov 2026 12:00:00 +0000", f"Message-ID: <spring-{digest}@kw.test>",
+             *extra]
     return ("".join(f"{line}\r\n" for line in lines)
             + "\r\nNew homes this week.\r\n..a dotted line\r\n").encode()
 
