@@ -8,6 +8,7 @@ from relay.config.policies import Policies
 from relay.config.routing import Route
 from relay.decisions.quota import QuotaStore
 from relay.decisions.settle import LateSettlements
+from relay.decisions.shadow_trial import OFF, ShadowTrial
 from relay.delivery.routes import RouteUpstreams
 from relay.delivery.upstream import UpstreamSession
 from relay.events import stream as events
@@ -27,6 +28,8 @@ class Services:
     # Where a commit or refund that met Redis away goes to be written later; None (tests of
     # the transaction alone) logs it as unreconciled at once.
     settlements: LateSettlements | None = None
+    # Candidate policies evaluated beside ``policies`` (docs/shadow.md); off by default.
+    shadow: ShadowTrial = OFF
 
 
 @dataclass(frozen=True, slots=True)

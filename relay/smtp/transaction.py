@@ -97,6 +97,8 @@ class Transaction:
         self.log = log.bind(txn_id=txn_id, user_id=user.id, plan=user.plan,
                             sender_domain=sender.rpartition("@")[2].lower(),
                             period=period.label, route=opened.route.name if opened else None)
+        self._shadow = services.shadow.watch(user=user, period=period, app=principal.app,
+                                             log=self.log)
 
     @property
     def route(self) -> Route | None:
@@ -157,6 +159,7 @@ class Transaction:
             self.user.id, self.period.label, self.txn_id, rcpt_nos,
             self._policies.plan_limits())
         self._last_used, self._last_limit = result.used, result.limit
+        self._shadow.reserved(result, rcpt_nos)
         self._raise_for(result)
 
     def _raise_for(self, result: Reservation) -> None:
@@ -213,6 +216,7 @@ class Transaction:
         decision = choose_route(self._policies.routing, app=self.principal.app,
                                 preference=self.user.preferences.get(self.principal.app),
                                 header=self._controls.route)
+        self._shadow.route(decision, header=self._controls.route)
         self.log = self.log.bind(rule=decision.rule, route=decision.route and
                                  decision.route.name)
         if decision.route is None:
@@ -362,6 +366,7 @@ class Transaction:
     async def _notify_crossing(self, settlement: Settlement) -> None:
         """The event for a threshold this commit's delivered sends crossed: it names the
         delivered count ("16 of 20"), the sends that really went out."""
+        self._shadow.committed(settlement)
         if settlement.crossed:
             kind = events.REACHED if settlement.crossed == 100 else events.THRESHOLD
             await self._publish(kind, percent=settlement.crossed,
