@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,8 @@ class Bench:
         self.postfix: ThrowawayPostfix | None = None
         self.relay_delivered = 0  # messages the relay delivered, warm-up included
         self.self_meter = Meter(os.getpid(), children=False)  # the generator
+        # Relays with a shadow trial on: scenario target -> (port, meter).
+        self.trials: dict[str, tuple[int, Meter]] = {}
 
     def __enter__(self) -> Bench:
         return self
@@ -130,7 +133,10 @@ class Bench:
 
     # -- start-up -------------------------------------------------------------------------
 
-    def start(self, *, with_postfix: bool, relay_prefix: tuple[str, ...] = ()) -> None:
+    def start(self, *, with_postfix: bool, relay_prefix: tuple[str, ...] = (),
+              shadow: Mapping[str, Path | None] | None = None) -> None:
+        """``shadow``: scenario target -> candidate folder (None: no trial); one more relay
+        each, identical but for ``RELAY_SHADOW_POLICIES_DIR`` (bench/shadow.py)."""
         args = self.args
         if not args.python_sink:
             try:
@@ -190,6 +196,16 @@ class Bench:
         self.rss_at_start = self.relay_meter.usage().rss
         self.say(f"relay (command-relay serve, pid {self.relay.pid}) on "
                  f"{HOST}:{self.relay_port}, JSON log {self.relay_log}")
+        for target, folder in (shadow or {}).items():
+            trial_env = clean_env(**{**relay_env, **({"RELAY_SHADOW_POLICIES_DIR": str(folder)}
+                                                     if folder else {}),
+                                     "RELAY_STATE_DIR": str(self.workdir / f"{target}-state")})
+            service, port = start_relay(trial_env, self.workdir / f"relay-{target}.log",
+                                        self.workdir / f"relay-{target}.err")
+            self.stack.callback(service.stop, signal.SIGTERM, 30)
+            self.trials[target] = (port, Meter(service.pid))
+            self.say(f"relay for {target}, shadow trial {folder or 'off'} (pid "
+                     f"{service.pid}) on {HOST}:{port}")
 
         if with_postfix:
             try:
@@ -272,7 +288,7 @@ class Bench:
         port = {"sink": self.sink.port, "relay": self.relay_port,
                 "postfix": self.postfix.port if self.postfix else 0,
                 "submission": (self.postfix.submission_port or 0) if self.postfix else 0,
-                }[sc.target]
+                **{t: port for t, (port, _) in self.trials.items()}}[sc.target]
         load = Load(HOST, port, sc.messages, sc.concurrency, sc.per_connection, sc.size,
                     auth=(APP, APP_PASSWORD) if sc.auth else None, starttls=sc.tls,
                     time_cap=self.args.time_cap, senders=self.senders)
@@ -284,7 +300,8 @@ class Bench:
         load = load or self.load_for(sc)
         postfix_meter = getattr(self, "postfix_meter", None)
         meter = {"relay": self.relay_meter, "postfix": postfix_meter,
-                 "submission": postfix_meter, "sink": None}[sc.target]
+                 "submission": postfix_meter, "sink": None,
+                 **{t: m for t, (_, m) in self.trials.items()}}[sc.target]
         before_target = meter.usage() if meter else None
         before_redis = self.redis_meter.usage()
         before_self = self.self_meter.usage()
@@ -351,6 +368,8 @@ class Bench:
         self.measure(replace(relay, tls=True, per_connection=1, messages=100))
         self.measure(replace(relay, size=100 * KB, messages=100))
         self.measure(replace(relay, target="sink", auth=False))
+        for target in self.trials:
+            self.measure(replace(relay, target=target))
         if self.postfix:
             self.measure(replace(relay, target="postfix", auth=False, messages=200))
             self.measure(replace(relay, target="submission", tls=True, messages=200))

@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from bench import loadgen, report
+from bench import loadgen, report, shadow
 from bench.harness import APP, APP_PASSWORD, KB, MB, Bench, Scenario, plan
 from bench.idle import measure_idle
 from bench.procs import (
@@ -292,6 +292,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="idle sessions in the memory-per-connection scenario "
                              "(default 1000)")
     parser.add_argument("--no-postfix", action="store_true", help="skip Postfix")
+    parser.add_argument("--no-shadow", action="store_true",
+                        help="skip the shadow trial's scenarios (two more relays, trial on)")
     parser.add_argument("--python-sink", action="store_true",
                         help="use the Python asyncio sink instead of smtp-sink")
     parser.add_argument("--workers", type=int,
@@ -367,11 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     clock = time.perf_counter()
-    scenarios = plan(args)
+    scenarios = plan(args) + ([] if args.no_shadow else shadow.scenarios(args))
     try:
         with _signals(), Bench(args) as bench:
             _check_quiet(bench, "before the run")
-            bench.start(with_postfix=not args.no_postfix)
+            bench.start(with_postfix=not args.no_postfix,
+                        shadow=None if args.no_shadow else
+                        shadow.write_candidates(bench.workdir / "shadow"))
             if bench.postfix is None:
                 scenarios = [s for s in scenarios if s.target not in ("postfix", "submission")]
             bench.warm_up()
@@ -440,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         "memory": memory, "idle_connections": idle, "notes": notes,
     }
     result["targets"] = _targets(result, args.per_connection)
+    result["shadow"] = None if args.no_shadow else \
+        shadow.cost(result, args.per_connection, shadow.hooks())
     rt = round_trips
     result["redis_round_trips"] = rt
     result["redis_breakdown"] = (

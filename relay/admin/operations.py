@@ -63,6 +63,7 @@ class Admin:
     def __init__(self, redis: RedisClient, policies: Policies, clock: Clock,
                  default_tz: str, credentials: CredentialStore | None = None) -> None:
         self.credentials = credentials
+        self.redis = redis
         self.accounts = AccountStore(redis)
         self.quota = QuotaStore(redis)
         self.subscriptions = SubscriptionStore(redis)

@@ -17,6 +17,7 @@ from dataclasses import asdict
 import structlog
 
 from relay.admin.operations import Admin
+from relay.cli.shadow import describe_shadow, report_from_redis
 from relay.cli.usage import format_months, format_report
 from relay.config.declare import as_text
 from relay.config.policies import load_policies
@@ -264,7 +265,8 @@ async def _route(args: argparse.Namespace, settings: Settings, admin: Admin) -> 
 
 AdminCommand = Callable[[argparse.Namespace, Settings, Admin], Awaitable[None]]
 ADMIN_COMMANDS: dict[str, AdminCommand] = {"users": _users, "apps": _apps, "usage": _usage,
-                                   "plan": _plan, "events": _events, "route": _route}
+                                   "plan": _plan, "events": _events, "route": _route,
+                                   "shadow": report_from_redis}
 
 
 def check_config(settings: Settings) -> None:
@@ -281,6 +283,7 @@ def check_config(settings: Settings) -> None:
           + "; notify at " + ", ".join(f"{t}%" for t in policies.notifications.thresholds)
           + f"; passwords of {policies.passwords.user_min_length}+ characters for users, "
             f"{policies.passwords.app_min_length}+ for apps")
+    print(describe_shadow(settings, policies))
     print(f"admin API: {settings.admin_listen if settings.admin_token else 'off'}; "
           f"in-app webhook: {'on' if settings.notify_webhook_url else 'off'}")
     print(f"metrics: {settings.metrics_listen or 'off'}; "

@@ -139,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     supp_export = suppress.add_parser("export", help="the lists as CSV on standard output")
     supp_export.add_argument("--user", help="user id or email, or * for the global list "
                                             "(default: every list)")
+    shadow = sub.add_parser("shadow", help="policies trialled in shadow").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    report = shadow.add_parser("report", help="what the candidate policies would have done "
+                               "otherwise: counts by kind and app, examples")
+    report.add_argument("--days", type=_positive_int, metavar="N",
+                        help="the last N UTC days (default 7; with --log: every line)")
+    report.add_argument("--log", metavar="FILE",
+                        help="read the shadow.differs lines of a JSON log (- for standard "
+                             "input) instead of the counts in Redis")
+    report.add_argument("--examples", type=_positive_int, default=3, metavar="N",
+                        help="examples shown per kind (default 3)")
+    report.add_argument("--json", action="store_true")
     return parser
 
 

@@ -75,6 +75,10 @@ class Settings:
         Path, default=Path(".relay-state"),
         doc="development Redis data, capture folder, development certificate")
     policies_dir: Path = setting(Path, default=Path("policies"), doc="the policy files")
+    shadow_policies_dir: Path | None = setting(
+        Path, default=None, default_doc="— (off)",
+        doc="candidate policy files trialled beside the live ones, never enforced "
+            "([Policies in shadow](shadow.md)); unset = no trial")
     tls_cert: Path | None = setting(
         Path, default=None, file=True, default_doc="— (self-signed)",
         doc="PEM certificate chain for STARTTLS/SMTPS (set with `RELAY_TLS_KEY`)")

@@ -37,6 +37,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from relay.config.policies import EVENT_KINDS
+from relay.config.shadow import KINDS as SHADOW_KINDS
 
 # ``<name>_created`` series (one per labelled child, giving its creation time) would double
 # the series count for nothing an operator asks of this relay. Process-wide, like the flag.
@@ -299,6 +300,20 @@ class RelayMetrics:
             "by kind and result (failed: logged as event.publish_failed).",
             ["event_kind", "result"], registry=r),
             _product(sorted(EVENT_KINDS), ("published", "failed")))
+        # The shadow trial (relay/decisions/shadow_trial.py, docs/shadow.md).
+        self.shadow_enabled = Gauge("relay_shadow_enabled", "1 while candidate policies are "
+                                    "trialled in shadow, else 0 (off, or a bad file).",
+                                    registry=r)
+        self.shadow_differences = Children(Counter(
+            "relay_shadow_differences_total", "Decisions the candidate policies would have made "
+            "otherwise (shadow.differs), by kind.", ["kind"], registry=r),
+            [(kind,) for kind in SHADOW_KINDS])
+        self.shadow_uncounted = Counter(
+            "relay_shadow_uncounted_total", "Differences logged but left out of the Redis counts "
+            "of `shadow report` (queue full, Redis unreachable).", registry=r)
+        self.shadow_errors = Counter(
+            "relay_shadow_errors_total", "Shadow evaluations that failed (a bug, traceback in "
+            "shadow.failed); live mail is unaffected.", registry=r)
 
         self.unsubscribe_missing = Children(Counter(
             "relay_unsubscribe_missing_total", "Messages of an app with an unsubscribe policy "

@@ -206,6 +206,7 @@ class RelayHandler:
                                         preference=user.preferences.get(principal.app),
                                         header="")
                 known = known.bind(route=decision.route and decision.route.name)
+                services.shadow.route(decision, user=user, app=principal.app, header="", log=known)
                 if decision.route is None:
                     raise RouteRefusedError(decision.refusal)
                 opened = Opened(*await services.routes.begin(

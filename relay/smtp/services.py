@@ -9,6 +9,7 @@ from relay.config.routing import Route
 from relay.decisions.months import Clock, SystemClock
 from relay.decisions.quota import QuotaStore
 from relay.decisions.settle import LateSettlements
+from relay.decisions.shadow_trial import OFF, ShadowTrial
 from relay.delivery.routes import RouteUpstreams
 from relay.delivery.upstream import UpstreamSession
 from relay.events import stream as events
@@ -36,6 +37,8 @@ class Services:
     links: UnsubscribeLinks = field(default_factory=detached_links)
     # Idempotent resubmission (RELAY_DEDUP_WINDOW); off unless the relay wires it.
     resubmissions: Resubmissions = field(default_factory=Resubmissions.off)
+    # Candidate policies evaluated beside ``policies`` (docs/shadow.md); off by default.
+    shadow: ShadowTrial = OFF
 
 
 @dataclass(frozen=True, slots=True)

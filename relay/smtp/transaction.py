@@ -106,6 +106,8 @@ class Transaction:
         self._claims = services.resubmissions.begin(user_id=user.id, txn_id=txn_id,
                                                     period=period.label, log=self.log)
         self._sending: list[tuple[str, int]] = []
+        self._shadow = services.shadow.watch(user=user, period=period, app=principal.app,
+                                             log=self.log)
 
     @property
     def route(self) -> Route | None:
@@ -167,6 +169,7 @@ class Transaction:
             self.user.id, self.period.label, self.txn_id, rcpt_nos,
             self._policies.plan_limits())
         self._last_used, self._last_limit = result.used, result.limit
+        self._shadow.reserved(result, rcpt_nos)
         self._raise_for(result)
 
     def _raise_for(self, result: Reservation) -> None:
@@ -250,6 +253,7 @@ class Transaction:
         decision = choose_route(self._policies.routing, app=self.principal.app,
                                 preference=self.user.preferences.get(self.principal.app),
                                 header=self._controls.route)
+        self._shadow.route(decision, header=self._controls.route)
         self.log = self.log.bind(rule=decision.rule, route=decision.route and
                                  decision.route.name)
         if decision.route is None:
@@ -447,6 +451,7 @@ class Transaction:
     async def _notify_crossing(self, settlement: Settlement) -> None:
         """The event for a threshold this commit's delivered sends crossed: it names the
         delivered count ("16 of 20"), the sends that really went out, and the forecast."""
+        self._shadow.committed(settlement)
         if settlement.crossed:
             kind = events.REACHED if settlement.crossed == 100 else events.THRESHOLD
             await self._publish(kind, percent=settlement.crossed,
