@@ -39,8 +39,9 @@ def _previous(period: Period, count: int) -> list[str]:
 
 async def usage_report(user: User, period: Period, *, quota: QuotaStore,
                        policies: Policies, history: int = HISTORY_MONTHS) -> dict[str, Any]:
-    """Plan, limit, used, remaining, percent, reset, thresholds notified, pending change and
-    the previous months' counts. Raises StoreUnavailableError."""
+    """Plan, limit, used, remaining, percent, reset, thresholds notified, recipients refused
+    as suppressed, pending change and the previous months' counts. Raises
+    StoreUnavailableError."""
     months = await quota.history(user.id, [period.label, *_previous(period, history)])
     usage = months[period.label]
     terms = terms_in_force(user, period.label, policies)
@@ -56,6 +57,10 @@ async def usage_report(user: User, period: Period, *, quota: QuotaStore,
         "used": usage.used, "delivered": usage.delivered, "in_flight": usage.in_flight,
         # Recipients delivered per route this month; uncounted routes (MailChimp) included.
         "routes": dict(usage.routes),
+        # Recipients refused (or dropped at the end of DATA) as suppressed this month, never
+        # counted in "used"; by the entry's reason (docs/suppression.md).
+        "suppressed": usage.suppressed,
+        "suppressed_reasons": dict(sorted(usage.suppressed_reasons.items())),
         "remaining": max(limit - usage.used, 0) if limit is not None else None,
         "percent": round(100 * usage.used / limit, 1) if limit else None,
         "resets_at": period.resets_at.isoformat(),

@@ -27,6 +27,7 @@ from relay.config.settings import Settings
 from relay.decisions.months import Clock, SystemClock
 from relay.decisions.quota import QuotaStore
 from relay.decisions.settle import LateSettlements
+from relay.decisions.suppression import SuppressionStore
 from relay.delivery.capture import CaptureUpstream
 from relay.delivery.credentials import CredentialStore, load_key
 from relay.delivery.pool import SmtpUpstream
@@ -42,6 +43,7 @@ from relay.smtp.admission import ConnectionLimiter
 from relay.smtp.hooks import RelayHandler
 from relay.smtp.listeners import listen, make_factory
 from relay.smtp.proxy import ProxyPolicy
+from relay.smtp.screening import RecipientScreen
 from relay.smtp.services import Services
 from relay.smtp.shutdown import SessionTracker
 from relay.smtp.tls import ensure_dev_certificate, server_context
@@ -124,6 +126,8 @@ class RelayApp:
             accounts=self.accounts,
             services=Services(quota=self.quota, events=self.events, routes=self.routes,
                               policies=self.policies, max_recipients=settings.max_recipients,
+                              screen=RecipientScreen(SuppressionStore(redis), self.quota,
+                                                     self.metrics),
                               metrics=self.metrics, settlements=self.settlements),
             clock=self.clock, hostname=settings.hostname, default_tz=settings.default_tz,
             throttle=AuthThrottle(redis, per_client=settings.auth_max_failures_per_ip,

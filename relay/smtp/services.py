@@ -12,6 +12,7 @@ from relay.delivery.routes import RouteUpstreams
 from relay.delivery.upstream import UpstreamSession
 from relay.events import stream as events
 from relay.observe.metrics import RelayMetrics, detached
+from relay.smtp.screening import RecipientScreen
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,8 @@ class Services:
     routes: RouteUpstreams
     policies: Policies
     max_recipients: int
+    # The suppression list, checked before a recipient costs a unit.
+    screen: RecipientScreen
     metrics: RelayMetrics = field(default_factory=detached)
     # Where a commit or refund that met Redis away goes to be written later; None (tests of
     # the transaction alone) logs it as unreconciled at once.
