@@ -148,15 +148,17 @@ class Admin:
             month = user_period(user, self.clock.now(), self.default_tz, period)
         except ValueError as exc:
             raise AdminError(str(exc)) from None
-        return await usage_report(user, month, quota=self.quota, policies=self.policies)
+        return await usage_report(user, month, quota=self.quota, policies=self.policies,
+                                  now=self.clock.now())
 
     async def usage_all(self) -> list[dict[str, Any]]:
         """Every user's current month, highest percentage first."""
         reports = []
         for user in await self.accounts.list_users():
-            month = user_period(user, self.clock.now(), self.default_tz)
+            now = self.clock.now()
+            month = user_period(user, now, self.default_tz)
             reports.append(await usage_report(user, month, quota=self.quota,
-                                              policies=self.policies, history=0))
+                                              policies=self.policies, now=now, history=0))
         return sorted(reports, key=lambda r: (-(r["percent"] or 0), r["email"]))
 
     async def change_plan(self, ref: str, plan: str, *, custom_limit: int | None = None,

@@ -17,7 +17,7 @@ from dataclasses import asdict
 import structlog
 
 from relay.admin.operations import Admin
-from relay.cli.usage import format_report
+from relay.cli.usage import format_months, format_report
 from relay.config.declare import as_text
 from relay.config.policies import load_policies
 from relay.config.settings import SETTINGS, Settings
@@ -132,6 +132,9 @@ async def _plan(args: argparse.Namespace, settings: Settings, admin: Admin) -> N
             print(f"{e['at']}  {e['by']:<20} {e['outcome']:<9} {e['old_plan']} "
                   f"({e['old_limit']}) -> {e['new_plan']} ({e['new_limit']}) "
                   f"from {e['effective_from']}")
+        # The terms each month was governed by (docs/plans.md, "History").
+        print("plan and limit by month:")
+        print("\n".join(format_months(await admin.usage(args.user))))
         return
     by = args.by or _operator()
     if args.action == "set":

@@ -34,6 +34,7 @@ from relay.config.parsers import (
     SafeValueError,
     SettingsError,
     mask_url,
+    parse_base_url,
     parse_bool,
     parse_choice,
     parse_fernet_key,
@@ -185,6 +186,12 @@ class Settings:
         default_doc="— (development key in the state folder)",
         doc="HMAC-SHA256 key signing the links the relay hands out (one-click unsubscribe, "
             "the agent's usage page; 16+ characters); changing it voids every link given")
+    public_url: str = setting(
+        parse_base_url, default="http://127.0.0.1:8026",
+        doc="the base URL recipients reach the relay's public listener at, for the one-click "
+            "unsubscribe links it adds (`<public_url>/unsubscribe/TOKEN`); `https://…` in "
+            "production (RFC 8058 one-click needs an https URI), see "
+            "[Suppression](suppression.md#one-click-unsubscribe-headers)")
     timeline_webhook_url: str | None = setting(
         parse_http_url, default=None,
         doc="the CRM's Contact Timeline endpoint (`http(s)://…`); unset = timeline entries "

@@ -104,6 +104,16 @@ class Settlement:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordedTerms:
+    """The plan and limit a month's usage hash records as governing it (written by
+    reserve.lua and plan_change.lua; the latest write wins)."""
+
+    plan: str
+    custom_limit: int | None
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     used: int
     delivered: int
@@ -114,6 +124,8 @@ class Usage:
     # Recipients refused this month as suppressed (both scopes), and by reason.
     suppressed: int = 0
     suppressed_reasons: dict[str, int] = field(default_factory=dict)
+    # The month's own terms, None for a month with nothing recorded (older keys).
+    terms: RecordedTerms | None = None
 
     @property
     def in_flight(self) -> int:
@@ -301,9 +313,14 @@ def _usage_from(record: dict[str, str]) -> Usage:
         if name.startswith("n:"):
             _, limit, percent = name.split(":")
             notified.setdefault(int(limit), []).append(int(percent))
-    # suppressed:<reason>, by reserve.lua (the user's list) and SuppressionStore.count.
+    # suppressed:<reason>, by reserve.lua (the user's list) and QuotaStore.count_suppressed.
     reasons = {name.removeprefix("suppressed:"): int(value) for name, value in record.items()
                if name.startswith("suppressed:")}
+    terms = None
+    if record.get("limit"):
+        custom = record.get("custom_limit")
+        terms = RecordedTerms(record.get("plan", ""), int(custom) if custom else None,
+                              int(record["limit"]))
     return Usage(int(record.get("used", 0)), int(record.get("delivered", 0)),
                  {limit: tuple(sorted(p)) for limit, p in notified.items()}, routes,
-                 int(record.get("suppressed", 0)), reasons)
+                 int(record.get("suppressed", 0)), reasons, terms)

@@ -17,6 +17,7 @@ and the routes' upstreams), ``startup``.
     │   ├── AuthUnavailableError        454 4.7.0  credentials could not be checked now
     │   ├── PlanMisconfiguredError      451 4.3.5  the user's plan is not in plans.toml
     │   ├── TooManyRecipientsError      452 4.5.3  more recipients than one message may carry
+    │   │   └── OneRecipientPerMessageError 452 4.5.3  unsubscribe = "adds": one per message
     │   ├── TooManyConnectionsError     421 4.7.0  over max_connections(_per_ip); then closed
     │   ├── UntrustedPeerError          421 4.7.0  PROXY protocol on, peer not a trusted proxy
     │   ├── AuthThrottledError          454 4.7.0  too many AUTH failures (address or login)
@@ -46,6 +47,7 @@ and the routes' upstreams), ``startup``.
     │   ├── TlsAlreadyActiveError       503 5.5.1  STARTTLS inside TLS
     │   ├── BadAddressError             553 5.1.3  the upstream client would not send it
     │   ├── SmtpUtf8UnsupportedError    553 5.6.7  non-ASCII envelope, upstream lacks SMTPUTF8
+    │   ├── UnsubscribeHeadersMissingError 550 5.6.0  RFC 8058 headers absent ("refuses")
     │   └── UpstreamPermanentError      5xx        the upstream said 5xx
     └── QuotaExceededError              code from policies/plans.toml [over_limit] (550 5.7.1)
 
@@ -83,6 +85,7 @@ from relay.errors.policy import (
     RouteRefusedError,
     SenderNotAllowedError,
     UnknownSenderError,
+    UnsubscribeHeadersMissingError,
     UserDisabledError,
 )
 from relay.errors.replies import (
@@ -110,6 +113,7 @@ from relay.errors.session import (
     CommandSyntaxError,
     ControlCharacterError,
     InvalidUtf8Error,
+    OneRecipientPerMessageError,
     SessionTimeoutError,
     ShuttingDownError,
     SmtpUtf8RequiredError,
@@ -147,6 +151,7 @@ __all__ = [
     "InternalError",
     "InvalidUtf8Error",
     "MissingRouteCredentialsError",
+    "OneRecipientPerMessageError",
     "OverLimitReply",
     "PermanentError",
     "PlanMisconfiguredError",
@@ -169,6 +174,7 @@ __all__ = [
     "TooManyConnectionsError",
     "TooManyRecipientsError",
     "UnknownSenderError",
+    "UnsubscribeHeadersMissingError",
     "UntrustedPeerError",
     "UpstreamBusyError",
     "UpstreamOutcomeUnknownError",

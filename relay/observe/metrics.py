@@ -65,6 +65,12 @@ NOTIFY_OUTCOMES = ("delivered", "dead_lettered")
 # protocol (smtp/protocol.py).
 UNRECONCILED_REASONS = ("upstream_no_reply", "commit_failed", "refund_failed", "reset",
                         "disconnect", "cancelled")
+# relay/smtp/unsubscribe.py: the policies that look at the headers, the headers looked for,
+# and what "adds" did (added; kept: the message had its own List-Unsubscribe; dkim_signed:
+# an existing signature covers the absent headers, so none was added).
+UNSUBSCRIBE_POLICIES = ("checks", "refuses", "adds")
+UNSUBSCRIBE_HEADERS = ("List-Unsubscribe", "List-Unsubscribe-Post")
+UNSUBSCRIBE_ADDED = ("added", "kept", "dkim_signed")
 
 # Buckets in seconds (bytes for sizes), chosen around what each step costs on loopback and in
 # production: Redis in well under a millisecond, an upstream command in milliseconds to
@@ -296,6 +302,17 @@ class RelayMetrics:
             "by kind and result (failed: logged as event.publish_failed).",
             ["event_kind", "result"], registry=r),
             _product(sorted(EVENT_KINDS), ("published", "failed")))
+
+        self.unsubscribe_missing = Children(Counter(
+            "relay_unsubscribe_missing_total", "Messages of an app with an unsubscribe policy "
+            "that lacked a one-click unsubscribe header (RFC 8058), by policy (checks: sent; "
+            "refuses: refused; adds: sent without it) and header.", ["policy", "header"],
+            registry=r), _product(UNSUBSCRIBE_POLICIES, UNSUBSCRIBE_HEADERS))
+        self.unsubscribe_added = Children(Counter(
+            "relay_unsubscribe_added_total", "Messages of an app with unsubscribe = \"adds\", "
+            "by result (added; kept: the message had its own List-Unsubscribe; dkim_signed: "
+            "an existing DKIM signature covers the absent headers, none added).", ["result"],
+            registry=r), [(result,) for result in UNSUBSCRIBE_ADDED])
 
         self.failovers = Children(Counter(
             "relay_route_failovers_total", "Transactions sent through a route's failover "

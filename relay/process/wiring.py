@@ -36,6 +36,7 @@ from relay.delivery.upstream import Upstream
 from relay.errors import StartupError
 from relay.events.stream import EventLog
 from relay.identity.accounts import AccountStore
+from relay.identity.signed_links import load_link_secret
 from relay.identity.throttle import AuthThrottle
 from relay.observe.health import MetricsServer, RelayReadiness
 from relay.observe.metrics import RelayMetrics, UpstreamMetrics
@@ -47,6 +48,7 @@ from relay.smtp.screening import RecipientScreen
 from relay.smtp.services import Services
 from relay.smtp.shutdown import SessionTracker
 from relay.smtp.tls import ensure_dev_certificate, server_context
+from relay.smtp.unsubscribe import UnsubscribeLinks
 from relay.store.client import RedisClient
 
 if TYPE_CHECKING:
@@ -128,7 +130,10 @@ class RelayApp:
                               policies=self.policies, max_recipients=settings.max_recipients,
                               screen=RecipientScreen(SuppressionStore(redis), self.quota,
                                                      self.metrics),
-                              metrics=self.metrics, settlements=self.settlements),
+                              metrics=self.metrics, settlements=self.settlements,
+                              clock=self.clock,
+                              links=UnsubscribeLinks(settings.public_url, lambda: load_link_secret(
+                                  settings.link_secret, settings.state_dir))),
             clock=self.clock, hostname=settings.hostname, default_tz=settings.default_tz,
             throttle=AuthThrottle(redis, per_client=settings.auth_max_failures_per_ip,
                                   per_login=settings.auth_max_failures_per_login,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from relay.config.policies import Policies
 from relay.config.routing import Route
+from relay.decisions.months import Clock, SystemClock
 from relay.decisions.quota import QuotaStore
 from relay.decisions.settle import LateSettlements
 from relay.delivery.routes import RouteUpstreams
@@ -13,6 +14,7 @@ from relay.delivery.upstream import UpstreamSession
 from relay.events import stream as events
 from relay.observe.metrics import RelayMetrics, detached
 from relay.smtp.screening import RecipientScreen
+from relay.smtp.unsubscribe import UnsubscribeLinks, detached_links
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,10 @@ class Services:
     # Where a commit or refund that met Redis away goes to be written later; None (tests of
     # the transaction alone) logs it as unreconciled at once.
     settlements: LateSettlements | None = None
+    # The relay's clock (tests set it): "now" for the forecast in a threshold notice.
+    clock: Clock = field(default_factory=SystemClock)
+    # The signed one-click unsubscribe URLs of apps with unsubscribe = "adds".
+    links: UnsubscribeLinks = field(default_factory=detached_links)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from enum import Enum
 import structlog
 
 from relay.config.routing import Route
+from relay.decisions.forecast import forecast_data
 from relay.decisions.months import Period
 from relay.decisions.quota import Reservation, Settlement, refusal_for
 from relay.decisions.routing import choose_route
@@ -50,6 +51,7 @@ from relay.message.controls import Controls, read_controls
 from relay.message.headers import CONTROL_HEADER_PREFIX
 from relay.message.wire import Outgoing, WireMessage
 from relay.smtp.services import Opened, Services
+from relay.smtp.unsubscribe import check_recipient, unsubscribe_fields
 
 
 class State(Enum):
@@ -115,6 +117,7 @@ class Transaction:
                 raise SmtpUtf8RequiredError()
             if len(self.accepted) >= self._services.max_recipients:
                 raise TooManyRecipientsError()
+            check_recipient(self._app.unsubscribe, len(self.accepted))
             if not self.deferred:
                 self._accepted_nos.append(await self._add_in_step(address, options))
         except RelayError as exc:
@@ -197,6 +200,8 @@ class Transaction:
             self._controls = read_controls(message.header_content())
             if self._controls.problems:
                 self.log.warning("controls.ignored", problems=list(self._controls.problems))
+        trace += await self._unsubscribe_fields(message)
+        if self.deferred:
             try:
                 await self._open_at_data()
             except RelayError as exc:
@@ -208,6 +213,22 @@ class Transaction:
         prefixes = (CONTROL_HEADER_PREFIX, *(p.encode() for p in
                     self._policies.routing.stripped_prefixes(self._opened.route)))
         return await self._send(message.outgoing(trace, prefixes))
+
+    async def _unsubscribe_fields(self, message: WireMessage) -> bytes:
+        """The List-Unsubscribe fields the app's policy adds (relay/smtp/unsubscribe.py). Its
+        refusal comes before anything is sent: units reserved at RCPT are given back."""
+        try:
+            return unsubscribe_fields(
+                self._app.unsubscribe, message, user_id=self.user.id, recipients=self.accepted,
+                links=self._services.links, metrics=self._services.metrics, log=self.log)
+        except RelayError as exc:
+            self.state = State.DONE
+            if self._opened is not None:  # decided at RCPT: opened at MAIL FROM
+                await self._opened.session.release(reusable=True)
+                await self._refund_all()
+            await self._refuse_whole(exc)
+            self._finish("failed", exc.code, len(message))
+            raise
 
     async def _open_at_data(self) -> None:
         """Choose the route with the headers in hand, reserve every recipient at once (on a
@@ -385,11 +406,13 @@ class Transaction:
 
     async def _notify_crossing(self, settlement: Settlement) -> None:
         """The event for a threshold this commit's delivered sends crossed: it names the
-        delivered count ("16 of 20"), the sends that really went out."""
+        delivered count ("16 of 20"), the sends that really went out, and the forecast."""
         if settlement.crossed:
             kind = events.REACHED if settlement.crossed == 100 else events.THRESHOLD
             await self._publish(kind, percent=settlement.crossed,
-                                used=settlement.delivered, limit=settlement.limit)
+                                used=settlement.delivered, limit=settlement.limit,
+                                forecast=forecast_data(settlement.delivered, settlement.limit,
+                                                       self.period, self._services.clock.now()))
 
     async def _refund_all(self) -> None:
         await self._refund(None)
