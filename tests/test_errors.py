@@ -26,6 +26,7 @@ from relay.errors import (
     OverLimitReply,
     PermanentError,
     QuotaExceededError,
+    RecipientSuppressedError,
     RefusalLevel,
     RelayError,
     SessionTimeoutError,
@@ -400,3 +401,35 @@ def test_quota_exceeded_error_with_shipped_policy() -> None:
     assert_well_formed(error.reply)
     assert error.reply.startswith("550 5.7.1 ")
     assert "5000 of 5000" in error.reply and "December 1, 2026" in error.reply
+
+
+@pytest.mark.parametrize(("reason", "scope", "text"), [
+    ("unsubscribe", "user", "Recipient has unsubscribed from this sender"),
+    ("unsubscribe", "global", "Recipient has unsubscribed from all mail sent through this "
+                              "relay"),
+    ("complaint", "user", "Recipient has reported earlier mail as spam"),
+    ("complaint", "global", "Recipient has reported earlier mail as spam"),
+    ("bounce", "global", "Recipient address bounced permanently before"),
+    ("manual", "user", "Recipient is on this sender's suppression list"),
+    ("manual", "global", "Recipient is on the suppression list"),
+    ("legal-hold", "user", "Recipient is on this sender's suppression list"),
+])
+def test_recipient_suppressed_reply_names_the_reason(reason: str, scope: str,
+                                                     text: str) -> None:
+    """A suppressed recipient's reply is a permanent 550 5.7.1 in words that name why."""
+    error = RecipientSuppressedError(reason, scope)
+    assert error.reply == f"550 5.7.1 {text}"
+    assert error.permanent
+    assert_well_formed(error.reply)
+
+
+def test_recipient_suppressed_refusal_logs_its_reason_and_scope() -> None:
+    """The refusal's log line carries the entry's reason and scope beside the class name."""
+    counter = Counted()
+    error = RecipientSuppressedError("bounce", "global")
+    with capture_logs() as logs:
+        error.log_refusal(structlog.get_logger(), "rcpt.refused", counter, reason=error.reason)
+    assert logs == [{"event": "rcpt.refused", "log_level": "info",
+                     "reason": "RecipientSuppressedError", "suppression": "bounce",
+                     "scope": "global", "smtp_code": 550}]
+    assert counter.value == 1

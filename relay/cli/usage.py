@@ -22,6 +22,10 @@ def format_report(report: dict[str, Any]) -> str:
     if report["routes"]:
         lines.append("  by route: " + ", ".join(f"{name} {count:,}" for name, count in
                                                 sorted(report["routes"].items())))
+    if report["suppressed"]:
+        lines.append(f"  refused as suppressed: {report['suppressed']:,} ("
+                     + ", ".join(f"{reason} {count:,}" for reason, count in
+                                 report["suppressed_reasons"].items()) + ")")
     if report["thresholds_notified"]:
         lines.append("  notified at " + ", ".join(f"{p}%" for p in
                                                   report["thresholds_notified"]))

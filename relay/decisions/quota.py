@@ -22,10 +22,12 @@ import structlog
 from redis.commands.core import AsyncScript
 
 from relay.decisions.dedup import ClaimSettlement
+from relay.decisions.suppression import SuppressionReason, reason_of
 from relay.errors import (
     OverLimitReply,
     PlanMisconfiguredError,
     QuotaExceededError,
+    RecipientSuppressedError,
     RelayError,
     StoreUnavailableError,
     UnknownSenderError,
@@ -52,6 +54,7 @@ class ReserveStatus(IntEnum):
     USER_DISABLED = 3
     USER_MISSING = 4
     UNKNOWN_PLAN = 5
+    SUPPRESSED = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,8 @@ class Reservation:
     status: ReserveStatus
     used: int
     limit: int
+    # SUPPRESSED: the reason of the recipient's entry on the user's suppression list.
+    suppressed: SuppressionReason | None = None
 
 
 def refusal_for(result: Reservation, *, over_limit: OverLimitReply, permanent: bool,
@@ -77,6 +82,9 @@ def refusal_for(result: Reservation, *, over_limit: OverLimitReply, permanent: b
         return UnknownSenderError()
     if result.status is ReserveStatus.UNKNOWN_PLAN:
         return PlanMisconfiguredError()
+    if result.status is ReserveStatus.SUPPRESSED:
+        return RecipientSuppressedError(str(result.suppressed or SuppressionReason.MANUAL),
+                                        "user")
     return None
 
 
@@ -117,6 +125,9 @@ class Usage:
     notified: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # Recipients delivered per route this month (counted and uncounted routes alike).
     routes: dict[str, int] = field(default_factory=dict)
+    # Recipients refused this month as suppressed (both scopes), and by reason.
+    suppressed: int = 0
+    suppressed_reasons: dict[str, int] = field(default_factory=dict)
     # The month's own terms, None for a month with nothing recorded (older keys).
     terms: RecordedTerms | None = None
 
@@ -139,6 +150,9 @@ class QuotaStore:
         m = self._metrics = metrics or detached()
         self._reserved = {status: m.reservations(status.name.lower()) for status in ReserveStatus}
         self._reserve_failed = m.reservations("error")
+        # The user's own list is read by reserve.lua (the global one by the transaction).
+        self._suppressed = {reason: m.suppressed(reason.value, "user")
+                            for reason in SuppressionReason}
         self._seconds = {step: m.redis_seconds(step) for step in ("reserve", "commit", "refund",
                                                                   "tally")}
         self._errors = {step: m.redis_errors(step) for step in self._seconds}
@@ -147,18 +161,21 @@ class QuotaStore:
         self._seconds[step].observe(time.perf_counter() - started)
 
     async def reserve(self, user_id: str, period: str, txn_id: str, rcpt_no: int | list[int],
-                      plan_limits: list[str | int]) -> Reservation:
+                      plan_limits: list[str | int], *, recipient: str = "") -> Reservation:
         """Take one unit for recipient ``rcpt_no`` of ``txn_id`` (or one for each of a list,
-        all or nothing) if under the limit.
+        all or nothing) if under the limit. ``recipient`` (a normalised address; "" for
+        none) is looked up on the user's suppression list first, in the same script: on it,
+        nothing is taken, the refusal is counted in the month's usage, and the status is
+        SUPPRESSED with the entry's reason.
 
         Idempotent per (txn_id, rcpt_no). Raises StoreUnavailableError.
         """
         numbers = [rcpt_no] if isinstance(rcpt_no, int) else rcpt_no
         units = len(numbers)
         script_keys = [keys.user(user_id), keys.usage(user_id, period),
-                       keys.reservations(user_id, txn_id)]
+                       keys.reservations(user_id, txn_id), keys.suppressions(user_id)]
         args: list[str | int] = [" ".join(str(n) for n in numbers), USAGE_TTL_SECONDS,
-                                 RESERVATION_TTL_SECONDS, period, *plan_limits]
+                                 RESERVATION_TTL_SECONDS, period, recipient, *plan_limits]
         wanted = durability(self._redis)
         replicated = True
         started = time.perf_counter()
@@ -174,8 +191,11 @@ class QuotaStore:
             self._reserve_failed.inc(units)
             raise
         self._observe("reserve", started)
-        status, used, limit = (int(v) for v in raw)
-        result = Reservation(ReserveStatus(status), used, limit)
+        result = Reservation(ReserveStatus(int(raw[0])), int(raw[1]), int(raw[2]))
+        if result.status is ReserveStatus.SUPPRESSED:
+            reason = reason_of(str(raw[3]))
+            result = Reservation(result.status, result.used, result.limit, reason)
+            self._suppressed[reason].inc()
         if not replicated and result.status in {ReserveStatus.RESERVED,
                                                 ReserveStatus.ALREADY_RESERVED}:
             self._reserve_failed.inc(units)
@@ -240,6 +260,23 @@ class QuotaStore:
             raise
         self._observe("tally", started)
 
+    async def count_suppressed(self, user_id: str, period: str,
+                               reasons: Sequence[SuppressionReason]) -> None:
+        """Count recipients refused as suppressed outside reserve.lua (the global list; either
+        list on an uncounted route or at the end of DATA), one per reason given: the month's
+        ``suppressed`` and ``suppressed:<reason>``, shown in usage. Not idempotent (HINCRBY,
+        like ``tally``): a report, never a limit. Raises StoreUnavailableError."""
+        if not reasons:
+            return
+        usage_key = keys.usage(user_id, period)
+        with store_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(usage_key, "suppressed", len(reasons))
+                for reason in sorted(set(reasons)):
+                    pipe.hincrby(usage_key, f"suppressed:{reason}", reasons.count(reason))
+                pipe.expire(usage_key, USAGE_TTL_SECONDS)
+                await pipe.execute()
+
     async def refund(self, user_id: str, period: str, txn_id: str,
                      rcpt_nos: list[int] | None = None) -> Settlement:
         """Give back the open units of ``rcpt_nos`` (all when None). Idempotent; committed
@@ -285,10 +322,14 @@ def _usage_from(record: dict[str, str]) -> Usage:
         if name.startswith("n:"):
             _, limit, percent = name.split(":")
             notified.setdefault(int(limit), []).append(int(percent))
+    # suppressed:<reason>, by reserve.lua (the user's list) and QuotaStore.count_suppressed.
+    reasons = {name.removeprefix("suppressed:"): int(value) for name, value in record.items()
+               if name.startswith("suppressed:")}
     terms = None
     if record.get("limit"):
         custom = record.get("custom_limit")
         terms = RecordedTerms(record.get("plan", ""), int(custom) if custom else None,
                               int(record["limit"]))
     return Usage(int(record.get("used", 0)), int(record.get("delivered", 0)),
-                 {limit: tuple(sorted(p)) for limit, p in notified.items()}, routes, terms)
+                 {limit: tuple(sorted(p)) for limit, p in notified.items()}, routes,
+                 int(record.get("suppressed", 0)), reasons, terms)

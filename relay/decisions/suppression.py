@@ -11,7 +11,9 @@ hash field whose value is ``reason<TAB>source<TAB>unix seconds``: Lua reads the 
 one ``string.match``, and a listing needs no second key.
 
 This module holds the store; the check on the SMTP path is in reserve.lua (user scope) and
-``SuppressionStore.check_global`` (the global scope), both called from the transaction.
+``SuppressionStore.check_global`` (the global scope) on a counted route, ``check`` (both
+scopes) on an uncounted one, ``check_many`` at the end of DATA; ``relay/smtp/suppressed.py``
+calls them for the transaction (docs/suppression.md).
 """
 
 from __future__ import annotations
@@ -58,8 +60,17 @@ def encode(reason: SuppressionReason, source: str, at: int) -> str:
 def decode(address: str, user_id: str | None, value: str) -> Suppression:
     reason, _, rest = value.partition("\t")
     source, _, at = rest.partition("\t")
-    return Suppression(address, user_id, SuppressionReason(reason), source,
+    return Suppression(address, user_id, reason_of(reason), source,
                        int(at) if at.isdigit() else 0)
+
+
+def reason_of(text: str) -> SuppressionReason:
+    """The reason an entry's value (or reserve.lua) names; one this relay does not know (a
+    hand-written entry) reads as ``manual``: still suppressed."""
+    try:
+        return SuppressionReason(text)
+    except ValueError:
+        return SuppressionReason.MANUAL
 
 
 def scope_key(user_id: str | None) -> str:
@@ -108,6 +119,34 @@ class SuppressionStore:
         """The global entry of ``address``, if any (one HGET: the RCPT path's added round
         trip; the user's own list is read inside reserve.lua)."""
         return await self.get(address, user_id=None)
+
+    async def check(self, address: str, *, user_id: str) -> Suppression | None:
+        """The entry that suppresses ``address`` for ``user_id``: the global one, else the
+        user's own. Both scopes in one pipelined round trip (two slots: on a Cluster,
+        redis-py sends each node its part at once). For a route without a reservation."""
+        return (await self.check_many([address], user_id=user_id)).get(
+            normalize_address(address))
+
+    async def check_many(self, addresses: Iterable[str], *,
+                         user_id: str) -> dict[str, Suppression]:
+        """The entries that suppress any of ``addresses`` for ``user_id`` (global first),
+        keyed by normalised address; one pipelined round trip for every address and both
+        scopes (the recipients of a message decided at the end of DATA)."""
+        wanted = list(dict.fromkeys(normalize_address(a) for a in addresses))
+        if not wanted:
+            return {}
+        with store_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(keys.global_suppressions(), wanted)
+                pipe.hmget(keys.suppressions(user_id), wanted)
+                everyone, own = await pipe.execute()
+        found: dict[str, Suppression] = {}
+        for address, global_value, user_value in zip(wanted, everyone, own, strict=True):
+            if global_value is not None:
+                found[address] = decode(address, None, str(global_value))
+            elif user_value is not None:
+                found[address] = decode(address, user_id, str(user_value))
+        return found
 
     async def listing(self, *, user_id: str | None) -> list[Suppression]:
         """Every entry of one scope, sorted by address (HSCAN, so a long list does not block

@@ -45,9 +45,10 @@ def _previous(period: Period, count: int) -> list[str]:
 async def usage_report(user: User, period: Period, *, quota: QuotaStore,
                        policies: Policies, now: datetime,
                        history: int = HISTORY_MONTHS) -> dict[str, Any]:
-    """Plan, limit, used, remaining, percent, reset, thresholds notified, pending change, the
-    forecast and the previous months' counts, each month with the plan and limit that
-    governed it (``terms_source``: in_force, recorded or fallback; relay.decisions.history).
+    """Plan, limit, used, remaining, percent, reset, thresholds notified, recipients refused
+    as suppressed, pending change, the forecast and the previous months' counts, each month
+    with the plan and limit that governed it (``terms_source``: in_force, recorded or
+    fallback; relay.decisions.history).
 
     ``now`` comes from the relay's clock: it tells the current month (whose terms are those
     in force) from past ones (whose terms are their own), and the forecast is made only for
@@ -81,6 +82,10 @@ async def usage_report(user: User, period: Period, *, quota: QuotaStore,
         "used": usage.used, "delivered": usage.delivered, "in_flight": usage.in_flight,
         # Recipients delivered per route this month; uncounted routes (MailChimp) included.
         "routes": dict(usage.routes),
+        # Recipients refused (or dropped at the end of DATA) as suppressed this month, never
+        # counted in "used"; by the entry's reason (docs/suppression.md).
+        "suppressed": usage.suppressed,
+        "suppressed_reasons": dict(sorted(usage.suppressed_reasons.items())),
         "remaining": max(limit - usage.used, 0) if limit is not None else None,
         "percent": round(100 * usage.used / limit, 1) if limit else None,
         "resets_at": period.resets_at.isoformat(),

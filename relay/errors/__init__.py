@@ -8,7 +8,8 @@ the relay (an import-linter contract in pyproject.toml), so every stage may impo
 One module per family, all re-exported here (``from relay.errors import X``):
 ``base`` (the root, and local failures), ``replies`` (the fixed replies), ``session``
 (admission, AUTH, commands), ``policy`` (senders, plans, routing rules, the monthly
-limit), ``delivery`` (the upstream and the routes' upstreams), ``startup``.
+limit), ``suppressed`` (a recipient on the suppression list), ``delivery`` (the upstream
+and the routes' upstreams), ``startup``.
 
     RelayError                          .code, .status, .text -> .reply; .log_refusal()
     ├── TemporaryError                  4xx: the client keeps the mail and retries
@@ -37,6 +38,7 @@ limit), ``delivery`` (the upstream and the routes' upstreams), ``startup``.
     │   ├── UnknownSenderError          550 5.7.1  MAIL FROM belongs to no Command Email user
     │   ├── UserDisabledError           550 5.7.1  the sending user is disabled
     │   ├── RouteRefusedError           550 5.7.1  a routing rule refuses the message
+    │   ├── RecipientSuppressedError    550 5.7.1  the recipient is on the suppression list
     │   ├── MissingRouteCredentialsError 550 5.7.1 the route needs the user's own credentials
     │   ├── CommandSyntaxError          5xx 5.5.2  a command line the relay will not parse
     │   │   ├── InvalidUtf8Error        500 5.5.2  bytes that are not UTF-8
@@ -123,6 +125,7 @@ from relay.errors.session import (
     UntrustedPeerError,
 )
 from relay.errors.startup import StartupError
+from relay.errors.suppressed import RecipientSuppressedError
 
 __all__ = [
     "AUTH_BAD_BASE64",
@@ -155,6 +158,7 @@ __all__ = [
     "PermanentError",
     "PlanMisconfiguredError",
     "QuotaExceededError",
+    "RecipientSuppressedError",
     "RefusalCounter",
     "RefusalLevel",
     "RelayError",

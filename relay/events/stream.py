@@ -10,7 +10,8 @@ idempotency key the CRM dedupes on; kept when a dead letter is re-queued), ``kin
 
 Kinds: ``quota.threshold`` (80/85/90/95 %), ``quota.reached`` (100 %), ``quota.rejected``
 (an over-limit recipient refused), ``plan.changed``, ``timeline.email_failed`` (a SmartPlan
-email refused for the quota or permanently upstream, for the Contact Timeline).
+email refused for the quota or permanently upstream, or a suppressed contact dropped from
+it, for the Contact Timeline).
 """
 
 from __future__ import annotations

@@ -53,9 +53,12 @@ AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 AUTH_RESULTS = ("succeeded", "failed", "unavailable", "malformed")
 OUTCOMES = ("delivered", "deferred", "failed", "rejected", "abandoned", "duplicate")
 RESERVE_RESULTS = ("reserved", "over_limit", "already_reserved", "user_disabled",
-                   "user_missing", "unknown_plan", "error")
-REDIS_STEPS = ("resolve_sender", "reserve", "commit", "refund", "tally", "publish", "claim",
-               "conclude")
+                   "user_missing", "unknown_plan", "suppressed", "error")
+REDIS_STEPS = ("resolve_sender", "suppression", "reserve", "commit", "refund", "tally",
+               "publish", "claim", "conclude")
+# relay/decisions/suppression.py's reasons and scopes (relay_recipients_suppressed_total).
+SUPPRESSION_REASONS = ("unsubscribe", "complaint", "bounce", "manual")
+SUPPRESSION_SCOPES = ("user", "global")
 UPSTREAM_STEPS = ("connect", "mail", "rcpt", "data")
 REPLY_CLASSES = ("2xx", "4xx", "5xx", "error")
 NOTIFY_OUTCOMES = ("delivered", "dead_lettered")
@@ -248,7 +251,8 @@ class RelayMetrics:
             ["outcome", "reason"], registry=r),
             [("accepted", "none"), ("refused", "QuotaExceededError"),
              ("refused", "UpstreamPermanentError"), ("refused", "UpstreamTemporaryError"),
-             ("refused", "UpstreamUnavailableError"), ("refused", "StoreUnavailableError")])
+             ("refused", "UpstreamUnavailableError"), ("refused", "StoreUnavailableError"),
+             ("refused", "RecipientSuppressedError")])
         self.messages = Children(Counter(
             "relay_messages_total", "Transactions by outcome (delivered, deferred, failed, "
             "rejected, abandoned, duplicate) and route (none: no route was chosen).",
@@ -269,6 +273,11 @@ class RelayMetrics:
             "relay_quota_reservations_total", "Units (recipients) asked of reserve.lua, by "
             "result (error: Redis failed).", ["result"], registry=r),
             [(result,) for result in RESERVE_RESULTS])
+        self.suppressed = Children(Counter(
+            "relay_recipients_suppressed_total", "Recipients refused (or, at the end of DATA, "
+            "dropped from the message) because they are on the suppression list, by the "
+            "entry's reason and scope (user: the sender's own list; global).",
+            ["reason", "scope"], registry=r), _product(SUPPRESSION_REASONS, SUPPRESSION_SCOPES))
         self.units_committed = Counter(
             "relay_quota_units_committed_total", "Units made final after the upstream's 250 "
             "(commit.lua).", registry=r)

@@ -30,6 +30,7 @@ from relay.decisions.quota import QuotaStore
 from relay.decisions.settle import LateSettlements
 from relay.decisions.shadow_counts import ShadowCounts
 from relay.decisions.shadow_trial import Recorder, ShadowTrial, open_trial
+from relay.decisions.suppression import SuppressionStore
 from relay.delivery.capture import CaptureUpstream
 from relay.delivery.credentials import CredentialStore, load_key
 from relay.delivery.pool import SmtpUpstream
@@ -47,6 +48,7 @@ from relay.smtp.hooks import RelayHandler
 from relay.smtp.listeners import listen, make_factory
 from relay.smtp.proxy import ProxyPolicy
 from relay.smtp.resubmission import Resubmissions
+from relay.smtp.screening import RecipientScreen
 from relay.smtp.services import Services
 from relay.smtp.shutdown import SessionTracker
 from relay.smtp.tls import ensure_dev_certificate, server_context
@@ -133,6 +135,8 @@ class RelayApp:
             accounts=self.accounts,
             services=Services(quota=self.quota, events=self.events, routes=self.routes,
                               policies=self.policies, max_recipients=settings.max_recipients,
+                              screen=RecipientScreen(SuppressionStore(redis), self.quota,
+                                                     self.metrics),
                               metrics=self.metrics, settlements=self.settlements,
                               clock=self.clock,
                               links=UnsubscribeLinks(settings.public_url, lambda: load_link_secret(

@@ -15,6 +15,7 @@ from relay.delivery.upstream import UpstreamSession
 from relay.events import stream as events
 from relay.observe.metrics import RelayMetrics, detached
 from relay.smtp.resubmission import Resubmissions
+from relay.smtp.screening import RecipientScreen
 from relay.smtp.unsubscribe import UnsubscribeLinks, detached_links
 
 
@@ -27,6 +28,8 @@ class Services:
     routes: RouteUpstreams
     policies: Policies
     max_recipients: int
+    # The suppression list, checked before a recipient costs a unit.
+    screen: RecipientScreen
     metrics: RelayMetrics = field(default_factory=detached)
     # Where a commit or refund that met Redis away goes to be written later; None (tests of
     # the transaction alone) logs it as unreconciled at once.

@@ -149,11 +149,14 @@ class Transaction:
         rcpt_no = self._next_rcpt
         if self._opened.route.counted:
             try:
-                await self._reserve(rcpt_no)
+                await self._reserve(rcpt_no, address)
             except QuotaExceededError as refusal:
                 await self._publish(events.REJECTED, recipient=address,
                                     smtp_code=refusal.code, reply=refusal.reply)
                 raise
+        else:  # no reservation to fold the user's list into: both lists at once
+            await self._services.screen.at_rcpt(self.user.id, self.period.label, address,
+                                                self.log)
         try:
             await self._opened.session.rcpt(address, options)
         except RelayError:
@@ -163,11 +166,15 @@ class Transaction:
             raise
         return rcpt_no
 
-    async def _reserve(self, rcpt_nos: int | list[int]) -> None:
-        """Reserve units (all or nothing); raises the over-limit or account refusal."""
+    async def _reserve(self, rcpt_nos: int | list[int], address: str | None = None) -> None:
+        """Reserve units (all or nothing); raises the over-limit or account refusal, or, for
+        an ``address`` on the suppression list (global, then the user's in reserve.lua),
+        the suppression refusal."""
+        recipient = "" if address is None else await self._services.screen.before_reserve(
+            self.user.id, self.period.label, address, self.log)
         result = await self._services.quota.reserve(
             self.user.id, self.period.label, self.txn_id, rcpt_nos,
-            self._policies.plan_limits())
+            self._policies.plan_limits(), recipient=recipient)
         self._last_used, self._last_limit = result.used, result.limit
         self._shadow.reserved(result, rcpt_nos)
         self._raise_for(result)
@@ -207,6 +214,8 @@ class Transaction:
         trace += await self._unsubscribe_fields(message)
         if self.deferred:
             try:
+                # Suppressed recipients leave the message before anything is claimed.
+                await self._drop_suppressed()
                 self._sending = await self._claims.claim(
                     header, list(zip(self.accepted, itertools.count(1))))
                 if not self._sending:
@@ -324,6 +333,22 @@ class Transaction:
         self.state = State.DONE
         self._finish("duplicate", MESSAGE_ACCEPTED_CODE, size)
         return "duplicate"
+
+    async def _drop_suppressed(self) -> None:
+        """Recipients on the suppression list leave a message decided at the end of DATA:
+        not sent, not counted; a timeline app hears of each (timeline.email_failed, reason
+        suppressed) so its SmartPlan moves on. None left: the message is refused whole."""
+        self.accepted, dropped = await self._services.screen.drop(
+            self.user.id, self.period.label, self.accepted, self.log)
+        self.refused += len(dropped)
+        for address, refusal in dropped.items():
+            if self._app.timeline:
+                await self._publish(events.TIMELINE_EMAIL_FAILED, recipient=address,
+                                    reason="suppressed", suppression=refusal.suppression,
+                                    smtp_code=refusal.code, reply=refusal.reply,
+                                    **self._controls.ids())
+        if dropped and not self.accepted:
+            raise next(iter(dropped.values()))
 
     async def _refuse_whole(self, refusal: RelayError,
                             recipients: list[str] | None = None) -> None:

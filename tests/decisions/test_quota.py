@@ -23,15 +23,18 @@ from relay.decisions.quota import (
     Usage,
     refusal_for,
 )
+from relay.decisions.suppression import SuppressionReason, SuppressionStore
 from relay.errors import (
     PlanMisconfiguredError,
     QuotaExceededError,
+    RecipientSuppressedError,
     RelayError,
     StoreUnavailableError,
     UnknownSenderError,
     UserDisabledError,
 )
 from relay.identity.accounts import DISABLED, AccountStore
+from relay.observe.metrics import RelayMetrics
 from relay.store import keys
 from relay.store.client import connect_redis
 from tests.conftest import POLICIES, RedisServer
@@ -462,3 +465,112 @@ def test_refusal_for_names_the_refusal_of_each_status() -> None:
     final = refusal(ReserveStatus.OVER_LIMIT, permanent=True)
     assert isinstance(final, QuotaExceededError) and final.permanent
     assert "December 1, 2026" in final.reply
+
+
+def test_refusal_for_suppressed_names_the_reason() -> None:
+    """A SUPPRESSED reservation is refused permanently with its entry's reason, whatever
+    the over-limit policy says."""
+    result = refusal_for(Reservation(ReserveStatus.SUPPRESSED, 1, 3,
+                                     SuppressionReason.UNSUBSCRIBE),
+                         over_limit=load_policies(POLICIES).over_limit, permanent=False,
+                         resets_on="December 1, 2026")
+    assert isinstance(result, RecipientSuppressedError)
+    assert result.reply == "550 5.7.1 Recipient has unsubscribed from this sender"
+    assert (result.suppression, result.scope) == ("unsubscribe", "user")
+
+
+# -- reserve.lua and the user's suppression list -----------------------------------------------
+async def suppress(redis_client: aioredis.Redis, address: str, reason: SuppressionReason,
+                   user_id: str | None = UID) -> None:
+    await SuppressionStore(redis_client).add(address, user_id=user_id, reason=reason,
+                                             source="test", at=1)
+
+
+@pytest.mark.parametrize(("used_before", "plan"), [(0, "free"), (3, "free"), (0, "gold")],
+                         ids=["under the limit", "at the limit", "unknown plan"])
+async def test_quota_reserve_suppressed_recipient_takes_nothing_and_is_counted(
+        redis_client: aioredis.Redis, used_before: int, plan: str) -> None:
+    """A recipient on the user's list is SUPPRESSED with the entry's reason whatever the
+    count and the plan: no unit taken, no reservation written; the month's usage counts it
+    (suppressed, suppressed:<reason>), as do the metrics by reason and scope."""
+    metrics = RelayMetrics()
+    quota = QuotaStore(redis_client, metrics)
+    await make_user(redis_client, plan=plan)
+    if used_before:
+        await set_used(redis_client, NOV, used_before)
+    await suppress(redis_client, "gone@example.test", SuppressionReason.COMPLAINT)
+    result = await quota.reserve(UID, NOV, "txn1", 1, PLANS, recipient="gone@example.test")
+    assert result == Reservation(ReserveStatus.SUPPRESSED, used_before,
+                                 0 if plan == "gold" else 3, SuppressionReason.COMPLAINT)
+    assert not await redis_client.exists(keys.reservations(UID, "txn1"))
+    usage = await quota.usage(UID, NOV)
+    assert (usage.used, usage.suppressed, usage.suppressed_reasons) == (
+        used_before, 1, {"complaint": 1})
+    assert 0 < await redis_client.ttl(keys.usage(UID, NOV)) <= USAGE_TTL_SECONDS
+    sample = metrics.registry.get_sample_value
+    assert sample("relay_recipients_suppressed_total",
+                  {"reason": "complaint", "scope": "user"}) == 1
+    assert sample("relay_quota_reservations_total", {"result": "suppressed"}) == 1
+
+
+async def test_quota_reserve_checks_only_the_named_recipient_on_the_users_own_list(
+        redis_client: aioredis.Redis, quota: QuotaStore) -> None:
+    """Another address, another user's entry, a global entry (read before the script, not
+    by it) and an empty recipient (not checked) are all reserved; an address written in
+    another case is the same entry once normalised by the caller."""
+    await make_user(redis_client, plan="pro")
+    await suppress(redis_client, "gone@example.test", SuppressionReason.UNSUBSCRIBE)
+    await suppress(redis_client, "theirs@example.test", SuppressionReason.UNSUBSCRIBE,
+                   user_id="u-other")
+    await suppress(redis_client, "bounced@example.test", SuppressionReason.BOUNCE,
+                   user_id=None)
+    for n, recipient in enumerate(["kept@example.test", "theirs@example.test",
+                                   "bounced@example.test", ""], start=1):
+        result = await quota.reserve(UID, NOV, "t", n, PLANS, recipient=recipient)
+        assert result.status is ReserveStatus.RESERVED, recipient
+    suppressed = await quota.reserve(UID, NOV, "t", 5, PLANS, recipient="gone@example.test")
+    assert (suppressed.status, suppressed.suppressed) == (ReserveStatus.SUPPRESSED,
+                                                          SuppressionReason.UNSUBSCRIBE)
+    assert (await quota.usage(UID, NOV)).used == 4
+
+
+async def test_quota_reserve_account_refusals_come_before_the_list(
+        redis_client: aioredis.Redis, quota: QuotaStore) -> None:
+    """A disabled or missing user is refused as such even for a suppressed recipient, and
+    nothing is counted as suppressed."""
+    await suppress(redis_client, "gone@example.test", SuppressionReason.MANUAL)
+    missing = await quota.reserve(UID, NOV, "t", 1, PLANS, recipient="gone@example.test")
+    assert missing.status is ReserveStatus.USER_MISSING
+    await make_user(redis_client)
+    await AccountStore(redis_client).set_user_status(UID, DISABLED)
+    disabled = await quota.reserve(UID, NOV, "t", 1, PLANS, recipient="gone@example.test")
+    assert disabled.status is ReserveStatus.USER_DISABLED
+    assert (await quota.usage(UID, NOV)).suppressed == 0
+
+
+async def test_quota_reserve_an_entry_of_unknown_reason_is_manual(
+        redis_client: aioredis.Redis, quota: QuotaStore) -> None:
+    """An entry written by hand with a reason this relay does not know still suppresses,
+    read as manual."""
+    await make_user(redis_client)
+    await redis_client.hset(keys.suppressions(UID), "odd@example.test", "legal\tops\t1")
+    result = await quota.reserve(UID, NOV, "t", 1, PLANS, recipient="odd@example.test")
+    assert (result.status, result.suppressed) == (ReserveStatus.SUPPRESSED,
+                                                  SuppressionReason.MANUAL)
+
+
+async def test_quota_count_suppressed_adds_to_the_months_usage(
+        redis_client: aioredis.Redis, quota: QuotaStore) -> None:
+    """count_suppressed adds one per reason given (and nothing for none) to the month's
+    usage, beside what reserve.lua counted; "used" is untouched."""
+    await make_user(redis_client)
+    await suppress(redis_client, "gone@example.test", SuppressionReason.UNSUBSCRIBE)
+    await quota.reserve(UID, NOV, "t", 1, PLANS, recipient="gone@example.test")
+    await quota.count_suppressed(UID, NOV, [SuppressionReason.BOUNCE,
+                                            SuppressionReason.UNSUBSCRIBE,
+                                            SuppressionReason.BOUNCE])
+    await quota.count_suppressed(UID, NOV, [])
+    usage = await quota.usage(UID, NOV)
+    assert (usage.used, usage.suppressed, usage.suppressed_reasons) == (
+        0, 4, {"unsubscribe": 2, "bounce": 2})
+    assert 0 < await redis_client.ttl(keys.usage(UID, NOV)) <= USAGE_TTL_SECONDS

@@ -9,6 +9,7 @@ from relay.decisions.suppression import (
     Suppression,
     SuppressionReason,
     SuppressionStore,
+    reason_of,
 )
 from relay.store import keys
 
@@ -53,3 +54,43 @@ async def test_replace_remove_and_list(redis_client: aioredis.Redis) -> None:
     assert await store.remove("c@example.com", user_id="u-3") is False
     assert len(await store.listing(user_id="u-3")) == 2
     assert await store.add_many([]) == 0
+
+
+async def test_check_reads_both_scopes_global_first(redis_client: aioredis.Redis) -> None:
+    """check: the global entry when there is one (it names the wider refusal), else the
+    user's own; nothing for an address on neither list or on another user's."""
+    store = SuppressionStore(redis_client)
+    await store.add("both@example.com", user_id="u-1", reason=SuppressionReason.UNSUBSCRIBE,
+                    source="cli", at=1)
+    await store.add("both@example.com", user_id=None, reason=SuppressionReason.COMPLAINT,
+                    source="mandrill", at=2)
+    await store.add("own@example.com", user_id="u-1", reason=SuppressionReason.UNSUBSCRIBE,
+                    source="one-click", at=3)
+    both = await store.check("Both@Example.com", user_id="u-1")
+    assert both == Suppression("both@example.com", None, SuppressionReason.COMPLAINT,
+                               "mandrill", 2)
+    own = await store.check("own@example.com", user_id="u-1")
+    assert own is not None and own.scope == "u-1"
+    assert await store.check("own@example.com", user_id="u-2") is None
+    assert await store.check("free@example.com", user_id="u-1") is None
+
+
+async def test_check_many_keys_hits_by_normalised_address(
+        redis_client: aioredis.Redis) -> None:
+    """check_many answers every address at once (repeats and case folded), hits only."""
+    store = SuppressionStore(redis_client)
+    await store.add("a@example.com", user_id="u-1", reason=SuppressionReason.MANUAL,
+                    source="cli", at=1)
+    await store.add("b@example.com", user_id=None, reason=SuppressionReason.BOUNCE,
+                    source="cli", at=1)
+    found = await store.check_many(["A@example.com", "b@example.com", "c@example.com",
+                                    "a@example.com"], user_id="u-1")
+    assert {address: (e.reason.value, e.scope) for address, e in found.items()} == {
+        "a@example.com": ("manual", "u-1"), "b@example.com": ("bounce", GLOBAL)}
+    assert await store.check_many([], user_id="u-1") == {}
+
+
+def test_reason_of_an_unknown_reason_is_manual() -> None:
+    """An entry's reason this relay does not know reads as manual (still suppressed)."""
+    assert reason_of("bounce") is SuppressionReason.BOUNCE
+    assert reason_of("legal-hold") is SuppressionReason.MANUAL

@@ -43,14 +43,17 @@ async def seed(redis_client: aioredis.Redis, user_id: str, period: str,
 
 async def test_usage_report_has_every_field(
         redis_client: aioredis.Redis, accounts: AccountStore, clock: MutableClock) -> None:
-    """Plan, limit, used, delivered, in flight, remaining, percent, reset, thresholds of the
-    current limit, the pending change, the forecast and six previous months (each with its
-    plan and limit: none recorded here, so today's, said so), exactly."""
+    """Plan, limit, used, delivered, in flight, recipients refused as suppressed (by reason),
+    remaining, percent, reset, thresholds of the current limit, the pending change, the
+    forecast and six previous months (each with its plan and limit: none recorded here, so
+    today's, said so), exactly."""
     user = await add_user(accounts, plan="plus")
     admin = make_admin(redis_client, clock)
     assert (await admin.change_plan(user.id, "free", by="billing"))["outcome"] == "downgrade"
     await seed(redis_client, user.id, "2026-11", used=8600, delivered=8500, n_5000_80=4000,
                n_5000_85=4250, n_5000_90=4500, n_10000_80=8000, n_10000_85=8500)
+    await redis_client.hset(keys.usage(user.id, "2026-11"), mapping={
+        "suppressed": 5, "suppressed:unsubscribe": 3, "suppressed:bounce": 2})
     await seed(redis_client, user.id, "2026-10", used=4000, delivered=4000)
     await seed(redis_client, user.id, "2026-08", used=12, delivered=10)
     await seed(redis_client, user.id, "2026-05", used=1, delivered=1)
@@ -64,6 +67,7 @@ async def test_usage_report_has_every_field(
         "plan": "plus", "custom_limit": None, "limit": 10_000, "terms_source": "in_force",
         "period": "2026-11", "tz": "UTC",
         "used": 8600, "delivered": 8500, "in_flight": 100, "routes": {},
+        "suppressed": 5, "suppressed_reasons": {"bounce": 2, "unsubscribe": 3},
         "remaining": 1400, "percent": 86.0,
         "resets_at": "2026-12-01T00:00:00+00:00",
         "thresholds_notified": [80, 85],
@@ -255,7 +259,8 @@ def _report(**changes: Any) -> dict[str, Any]:
         "user_id": "u-1", "email": "agent@kw.test", "status": "active", "plan": "plus",
         "custom_limit": None, "limit": 10_000, "terms_source": "in_force",
         "period": "2026-11", "tz": "UTC",
-        "used": 8600, "delivered": 8500, "in_flight": 100, "routes": {}, "remaining": 1400,
+        "used": 8600, "delivered": 8500, "in_flight": 100, "routes": {}, "suppressed": 0,
+        "suppressed_reasons": {}, "remaining": 1400,
         "percent": 86.0, "resets_at": "2026-12-01T00:00:00+00:00",
         "thresholds_notified": [80, 85],
         "pending_change": {"plan": "free", "custom_limit": None, "effective_from": "2026-12"},
@@ -313,6 +318,15 @@ def test_usage_format_report_custom_limits_and_unknown_plans() -> None:
         "  2026-11 (UTC): used 5 of ? (plan not in plans.toml)",
         "  resets 2026-12-01T00:00:00+00:00",
     ]
+
+
+def test_usage_format_report_shows_recipients_refused_as_suppressed() -> None:
+    """Recipients refused as suppressed this month get a line of their own, by reason;
+    none, no line (the bare report above)."""
+    lines = format_report(_report(suppressed=1234, suppressed_reasons={
+        "bounce": 4, "unsubscribe": 1230})).splitlines()
+    assert lines[3] == "  refused as suppressed: 1,234 (bounce 4, unsubscribe 1,230)"
+    assert not any("suppressed" in line for line in format_report(_report()).splitlines())
 
 
 async def test_usage_format_report_of_a_real_pending_downgrade(

@@ -23,19 +23,23 @@ from relay.admin.operations import Admin, AdminError
 from relay.config.policies import load_policies
 from relay.decisions.months import SystemClock
 from relay.decisions.quota import QuotaStore, ReserveStatus
+from relay.decisions.suppression import GLOBAL, SuppressionReason, SuppressionStore
 from relay.delivery.credentials import CredentialStore, RouteCredentials
 from relay.events.channels import DeliveryError
 from relay.events.notifier import Notifier
 from relay.events.stream import THRESHOLD, Event, EventLog, new_event
 from relay.identity.accounts import AccountStore
+from relay.process.wiring import RelayApp
 from relay.store import keys
 from relay.store.client import close_redis, connect_redis
 from tests.conftest import (
     PASSWORD,
     POLICIES,
     CapturingUpstream,
+    RelayFactory,
     add_user,
     message,
+    smtp_client,
     wait_for,
 )
 from tests.redis_topology import RedisClusterNodes, RelayProcess
@@ -92,7 +96,7 @@ def test_cluster_every_key_of_one_user_is_in_one_slot() -> None:
             keys.user(user_id), keys.user_senders(user_id), keys.usage(user_id, "2026-11"),
             keys.usage(user_id, "2027-01"), keys.reservations(user_id, "t1"),
             keys.reservations(user_id, "t2"), keys.audit(user_id),
-            keys.route_credentials(user_id, "mailchimp"))}
+            keys.route_credentials(user_id, "mailchimp"), keys.suppressions(user_id))}
         assert slots == {key_slot(user_id.encode())}
 
 
@@ -194,6 +198,50 @@ async def test_cluster_quota_scripts_run_on_each_master_and_reload_after_script_
             await cluster_client.delete(keys.usage(user_id, "2026-11"))
         await cluster_client.script_flush()  # on every master
     assert len({await owner(cluster_client, keys.user(u)) for u in ids}) == 3
+
+
+async def test_cluster_suppression_checked_on_each_master(
+        cluster_client: RedisCluster, make_relay: RelayFactory, upstream: CapturingUpstream,
+        ) -> None:
+    """The suppression list on a cluster: reserve.lua reads each user's own list in the
+    user's slot on three masters; the global list (a slot of its own) and both scopes in one
+    pipeline across slots answer; and a relay on the cluster refuses a user's and a global
+    entry at RCPT with their replies, delivering the rest, counting nothing but the
+    refusals."""
+    accounts = AccountStore(cluster_client)
+    quota = QuotaStore(cluster_client)
+    store = SuppressionStore(cluster_client)
+    ids = await ids_on_distinct_masters(cluster_client, 3)
+    for n, user_id in enumerate(ids):
+        await add_user(accounts, f"agent{n}@kw.test", limit=5, user_id=user_id)
+        await store.add("gone@example.test", user_id=user_id,
+                        reason=SuppressionReason.UNSUBSCRIBE, source="test")
+    await store.add("bounced@example.test", user_id=None, reason=SuppressionReason.BOUNCE,
+                    source="test")
+    for user_id in ids:
+        result = await quota.reserve(user_id, "2026-11", "t", 1, PLANS,
+                                     recipient="gone@example.test")
+        assert (result.status, result.suppressed) == (ReserveStatus.SUPPRESSED,
+                                                      SuppressionReason.UNSUBSCRIBE)
+        found = await store.check_many(["gone@example.test", "bounced@example.test",
+                                        "kept@example.test"], user_id=user_id)
+        assert {a: e.scope for a, e in found.items()} == {
+            "gone@example.test": user_id, "bounced@example.test": GLOBAL}
+        await quota.count_suppressed(user_id, "2026-11", [SuppressionReason.BOUNCE])
+        usage = await quota.usage(user_id, "2026-11")
+        assert (usage.used, usage.suppressed) == (0, 2)
+
+    relay: RelayApp = await make_relay(upstream=upstream, redis=cluster_client)
+    async with smtp_client(relay, login="agent0@kw.test") as client:
+        refused, _ = await client.sendmail(
+            "agent0@kw.test", ["gone@example.test", "bounced@example.test",
+                               "kept@example.test"], message("agent0@kw.test"))
+    assert {a: f"{r.code} {r.message}" for a, r in refused.items()} == {
+        "gone@example.test": "550 5.7.1 Recipient has unsubscribed from this sender",
+        "bounced@example.test": "550 5.7.1 Recipient address bounced permanently before"}
+    assert [m.rcpt_tos for m in upstream.messages] == [["kept@example.test"]]
+    usage = await quota.usage(ids[0], "2026-11")  # the relay's clock: November 2026
+    assert (usage.used, usage.delivered, usage.suppressed) == (1, 1, 4)
 
 
 class Recording:

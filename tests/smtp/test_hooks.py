@@ -15,13 +15,16 @@ from relay.config.policies import load_policies
 from relay.config.settings import Settings
 from relay.decisions.months import SystemClock
 from relay.decisions.quota import QuotaStore
+from relay.decisions.suppression import SuppressionStore
 from relay.delivery.capture import CaptureUpstream
 from relay.delivery.credentials import CredentialStore
 from relay.events.stream import EventLog
 from relay.identity.accounts import AccountStore
+from relay.observe.metrics import detached
 from relay.process.wiring import make_routes
 from relay.smtp.hooks import RelayHandler, hook_names
 from relay.smtp.listeners import make_factory
+from relay.smtp.screening import RecipientScreen
 from relay.smtp.services import Services
 from tests.conftest import POLICIES
 
@@ -44,8 +47,10 @@ def make_handler(redis_client: aioredis.Redis, tmp_path: Path) -> RelayHandler:
     policies = load_policies(POLICIES)
     credentials = CredentialStore(redis_client, Fernet.generate_key())
     routes = make_routes(settings, policies, CaptureUpstream(tmp_path / "capture"), credentials)
-    services = Services(quota=QuotaStore(redis_client), events=EventLog(redis_client),
-                        routes=routes, policies=policies, max_recipients=10)
+    quota = QuotaStore(redis_client)
+    screen = RecipientScreen(SuppressionStore(redis_client), quota, detached())
+    services = Services(quota=quota, events=EventLog(redis_client), routes=routes,
+                        policies=policies, max_recipients=10, screen=screen)
     return RelayHandler(accounts=AccountStore(redis_client), services=services,
                         clock=SystemClock(), hostname="relay.test", default_tz="UTC")
 

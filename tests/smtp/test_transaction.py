@@ -24,6 +24,7 @@ from relay.config.policies import Policies, load_policies
 from relay.config.zones import zone
 from relay.decisions.months import period_at
 from relay.decisions.quota import QuotaStore
+from relay.decisions.suppression import SuppressionStore
 from relay.delivery.credentials import CredentialStore
 from relay.delivery.pool import SmtpUpstream
 from relay.delivery.routes import RouteUpstreams
@@ -36,6 +37,8 @@ from relay.errors import (
 from relay.events.stream import REJECTED, TIMELINE_EMAIL_FAILED, EventLog
 from relay.identity.accounts import AccountStore, AppPrincipal, Principal, User, UserPrincipal
 from relay.message.wire import WireMessage, stuff
+from relay.observe.metrics import detached
+from relay.smtp.screening import RecipientScreen
 from relay.smtp.services import Opened, Services
 from relay.smtp.transaction import State, Transaction
 from tests.conftest import POLICIES, CapturingUpstream, MutableClock, add_user, message
@@ -84,8 +87,10 @@ def services_for(redis: aioredis.Redis, policies: Policies, pool: SmtpUpstream, 
     routes = RouteUpstreams(policies.routing, default=pool, targets={},
                             credentials=CredentialStore(redis, Fernet.generate_key()),
                             pool_size=2, timeout=5, hostname="relay.test", tls_verify=False)
-    return Services(quota=QuotaStore(redis), events=EventLog(redis), routes=routes,
-                    policies=policies, max_recipients=max_recipients)
+    quota = QuotaStore(redis)
+    return Services(quota=quota, events=EventLog(redis), routes=routes, policies=policies,
+                    max_recipients=max_recipients,
+                    screen=RecipientScreen(SuppressionStore(redis), quota, detached()))
 
 
 @pytest.fixture

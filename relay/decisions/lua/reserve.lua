@@ -18,13 +18,17 @@ KEYS[1]  relay:user:{uid}            hash: status, plan, limit, pending_plan/lim
 KEYS[2]  relay:usage:{uid}:YYYY-MM   hash: used (reserved + delivered), delivered,
                                            plan, limit, custom_limit (the month's terms)
 KEYS[3]  relay:resv:{uid}:TXN        hash: recipient number -> 1 (this transaction's open units)
+KEYS[4]  relay:supp:{uid}            hash: the user's suppression list, normalised address ->
+                                     "reason<TAB>source<TAB>unix seconds"
 ARGV[1]  recipient numbers within the transaction (fields of KEYS[3]), space separated
 ARGV[2]  TTL of the usage hash, seconds (kept for usage history, then expires)
 ARGV[3]  TTL of the reservation hash, seconds (outlives any transaction; left for reconciling)
 ARGV[4]  the month, YYYY-MM (selects a pending plan change that has come due)
-ARGV[5..] plan limits as pairs: plan name, sends per month
+ARGV[5]  the recipient's normalised address, looked up in KEYS[4]; "" to skip the check (the
+         recipients of a message decided at the end of DATA are checked before this script)
+ARGV[6..] plan limits as pairs: plan name, sends per month
 
-Returns {status, used, limit}
+Returns {status, used, limit} (and the reason, for SUPPRESSED)
   status
     0 RESERVED          the units taken; used includes them
     1 OVER_LIMIT        nothing taken; used + units > limit
@@ -32,8 +36,11 @@ Returns {status, used, limit}
     3 USER_DISABLED
     4 USER_MISSING
     5 UNKNOWN_PLAN      the plan in force is not in plans.toml and there is no custom limit
+    6 SUPPRESSED        nothing taken: ARGV[5] is on the user's list; the 4th element is the
+                        entry's reason. Counted in KEYS[2]: suppressed, suppressed:<reason>
+                        (whatever the limit: a suppressed recipient costs no unit)
 ]]
-local PLANS = 5
+local PLANS = 6
 local state, plan, custom = terms(KEYS[1], ARGV[4])
 if state == 'missing' then
   return {4, 0, 0}
@@ -42,10 +49,20 @@ if state == 'disabled' then
   return {3, 0, 0}
 end
 local limit = tonumber(custom) or plan_limit(plan, PLANS)
+local used = tonumber(redis.call('HGET', KEYS[2], 'used') or '0')
+if ARGV[5] ~= '' then
+  local entry = redis.call('HGET', KEYS[4], ARGV[5])
+  if entry then
+    local reason = string.match(entry, '^[^\t]+') or 'manual'
+    redis.call('HINCRBY', KEYS[2], 'suppressed', 1)
+    redis.call('HINCRBY', KEYS[2], 'suppressed:' .. reason, 1)
+    redis.call('EXPIRE', KEYS[2], ARGV[2])
+    return {6, used, limit or 0, reason}
+  end
+end
 if not limit then
   return {5, 0, 0}
 end
-local used = tonumber(redis.call('HGET', KEYS[2], 'used') or '0')
 local fresh = {}
 for number in string.gmatch(ARGV[1], '%d+') do
   if redis.call('HEXISTS', KEYS[3], number) == 0 then
