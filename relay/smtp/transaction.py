@@ -214,13 +214,14 @@ class Transaction:
         trace += await self._unsubscribe_fields(message)
         if self.deferred:
             try:
+                route = self._choose_at_data()
                 # Suppressed recipients leave the message before anything is claimed.
                 await self._drop_suppressed()
                 self._sending = await self._claims.claim(
                     header, list(zip(self.accepted, itertools.count(1))))
                 if not self._sending:
                     return self._duplicate(len(message))
-                await self._open_at_data()
+                await self._open_at_data(route)
             except RelayError as exc:
                 self.state = State.DONE
                 await self._claims.conclude("released")
@@ -251,14 +252,9 @@ class Transaction:
             self._finish("failed", exc.code, len(message))
             raise
 
-    async def _open_at_data(self) -> None:
-        """Choose the route with the headers in hand, reserve every recipient at once (on a
-        counted route: before anything is asked of the upstream, so an over-limit message
-        costs it nothing), open the route, and mirror the recipients (all must be accepted).
-
-        A failover never changes whether a route is counted (checked on load), so the
-        reservation made for the chosen route holds for the route actually used.
-        """
+    def _choose_at_data(self) -> Route:
+        """The route, chosen with the headers in hand (events about the message name it from
+        here on); RouteRefusedError when the rules refuse it."""
         decision = choose_route(self._policies.routing, app=self.principal.app,
                                 preference=self.user.preferences.get(self.principal.app),
                                 header=self._controls.route)
@@ -268,10 +264,20 @@ class Transaction:
         if decision.route is None:
             raise RouteRefusedError(decision.refusal)
         self._chosen = decision.route
+        return decision.route
+
+    async def _open_at_data(self, route: Route) -> None:
+        """Reserve every recipient at once (on a counted route: before anything is asked of
+        the upstream, so an over-limit message costs it nothing), open the route, and mirror
+        the recipients (all must be accepted).
+
+        A failover never changes whether a route is counted (checked on load), so the
+        reservation made for the chosen route holds for the route actually used.
+        """
         numbers = [number for _, number in self._sending]
         self._next_rcpt = len(self.accepted)
         self._accepted_nos = numbers
-        if decision.route.counted:
+        if route.counted:
             try:
                 await self._reserve(numbers)
             except StoreUnavailableError:
@@ -282,7 +288,7 @@ class Transaction:
                     "refund", self.user.id, self.period.label, self.txn_id, self.log))
                 raise
         try:
-            await self._open(decision.route, [address for address, _ in self._sending])
+            await self._open(route, [address for address, _ in self._sending])
         except RelayError:
             await self._refund_all()
             raise
