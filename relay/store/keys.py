@@ -106,3 +106,11 @@ def global_suppressions() -> str:
     complaint): normalised address -> ``reason<TAB>source<TAB>unix seconds``. One key in one
     Cluster slot, read with single-key commands only."""
     return f"{PREFIX}:supp:global"
+
+
+def webhook_event(provider: str, digest: str) -> str:
+    """String with a TTL: a provider's event already applied to the suppression list, so a
+    replayed delivery creates nothing (relay/admin/webhooks.py). ``digest``: SHA-256 hex of
+    the event's identity (Mandrill: event, ``_id`` and ``ts``; the Command upstream: its
+    ``id``), so any bytes a provider sends make a short, safe key. Single-key commands only."""
+    return f"{PREFIX}:whevent:{provider}:{digest}"
