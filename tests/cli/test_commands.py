@@ -547,6 +547,7 @@ def test_check_config_lists_the_settings_other_than_the_defaults(tmp_path: Path)
     assert "settings OK: listen 127.0.0.1:2525, redis configured, upstream " \
         "smtp+starttls://u:***@127.0.0.1:587" in head
     assert "metrics: off; notifier metrics: 127.0.0.1:9466" in head
+    assert "public listener: 127.0.0.1:0 (webhooks: mandrill off, command off)" in head
     assert listed.splitlines() == [
         "  RELAY_REDIS_URL=redis://:***@127.0.0.1:6379/0",
         "  RELAY_UPSTREAM_URL=smtp+starttls://u:***@127.0.0.1:587",
