@@ -74,18 +74,18 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        # aiohttp's own refusals (unknown path, wrong method, body too large): the status
-        # and its reason phrase only.
-        response = web.Response(status=exc.status, text=f"{exc.status} {exc.reason}\n")
+        # aiohttp's own refusals (unknown path, wrong method, body too large): the reason
+        # phrase of the status only.
+        response = web.Response(status=exc.status, text=f"{exc.reason}\n")
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
     except StoreUnavailableError:
         log.warning("public.store_unavailable", route=_route(request))
-        response = web.Response(status=503, text="503 try again later\n",
+        response = web.Response(status=503, text="Try again later\n",
                                 headers={"Retry-After": "60"})
     except Exception:
         log.exception("public.error", route=_route(request), method=request.method)
-        response = web.Response(status=500, text="500 internal error\n")
+        response = web.Response(status=500, text="Internal error\n")
     for name, value in HEADERS.items():
         response.headers.setdefault(name, value)
     return response

@@ -22,6 +22,7 @@ provider has recorded it on its own list too.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -193,10 +194,13 @@ class Intake:
         fresh = [(d, e) for (d, e), claimed in zip(entries, claims, strict=True) if claimed]
         tally.replayed += len(entries) - len(fresh)
         try:
-            for reason in SuppressionReason:
-                batch = [e for _, e in fresh if e.reason is reason]
-                if batch:
-                    tally.created[reason.value] = await self._store.add_many(batch)
+            # In the events' time order, so that the latest event of an address wins (a
+            # complaint after a bounce is a complaint), in runs of one reason: each run is one
+            # round trip and says how many of its addresses were new.
+            ordered = sorted((e for _, e in fresh), key=lambda e: e.at)
+            for reason, run in itertools.groupby(ordered, key=lambda e: e.reason):
+                created = await self._store.add_many(run)
+                tally.created[reason.value] = tally.created.get(reason.value, 0) + created
         except StoreUnavailableError:
             try:
                 with store_errors():
@@ -232,7 +236,7 @@ def answer(metrics: RelayMetrics, provider: str, outcome: str, status: int,
 
 def accepted(metrics: RelayMetrics, provider: str, tally: Tally, **fields: object
              ) -> web.Response:
-    """200 for a verified delivery, with what became of its events."""
+    """The answer (200) of a verified delivery, with what became of its events."""
     for result, count in tally.fields().items():
         if result != "received" and count:
             metrics.webhook_events(provider, result).inc(count)

@@ -203,3 +203,18 @@ async def test_command_unconfigured_endpoint_answers_503_once_logged(make_relay,
             answers = [await other.command({"events": []}, now(clock)) for _ in range(2)]
     assert [a.status for a in answers] == [503, 503]
     assert len([e for e in logs if e["event"] == "webhook.unconfigured"]) == 1
+
+
+async def test_command_latest_event_of_an_address_wins(client, store, clock):
+    """Two events of one address in a delivery: the later in time decides the entry,
+    whatever their order in the array (a complaint after a bounce is a complaint)."""
+    at = now(clock) - 100
+    body = {"events": [event("l1", "complaint", "both@example.test", at + 10),
+                       event("l2", "bounce", "both@example.test", at),
+                       event("l3", "bounce", "other@example.test", at + 10),
+                       event("l4", "complaint", "other@example.test", at)]}
+    answer = await client.command(body, now(clock))
+    assert answer.json["recorded"] == 4
+    found = {e.address: (e.reason, e.at) for e in await store.listing(user_id=None)}
+    assert found == {"both@example.test": (SuppressionReason.COMPLAINT, at + 10),
+                     "other@example.test": (SuppressionReason.BOUNCE, at + 10)}

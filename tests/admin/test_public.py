@@ -72,7 +72,7 @@ async def test_public_listener_refusals_say_only_their_status(make_relay) -> Non
         with capture_logs() as logs:
             missing = await client.request("GET", "/secret-looking/path")
             wrong = await client.request("PUT", "/webhooks/command")
-    assert (missing.status, missing.text) == (404, "404 Not Found\n")
+    assert (missing.status, missing.text) == (404, "Not Found\n")
     assert missing.headers["Cache-Control"] == "no-store"
     assert wrong.status == 405 and wrong.headers["Allow"] == "POST"
     assert "secret-looking" not in str(logs)
@@ -124,7 +124,7 @@ async def test_public_server_is_built_from_route_groups() -> None:
         await server.stop()
     assert (hello.status, hello.text) == (200, "hello agent")
     assert hello.headers["X-Content-Type-Options"] == "nosniff"
-    assert (broken.status, broken.text) == (500, "500 internal error\n")
+    assert (broken.status, broken.text) == (500, "Internal error\n")
     [error] = [e for e in logs if e["event"] == "public.error"]
     assert error["route"] == "/broken"
 
