@@ -296,7 +296,9 @@ def base_settings(tmp_path: Path) -> Settings:
     return Settings(listen=Endpoint("127.0.0.1", 0), state_dir=tmp_path / "state",
                     policies_dir=POLICIES, hostname="relay.test", allow_plaintext_auth=True,
                     upstream_timeout=5, redis_timeout=3,
-                    metrics_listen=Endpoint("127.0.0.1", 0))
+                    metrics_listen=Endpoint("127.0.0.1", 0),
+                    # Off unless a test asks for it (Endpoint("127.0.0.1", 0)).
+                    public_listen=None)
 
 
 RelayFactory = Callable[..., Any]

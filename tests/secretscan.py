@@ -71,6 +71,9 @@ STATIC_SECRETS: dict[str, str] = {
     "observe.test_logs.SECRET": "hunter2-in-a-local",
     "flows.test_security.OTHER_PASSWORD": "another user's passphrase 42",
     "fuzzinput.APP_PASSWORD": "fuzz app credential passphrase",
+    "public_http.LINK_SECRET": "link-signing-secret-for-tests-0123",
+    "public_http.MANDRILL_SECRET": "mandrill-webhook-key-0123456789",
+    "public_http.COMMAND_SECRET": "command-webhook-secret-0123456789",
 }
 
 # The settings declared secret (relay/config/settings.py). Those masked by a mask of their

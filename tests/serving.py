@@ -35,15 +35,19 @@ from tests.scraping import get
 from tests.webhooks import WEBHOOK_SECRET
 
 
-def clean_env(*, metrics_ports: bool = True, **relay: str) -> dict[str, str]:
+def clean_env(*, metrics_ports: bool = True, public_port: bool = True,
+              **relay: str) -> dict[str, str]:
     """os.environ without any RELAY_* variable, plus the given RELAY_* settings.
 
     ``metrics_ports``: both metrics listeners on ephemeral ports (tests run in parallel, the
-    default 9465/9466 would collide); off for a test of those settings' own defaults."""
+    default 9465/9466 would collide); off for a test of those settings' own defaults.
+    ``public_port``: the public HTTP listener on an ephemeral port too (its default 8026)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     if metrics_ports:
         env.update(RELAY_METRICS_LISTEN="127.0.0.1:0",
                    RELAY_NOTIFIER_METRICS_LISTEN="127.0.0.1:0")
+    if public_port:
+        env.update(RELAY_PUBLIC_LISTEN="127.0.0.1:0")
     env.update(relay)
     return env
 

@@ -286,6 +286,9 @@ def check_config(settings: Settings) -> None:
     print(describe_shadow(settings, policies))
     print(f"admin API: {settings.admin_listen if settings.admin_token else 'off'}; "
           f"in-app webhook: {'on' if settings.notify_webhook_url else 'off'}")
+    print(f"public listener: {settings.public_listen or 'off'} (webhooks: mandrill "
+          f"{'on' if settings.mandrill_webhook_key else 'off'}, command "
+          f"{'on' if settings.command_webhook_secret else 'off'})")
     print(f"metrics: {settings.metrics_listen or 'off'}; "
           f"notifier metrics: {settings.notifier_metrics_listen or 'off'}")
     changed = settings_changed(settings)

@@ -214,6 +214,27 @@ class Settings:
     admin_token: str | None = setting(
         parse_secret, default=None, secret=True, default_doc="— (API off)",
         doc="bearer token for the admin API (16+ characters)")
+    # -- the public HTTP listener (relay/admin/public.py): one-click unsubscribe and the
+    # providers' event webhooks, reached from outside through a TLS reverse proxy
+    public_listen: Endpoint | None = setting(
+        parse_optional_endpoint, default=Endpoint("127.0.0.1", 8026), blank_is_value=True,
+        doc="plain-HTTP listener for `/unsubscribe/…` (RFC 8058 one-click) and `/webhooks/…` "
+            "(provider events), to put behind an HTTPS reverse proxy (see "
+            "[Deployment](deployment.md#the-public-http-listener)); empty = off")
+    mandrill_webhook_key: str | None = setting(
+        parse_secret, default=None, secret=True, default_doc="— (endpoint off)",
+        doc="the webhook key Mailchimp Transactional shows for the webhook (Settings → "
+            "Webhooks), checked against `X-Mandrill-Signature` on `/webhooks/mandrill`; set "
+            "with `RELAY_MANDRILL_WEBHOOK_URL`")
+    mandrill_webhook_url: str | None = setting(
+        parse_http_url, default=None, secret=True, mask=mask_url,
+        doc="that webhook's URL exactly as registered at Mailchimp Transactional (it is part "
+            "of what is signed; behind a proxy the relay cannot see it), e.g. "
+            "`https://relay.example.com/webhooks/mandrill`")
+    command_webhook_secret: str | None = setting(
+        parse_secret, default=None, secret=True, default_doc="— (endpoint off)",
+        doc="HMAC-SHA256 key of the Command upstream's `X-Relay-Signature` on "
+            "`/webhooks/command` (16+ characters)")
     # -- processes: the drain of a SIGTERM, the workers of serve, the event loop
     drain_timeout: float = setting(
         parse_non_negative_float, default=30.0,
@@ -335,6 +356,9 @@ def _checked(settings: Settings) -> Settings:
         raise SettingsError("notify_webhook_url, notify_webhook_secret: set both or neither")
     if (settings.timeline_webhook_url is None) != (settings.timeline_webhook_secret is None):
         raise SettingsError("timeline_webhook_url, timeline_webhook_secret: set both or neither")
+    if (settings.mandrill_webhook_key is None) != (settings.mandrill_webhook_url is None):
+        raise SettingsError("mandrill_webhook_key, mandrill_webhook_url: set both or neither "
+                            "(the URL as registered is part of what Mandrill signs)")
     if settings.proxy_protocol and not settings.trusted_proxies:
         raise SettingsError("proxy_protocol: needs trusted_proxies, the load balancers' "
                             "addresses or networks (every other peer is refused)")

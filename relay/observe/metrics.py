@@ -72,6 +72,16 @@ UNRECONCILED_REASONS = ("upstream_no_reply", "commit_failed", "refund_failed", "
 UNSUBSCRIBE_POLICIES = ("checks", "refuses", "adds")
 UNSUBSCRIBE_HEADERS = ("List-Unsubscribe", "List-Unsubscribe-Post")
 UNSUBSCRIBE_ADDED = ("added", "kept", "dkim_signed")
+# The public listener (relay/admin/public.py): the webhooks' providers, what became of a
+# delivery (the log event is webhook.<outcome>) and of each event in it, and where suppression
+# entries made there come from.
+WEBHOOK_PROVIDERS = ("mandrill", "command")
+WEBHOOK_OUTCOMES = ("accepted", "replayed", "forged", "stale", "malformed", "too_large",
+                    "unconfigured", "unavailable")
+WEBHOOK_EVENT_RESULTS = ("recorded", "replayed", "ignored", "stale", "unattributed")
+PROVIDED_SUPPRESSION_REASONS = ("unsubscribe", "complaint", "bounce")
+SUPPRESSION_SOURCES = ("mandrill", "command", "one-click")
+UNSUBSCRIBE_OUTCOMES = ("recorded", "already", "invalid", "malformed")
 
 # Buckets in seconds (bytes for sizes), chosen around what each step costs on loopback and in
 # production: Redis in well under a millisecond, an upstream command in milliseconds to
@@ -334,6 +344,27 @@ class RelayMetrics:
             "by result (added; kept: the message had its own List-Unsubscribe; dkim_signed: "
             "an existing DKIM signature covers the absent headers, none added).", ["result"],
             registry=r), [(result,) for result in UNSUBSCRIBE_ADDED])
+
+        self.webhook_deliveries = Children(Counter(
+            "relay_webhook_deliveries_total", "Provider webhook deliveries on the public "
+            "listener, by provider and outcome (the log event webhook.<outcome>).",
+            ["provider", "outcome"], registry=r), _product(WEBHOOK_PROVIDERS, WEBHOOK_OUTCOMES))
+        self.webhook_events = Children(Counter(
+            "relay_webhook_events_total", "Events of authentic deliveries, by provider and "
+            "result (recorded: an entry written; replayed: applied before; ignored: a kind "
+            "that makes no entry; stale: too old; unattributed: an unsubscribe whose user is "
+            "unknown).", ["provider", "result"], registry=r),
+            _product(WEBHOOK_PROVIDERS, WEBHOOK_EVENT_RESULTS))
+        self.suppressions_created = Children(Counter(
+            "relay_suppressions_created_total", "Suppression entries created from the public "
+            "listener (an address that was not in that scope yet), by reason and source.",
+            ["reason", "source"], registry=r),
+            _product(PROVIDED_SUPPRESSION_REASONS, SUPPRESSION_SOURCES))
+        self.unsubscribes = Children(Counter(
+            "relay_unsubscribe_requests_total", "One-click unsubscribe POSTs, by outcome "
+            "(recorded: a new entry; already: the entry existed; invalid: a bad or altered "
+            "link; malformed: no List-Unsubscribe=One-Click in the body).", ["outcome"],
+            registry=r), [(o,) for o in UNSUBSCRIBE_OUTCOMES])
 
         self.failovers = Children(Counter(
             "relay_route_failovers_total", "Transactions sent through a route's failover "

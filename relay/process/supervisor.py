@@ -1,7 +1,7 @@
 """``command-relay serve --workers N``: one supervisor process and N worker processes.
 
 Pre-fork on shared sockets: the supervisor binds the listening sockets (SMTP, SMTPS, admin
-API) once and starts each worker as ``python -m relay serve --worker SPEC`` with those
+API, public HTTP) once and starts each worker as ``python -m relay serve --worker SPEC`` with those
 sockets inherited; every worker runs the whole relay (``app.serve``) on its own event loop
 and accepts from the same sockets. Chosen over SO_REUSEPORT because:
 
@@ -88,6 +88,8 @@ def bind_listeners(settings: Settings) -> dict[str, socket.socket]:
         wanted["smtps_listen"] = settings.smtps_listen
     if settings.admin_token:
         wanted["admin_listen"] = settings.admin_listen
+    if settings.public_listen is not None:
+        wanted["public_listen"] = settings.public_listen
     if settings.metrics_listen is not None:
         wanted["metrics_listen"] = settings.metrics_listen
     bound: dict[str, socket.socket] = {}

@@ -21,6 +21,7 @@ import structlog
 
 from relay.admin.api import AdminServer
 from relay.admin.operations import Admin
+from relay.admin.public import PublicServer, public_groups
 from relay.config.policies import Policies, PolicyError, load_policies
 from relay.config.reload import changed_files, read_policies
 from relay.config.settings import Settings
@@ -101,8 +102,8 @@ class RelayApp:
     """The running relay. ``async with RelayApp(...)`` starts it; leaving stops it.
 
     ``sockets``: listening sockets bound by a supervisor (``relay/process/supervisor.py``),
-    by setting name (``listen``, ``smtps_listen``, ``admin_listen``); without them the
-    relay binds the configured addresses itself.
+    by setting name (``listen``, ``smtps_listen``, ``admin_listen``, ``public_listen``);
+    without them the relay binds the configured addresses itself.
     """
 
     def __init__(self, settings: Settings, redis: RedisClient, *,
@@ -176,6 +177,13 @@ class RelayApp:
             self.admin_server = AdminServer(self.admin, settings.admin_token,
                                             settings.admin_listen,
                                             sock=self._sockets.get("admin_listen"))
+        # One-click unsubscribe and the provider webhooks (relay/admin/public.py).
+        self.public_server: PublicServer | None = None
+        if settings.public_listen is not None:
+            self.public_server = PublicServer(
+                settings.public_listen,
+                public_groups(settings, redis, self.accounts, self.metrics, self.clock),
+                sock=self._sockets.get("public_listen"))
 
     async def start(self) -> None:
         s = self.settings
@@ -226,6 +234,14 @@ class RelayApp:
                     from None
         else:
             log.info("admin_api.disabled", note="set RELAY_ADMIN_TOKEN to enable it")
+        if self.public_server is not None:
+            try:
+                await self.public_server.start()
+            except OSError as exc:
+                self.public_server = None
+                await self.stop()
+                raise StartupError(f"cannot listen for the public HTTP listener "
+                                   f"(public_listen): {exc.strerror or exc}") from None
         if self.metrics_server is not None:
             try:
                 await self.metrics_server.start()
@@ -349,6 +365,8 @@ class RelayApp:
         await self.shadow_counts.close(self.settings.redis_timeout)
         if self.admin_server is not None:
             await self.admin_server.stop()
+        if self.public_server is not None:
+            await self.public_server.stop()
         async with self.reload_lock:  # not while a reload swaps the routes
             await self.routes.close()
         # Last: /readyz keeps answering 503 (draining) while the rest stops.

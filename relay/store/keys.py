@@ -108,6 +108,14 @@ def global_suppressions() -> str:
     return f"{PREFIX}:supp:global"
 
 
+def webhook_event(provider: str, digest: str) -> str:
+    """String with a TTL: a provider's event already applied to the suppression list, so a
+    replayed delivery creates nothing (relay/admin/webhooks.py). ``digest``: SHA-256 hex of
+    the event's identity (Mandrill: event, ``_id`` and ``ts``; the Command upstream: its
+    ``id``), so any bytes a provider sends make a short, safe key. Single-key commands only."""
+    return f"{PREFIX}:whevent:{provider}:{digest}"
+
+
 def dedup(user_id: str, digest: str) -> str:
     """Hash of one message's recipients, for idempotent resubmission: normalised recipient ->
     its state (relay/decisions/lua/claims.lua). ``digest``: the SHA-256 of the message's

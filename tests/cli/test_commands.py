@@ -547,6 +547,7 @@ def test_check_config_lists_the_settings_other_than_the_defaults(tmp_path: Path)
     assert "settings OK: listen 127.0.0.1:2525, redis configured, upstream " \
         "smtp+starttls://u:***@127.0.0.1:587" in head
     assert "metrics: off; notifier metrics: 127.0.0.1:9466" in head
+    assert "public listener: 127.0.0.1:0 (webhooks: mandrill off, command off)" in head
     assert listed.splitlines() == [
         "  RELAY_REDIS_URL=redis://:***@127.0.0.1:6379/0",
         "  RELAY_UPSTREAM_URL=smtp+starttls://u:***@127.0.0.1:587",
@@ -557,13 +558,14 @@ def test_check_config_lists_the_settings_other_than_the_defaults(tmp_path: Path)
         "  RELAY_TRUSTED_PROXIES=10.0.0.0/8, 192.0.2.7/32",
         "  RELAY_ROUTE_MAILCHIMP_URL=smtps://mc:***@127.0.0.1:465",
         "  RELAY_ADMIN_TOKEN=***",
+        "  RELAY_PUBLIC_LISTEN=127.0.0.1:0",
         "  RELAY_METRICS_LISTEN=",
     ]
 
 
 def test_check_config_says_when_every_setting_has_its_default(tmp_path: Path) -> None:
     """With nothing set away from the defaults, check-config says so."""
-    env = clean_env(metrics_ports=False)
+    env = clean_env(metrics_ports=False, public_port=False)
     shutil.copytree(POLICIES, tmp_path / "policies")
     out = ok(run_cli(["check-config"], env, cwd=tmp_path))
     assert out.splitlines()[-1] == "settings other than the defaults: none"

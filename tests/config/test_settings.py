@@ -487,6 +487,9 @@ SECRET_VALUES = {
     "RELAY_TIMELINE_WEBHOOK_SECRET": f"{SECRET}-timeline",
     "RELAY_ADMIN_TOKEN": f"{SECRET}-admin",
     "RELAY_LINK_SECRET": f"{SECRET}-links",
+    "RELAY_MANDRILL_WEBHOOK_KEY": f"{SECRET}-mandrill",
+    "RELAY_MANDRILL_WEBHOOK_URL": f"https://relay:{SECRET}@relay.example.test/webhooks/mandrill",
+    "RELAY_COMMAND_WEBHOOK_SECRET": f"{SECRET}-command",
 }
 
 
