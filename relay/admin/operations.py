@@ -34,6 +34,7 @@ from relay.identity.accounts import (
     User,
     check_address,
 )
+from relay.identity.bulk import BulkAccounts
 from relay.identity.passwords import hash_password
 from relay.store.client import RedisClient
 
@@ -63,6 +64,7 @@ class Admin:
                  default_tz: str, credentials: CredentialStore | None = None) -> None:
         self.credentials = credentials
         self.accounts = AccountStore(redis)
+        self.bulk = BulkAccounts(redis)  # users import (relay/admin/user_import.py)
         self.quota = QuotaStore(redis)
         self.subscriptions = SubscriptionStore(redis)
         self.events = EventLog(redis)
