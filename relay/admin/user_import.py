@@ -26,7 +26,6 @@ import time
 from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 
@@ -39,82 +38,27 @@ from relay.admin.import_rows import (
     format_of,
     numbered_lines,
 )
+from relay.admin.import_summary import (
+    CREATED,
+    REFUSED,
+    UNCHANGED,
+    UPDATED,
+    ImportSummary,
+    LineResult,
+)
 from relay.admin.operations import Admin, AdminError
 from relay.decisions.subscriptions import terms_in_force
 from relay.decisions.usage import user_period
+from relay.errors import StoreUnavailableError
 from relay.identity.accounts import ACTIVE, PendingChange, User
 from relay.identity.bulk import UserWrite
 
 log = structlog.get_logger()
 
 BATCH = 500  # lines per batch: a few round trips for this many users
-DETAILS_KEPT = 1000  # refusals (and, when asked, changes) listed in the summary
 PLAN_CHANGES_IN_FLIGHT = 16
-CREATED, UPDATED, UNCHANGED, REFUSED = "created", "updated", "unchanged", "refused"
-
-
-@dataclass(frozen=True, slots=True)
-class LineResult:
-    """What happened to one line (``user_id`` is None for a user a dry run would create
-    with a generated id)."""
-
-    line: int
-    action: str  # created, updated, unchanged, refused
-    user_id: str | None = None
-    email: str | None = None
-    fields: tuple[str, ...] = ()  # what an update changes: plan, limit, tz, status, senders
-    plan_change: str | None = None  # upgrade, change, downgrade, unchanged (as `plan set`)
-    reason: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        if self.action == REFUSED:
-            return {"line": self.line, "reason": self.reason}
-        found: dict[str, Any] = {"line": self.line, "action": self.action,
-                                 "user_id": self.user_id, "email": self.email}
-        if self.action == UPDATED:
-            found["fields"] = list(self.fields)
-        if self.plan_change is not None:
-            found["plan_change"] = self.plan_change
-        return found
-
-
-@dataclass(slots=True)
-class ImportSummary:
-    dry_run: bool
-    format: str | None = None
-    lines: int = 0  # lines holding a user (neither blank nor the CSV header)
-    created: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    refused: int = 0
-    refusals: list[LineResult] = field(default_factory=list)  # the first DETAILS_KEPT
-    changes: list[LineResult] | None = None  # with keep_changes: the first DETAILS_KEPT
-    seconds: float = 0.0
-
-    def count(self, result: LineResult) -> None:
-        self.lines += 1
-        if result.action == REFUSED:
-            self.refused += 1
-            if len(self.refusals) < DETAILS_KEPT:
-                self.refusals.append(result)
-            return
-        setattr(self, result.action, getattr(self, result.action) + 1)
-        if self.changes is not None and result.action != UNCHANGED \
-                and len(self.changes) < DETAILS_KEPT:
-            self.changes.append(result)
-
-    def to_json(self) -> dict[str, Any]:
-        found: dict[str, Any] = {
-            "dry_run": self.dry_run, "format": self.format, "lines": self.lines,
-            "created": self.created, "updated": self.updated, "unchanged": self.unchanged,
-            "refused": self.refused, "refusals": [r.to_json() for r in self.refusals],
-            "refusals_omitted": self.refused - len(self.refusals),
-            "seconds": round(self.seconds, 3),
-            "users_per_second": round(self.lines / self.seconds) if self.seconds else None}
-        if self.changes is not None:
-            found["changes"] = [c.to_json() for c in self.changes]
-            found["changes_omitted"] = self.created + self.updated - len(self.changes)
-        return found
+RETRIES = 3  # times a batch is run again after Redis failed it
+RETRY_FIRST = 0.5  # seconds before the first retry, doubling
 
 
 @dataclass(slots=True)
@@ -138,6 +82,24 @@ class _Change:
                               None else self.user_id, self.row.email)
         return LineResult(self.row.line, UPDATED, self.user_id, self.row.email, self.changed,
                           self.plan_change)
+
+
+@dataclass(slots=True)
+class _Attempts:
+    """What the attempts at one batch set out to write. A retry reads the batch again, so
+    what a failed attempt wrote reads as unchanged: its results stand for those lines, and
+    the steps that may not have run after it (the users index, the releases) run again."""
+
+    results: dict[int, LineResult] = field(default_factory=dict)
+    created: set[str] = field(default_factory=set)
+    releases: set[tuple[str, str]] = field(default_factory=set)
+
+    def add(self, changes: Sequence[_Change]) -> None:
+        for c in changes:
+            self.results[c.row.line] = c.result(dry_run=False)
+            if c.before is None:
+                self.created.add(c.user_id)
+            self.releases.update((address, c.user_id) for address in c.releases)
 
 
 class _Cut(Exception):
@@ -165,8 +127,8 @@ class UserImport:
 
     async def run(self, chunks: AsyncIterable[bytes], fmt: str | None = None) -> ImportSummary:
         """Import every line of ``chunks`` (the file's bytes) as ``fmt`` (csv, jsonl; None:
-        by its first line). Raises StoreUnavailableError if Redis goes away: what was written
-        stays, and running the same import again finishes it."""
+        by its first line). Raises StoreUnavailableError if Redis stays away (see _batch):
+        what was written stays, and running the same import again finishes it."""
         started = time.perf_counter()
         reader: RowReader | None = None
         batch: list[Row | Refusal] = []
@@ -199,7 +161,36 @@ class UserImport:
     # -- one batch -------------------------------------------------------------------------
     async def _batch(self, items: list[Row | Refusal]) -> list[Row | Refusal]:
         """Apply the lines of ``items`` up to the first that depends on an earlier one;
-        the rest is returned for the next batch."""
+        the rest is returned for the next batch.
+
+        A batch that Redis fails in the middle of (a timeout: a loaded machine, a failover)
+        is run again, from its reads, up to RETRIES times: each step is idempotent (a claim
+        naming the line's own user counts as made, a write already done reads as
+        unchanged), so what the first attempt wrote is simply found done."""
+        attempted = _Attempts()
+        for attempt in range(RETRIES + 1):
+            try:
+                results, later = await self._apply(items, attempted)
+                break
+            except StoreUnavailableError:
+                if attempt == RETRIES:
+                    raise
+                log.warning("users.import_retried", attempt=attempt + 1,
+                            first_line=items[0].line, note="Redis did not answer in time; "
+                            "the batch is run again")
+                await asyncio.sleep(RETRY_FIRST * 2 ** attempt)
+        for result in results:
+            if result.action == UNCHANGED and result.line in attempted.results:
+                result = attempted.results[result.line]
+            self.summary.count(result)
+            if self._on_result is not None:
+                self._on_result(result)
+        if self._on_progress is not None:
+            self._on_progress(self.summary.lines)
+        return later
+
+    async def _apply(self, items: list[Row | Refusal], attempted: _Attempts
+                     ) -> tuple[list[LineResult], list[Row | Refusal]]:
         head = _independent(items)
         items, later = items[:head], items[head:]
         rows = [item for item in items if isinstance(item, Row)]
@@ -221,18 +212,13 @@ class UserImport:
         if self._dry_run:
             self._remember(accepted)
         else:
-            await self._write(accepted)
-        for result in results:
-            if isinstance(result, _Change):
-                reason = refused.get(result.row.line)
-                result = LineResult(result.row.line, REFUSED, reason=reason) if reason \
-                    else result.result(dry_run=self._dry_run)
-            self.summary.count(result)
-            if self._on_result is not None:
-                self._on_result(result)
-        if self._on_progress is not None:
-            self._on_progress(self.summary.lines)
-        return later
+            attempted.add(accepted)
+            await self._write(accepted, attempted)
+        done = [result if not isinstance(result, _Change) else
+                LineResult(result.row.line, REFUSED, reason=refused[result.row.line])
+                if result.row.line in refused else result.result(dry_run=self._dry_run)
+                for result in results]
+        return done, later
 
     async def _read(self, rows: Sequence[Row]
                     ) -> tuple[dict[str, User | None], dict[str, str | None]]:
@@ -381,10 +367,10 @@ class UserImport:
         await bulk.release(give_back)
         return refused
 
-    async def _write(self, changes: Sequence[_Change]) -> None:
-        await self._admin.bulk.write([
-            UserWrite(c.user_id, c.before is None, c.fields, c.claims, c.releases)
-            for c in changes])
+    async def _write(self, changes: Sequence[_Change], attempted: _Attempts) -> None:
+        await self._admin.bulk.write(
+            [UserWrite(c.user_id, c.before is None, c.fields, c.claims, c.releases)
+             for c in changes], index=attempted.created, releases=attempted.releases)
         plan_changes = [c for c in changes if c.plan is not None]
         for start in range(0, len(plan_changes), PLAN_CHANGES_IN_FLIGHT):
             await asyncio.gather(*(self._change_plan(c) for c in

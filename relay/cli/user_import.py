@@ -16,8 +16,9 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from relay.admin.import_rows import CSV, JSON_LINES, format_of
+from relay.admin.import_summary import CREATED, REFUSED, UPDATED, ImportSummary, LineResult
 from relay.admin.operations import Admin
-from relay.admin.user_import import CREATED, REFUSED, UPDATED, ImportSummary, LineResult, UserImport
+from relay.admin.user_import import UserImport
 
 READ_SIZE = 1024 * 1024
 _SUFFIXES = {".csv": CSV, ".jsonl": JSON_LINES, ".ndjson": JSON_LINES, ".json": JSON_LINES}
@@ -70,7 +71,8 @@ def _describe(result: LineResult, dry_run: bool) -> str:
 
 def _text(summary: ImportSummary) -> str:
     s = summary
-    rate = f", {s.lines / s.seconds:,.0f} users/s" if s.seconds and s.lines else ""
+    # A rate over less than a second says more about start-up than about the import.
+    rate = f", {s.lines / s.seconds:,.0f} users/s" if s.seconds >= 1 else ""
     if s.dry_run:
         return (f"dry run, nothing written: {s.lines:,} lines: {s.created:,} to create, "
                 f"{s.updated:,} to update, {s.unchanged:,} unchanged, {s.refused:,} refused "

@@ -17,7 +17,8 @@ the compiled body, so the cost is the few hundred bytes sent.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from relay.identity.accounts import User, user_from_record
@@ -25,9 +26,17 @@ from relay.store import keys
 from relay.store.client import RedisClient, store_errors
 from relay.store.scripts import lua_source
 
-_READ = lua_source("relay.identity", "user.lua")
-_WRITE = lua_source("relay.identity", "write_user.lua")
-_RELEASE = lua_source("relay.identity", "release_sender.lua")
+_COMMENT = re.compile(r"^--\[\[.*?\]\]\n", re.DOTALL)
+
+
+def _body(name: str) -> str:
+    """The script without its opening comment block: it goes with every call (EVAL)."""
+    return _COMMENT.sub("", lua_source("relay.identity", name), count=1)
+
+
+_READ = _body("user.lua")
+_WRITE = _body("write_user.lua")
+_RELEASE = _body("release_sender.lua")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +90,18 @@ class BulkAccounts:
                 replies = await pipe.execute()
         return [bool(reply) for reply in replies]
 
-    async def write(self, writes: Sequence[UserWrite]) -> None:
+    async def write(self, writes: Sequence[UserWrite], *, index: Collection[str] = (),
+                    releases: Collection[tuple[str, str]] = ()) -> None:
         """Write each user's record and sender set (``write_user.lua``), add the new users
         to the users index and release the addresses the users no longer own, in one
-        pipeline."""
-        if not writes:
+        pipeline. ``index`` and ``releases`` add users to the index and (address, user id)
+        pairs to release: what an earlier, failed attempt at the same batch set out to do
+        (both steps are idempotent, so doing them again is safe)."""
+        created = sorted({w.user_id for w in writes if w.created} | set(index))
+        gone = sorted({(a, w.user_id) for w in writes for a in w.remove_senders}
+                      | set(releases))
+        if not writes and not created and not gone:
             return
-        created = [w.user_id for w in writes if w.created]
         with store_errors():
             async with self._redis.pipeline(transaction=False) as pipe:
                 for w in writes:
@@ -97,9 +111,8 @@ class BulkAccounts:
                               *w.remove_senders)
                 if created:
                     pipe.sadd(keys.users_index(), *created)
-                for w in writes:
-                    for address in w.remove_senders:
-                        pipe.eval(_RELEASE, 1, keys.sender_index(address), w.user_id)
+                for address, user_id in gone:
+                    pipe.eval(_RELEASE, 1, keys.sender_index(address), user_id)
                 await pipe.execute()
 
     async def release(self, releases: Sequence[tuple[str, str]]) -> None:

@@ -11,15 +11,20 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
+from relay.admin import user_import
+from relay.admin.import_summary import ImportSummary
 from relay.admin.operations import Admin
-from relay.admin.user_import import ImportSummary, UserImport
+from relay.admin.user_import import UserImport
 from relay.config.policies import load_policies
-from relay.errors import UnknownSenderError, UserDisabledError
+from relay.errors import StoreUnavailableError, UnknownSenderError, UserDisabledError
 from relay.events.stream import PLAN_CHANGED, EventLog
 from relay.identity.accounts import AccountStore, AppPrincipal
 from relay.store import keys
+from relay.store.client import connect_redis
 from tests.conftest import POLICIES, MutableClock, add_user
+from tests.replyproxy import ReplyDroppingProxy
 
 HEADER = "email,id,plan,limit,tz,senders,status"
 
@@ -344,3 +349,59 @@ async def test_import_summary_lists_at_most_a_thousand_refusals(admin):
     summary = await run(admin, "email\n" + "nope\n" * 1500)
     assert summary.refused == 1500 and len(summary.refusals) == 1000
     assert summary.to_json()["refusals_omitted"] == 500
+
+
+async def test_import_retries_a_batch_redis_fails_then_stops_and_a_rerun_finishes(
+        admin, redis_client, monkeypatch):
+    """A batch that Redis fails (here a key of the wrong type, so every attempt fails at
+    its reads) is run again RETRIES times, each logged, then the import stops with
+    StoreUnavailableError; the batches before it stay written, and once Redis is sound the
+    same file finishes the work."""
+    monkeypatch.setattr(user_import, "RETRY_FIRST", 0.0)
+    await redis_client.set(keys.user_senders("u-3"), "not a set")
+    text = "email,id\n" + "".join(f"a{n}@kw.test,u-{n}\n" for n in range(6))
+    with capture_logs() as logs, pytest.raises(StoreUnavailableError):
+        await run(admin, text, batch_size=2)
+    retried = [e for e in logs if e["event"] == "users.import_retried"]
+    assert [(e["attempt"], e["first_line"]) for e in retried] == [(1, 4), (2, 4), (3, 4)]
+    assert await redis_client.exists(keys.user("u-0"), keys.user("u-1")) == 2
+    assert await redis_client.exists(*(keys.user(f"u-{n}") for n in range(2, 6))) == 0
+    await redis_client.delete(keys.user_senders("u-3"))
+    summary = await run(admin, text, batch_size=2, keep_changes=True)
+    assert (summary.created, summary.updated, summary.unchanged) == (4, 0, 2)
+    assert summary.changes is not None
+    assert [(c.line, c.action) for c in summary.changes] == \
+        [(4, "created"), (5, "created"), (6, "created"), (7, "created")]
+    assert (await admin.find("a3@kw.test")).senders == {"a3@kw.test"}
+
+
+async def test_import_a_lost_reply_is_retried_and_reported_as_what_was_done(
+        redis_server, redis_client, clock, monkeypatch):
+    """Redis runs a batch's writes and the reply is lost (tests/replyproxy.py: a real
+    proxy that drops it, then Redis is unreachable until healed; redis-py's own retry
+    meets the outage too): the import runs the batch again once Redis is back, finds the
+    users written, reports them as created (what this import did, not unchanged) and
+    completes the users index."""
+    monkeypatch.setattr(user_import, "RETRY_FIRST", 0.0)
+    proxy = await ReplyDroppingProxy(redis_server.port).start()
+    client = connect_redis(proxy.url, timeout=2)
+    try:
+        admin = Admin(client, load_policies(POLICIES), clock, "UTC")
+        proxy.drop_reply_to(b"local n = tonumber(ARGV[1])")  # write_user.lua's first line
+
+        def heal_on_retry(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+            if event["event"] == "users.import_retried":
+                proxy.heal()  # before the retry runs: it then finds Redis back
+            return event
+
+        with capture_logs(processors=[heal_on_retry]) as logs:
+            summary = await run(admin, "email,id,senders\n"
+                                       "a@kw.test,u-a,a2@kw.test\nb@kw.test,u-b,\n")
+        assert proxy.dropped.is_set()
+        assert [e["attempt"] for e in logs if e["event"] == "users.import_retried"] == [1]
+        assert (summary.created, summary.unchanged) == (2, 0)
+        assert await redis_client.smembers(keys.users_index()) == {"u-a", "u-b"}
+        assert (await admin.find("a2@kw.test")).id == "u-a"
+    finally:
+        await client.aclose()
+        await proxy.close()
