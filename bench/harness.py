@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import redis as redis_client
 
 from bench import loadgen
 from bench.loadgen import Load, Outcome
-from bench.postfix import ThrowawayPostfix, ensure_installed
+from bench.postfix import Submission, ThrowawayPostfix, ensure_installed
 from bench.procs import (
     HOST,
     REPO,
@@ -51,7 +52,8 @@ DEFAULT_MAX_MESSAGE_SIZE = 26_214_400  # the relay's own default (docs/configura
 class Scenario:
     key: str
     label: str
-    target: str  # "sink", "relay" or "postfix"
+    # "sink", "relay", "postfix" (no AUTH) or "submission" (Postfix with STARTTLS and AUTH)
+    target: str
     size: int
     concurrency: int
     per_connection: int
@@ -61,7 +63,8 @@ class Scenario:
 
 
 def plan(args: argparse.Namespace) -> list[Scenario]:
-    """The scenario matrix. Baseline and Postfix send no AUTH (neither asks for it)."""
+    """The scenario matrix. The baseline and the plain Postfix rows send no AUTH (neither asks
+    for it); the submission rows are Postfix in the relay's own shapes."""
     counts = {2 * KB: args.messages_2k, 100 * KB: args.messages_100k}
     out: list[Scenario] = []
     for size, count in counts.items():
@@ -75,7 +78,7 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
         for conc in args.concurrency:
             # One session is slow: a fifth of the messages keeps its runs short.
             n = max(20, count // 5) if conc == 1 else count
-            for pc, tls in ((1, False), (args.per_connection, False),
+            for pc, tls in ((1, False), (1, True), (args.per_connection, False),
                             (args.per_connection, True)):
                 mode = "STARTTLS" if tls else "plaintext"
                 out.append(Scenario(f"relay-{kb}-c{conc}-pc{pc}-{'tls' if tls else 'plain'}",
@@ -87,6 +90,15 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
             out.append(Scenario(f"postfix-{kb}-c20-pc{args.per_connection}",
                                 "Postfix -> sink, end to end (no AUTH)",
                                 "postfix", size, 20, args.per_connection, False, False, count))
+            # The fair anchors: Postfix as a submission relay, in every shape of the relay's
+            # rows (AUTH through Cyrus SASL, STARTTLS with the relay's key type).
+            for pc in (1, args.per_connection):
+                for tls in (False, True):
+                    mode = "STARTTLS" if tls else "plaintext"
+                    out.append(Scenario(
+                        f"postfix-{kb}-c20-pc{pc}-{'tls' if tls else 'plain'}-auth",
+                        f"Postfix submission -> sink, {mode} + AUTH (Cyrus SASL)",
+                        "submission", size, 20, pc, tls, True, count))
     return out
 
 
@@ -101,6 +113,8 @@ class Bench:
         self.postfix: ThrowawayPostfix | None = None
         self.relay_delivered = 0  # messages the relay delivered, warm-up included
         self.self_meter = Meter(os.getpid(), children=False)  # the generator
+        # Relays with a shadow trial on: scenario target -> (port, meter).
+        self.trials: dict[str, tuple[int, Meter]] = {}
 
     def __enter__(self) -> Bench:
         return self
@@ -119,7 +133,10 @@ class Bench:
 
     # -- start-up -------------------------------------------------------------------------
 
-    def start(self, *, with_postfix: bool, relay_prefix: tuple[str, ...] = ()) -> None:
+    def start(self, *, with_postfix: bool, relay_prefix: tuple[str, ...] = (),
+              shadow: Mapping[str, Path | None] | None = None) -> None:
+        """``shadow``: scenario target -> candidate folder (None: no trial); one more relay
+        each, identical but for ``RELAY_SHADOW_POLICIES_DIR`` (bench/shadow.py)."""
         args = self.args
         if not args.python_sink:
             try:
@@ -179,16 +196,28 @@ class Bench:
         self.rss_at_start = self.relay_meter.usage().rss
         self.say(f"relay (command-relay serve, pid {self.relay.pid}) on "
                  f"{HOST}:{self.relay_port}, JSON log {self.relay_log}")
+        for target, folder in (shadow or {}).items():
+            trial_env = clean_env(**{**relay_env, **({"RELAY_SHADOW_POLICIES_DIR": str(folder)}
+                                                     if folder else {}),
+                                     "RELAY_STATE_DIR": str(self.workdir / f"{target}-state")})
+            service, port = start_relay(trial_env, self.workdir / f"relay-{target}.log",
+                                        self.workdir / f"relay-{target}.err")
+            self.stack.callback(service.stop, signal.SIGTERM, 30)
+            self.trials[target] = (port, Meter(service.pid))
+            self.say(f"relay for {target}, shadow trial {folder or 'off'} (pid "
+                     f"{service.pid}) on {HOST}:{port}")
 
         if with_postfix:
             try:
-                postfix = ThrowawayPostfix(self.workdir / "postfix", self.sink.port)
+                postfix = ThrowawayPostfix(self.workdir / "postfix", self.sink.port,
+                                           Submission(cert, key, APP, APP_PASSWORD))
                 self.stack.callback(postfix.stop)
                 postfix.start()
                 self.postfix = postfix
                 pid = postfix.master_pid()
                 self.postfix_meter = Meter(pid) if pid else None
-                self.say(f"postfix (throwaway instance) on {HOST}:{postfix.port}")
+                self.say(f"postfix (throwaway instance) on {HOST}:{postfix.port}, submission "
+                         f"(STARTTLS + AUTH) on {HOST}:{postfix.submission_port}")
             except (BenchError, OSError, subprocess.SubprocessError) as exc:
                 self.notes.append(f"Postfix did not run: {exc}")
                 self.say(f"Postfix skipped: {exc}")
@@ -257,7 +286,9 @@ class Bench:
 
     def load_for(self, sc: Scenario, **changes: Any) -> Load:
         port = {"sink": self.sink.port, "relay": self.relay_port,
-                "postfix": self.postfix.port if self.postfix else 0}[sc.target]
+                "postfix": self.postfix.port if self.postfix else 0,
+                "submission": (self.postfix.submission_port or 0) if self.postfix else 0,
+                **{t: port for t, (port, _) in self.trials.items()}}[sc.target]
         load = Load(HOST, port, sc.messages, sc.concurrency, sc.per_connection, sc.size,
                     auth=(APP, APP_PASSWORD) if sc.auth else None, starttls=sc.tls,
                     time_cap=self.args.time_cap, senders=self.senders)
@@ -267,8 +298,10 @@ class Bench:
         """Run one load and collect what it cost. The end-to-end time runs from the first
         connection until the sink has counted every accepted message."""
         load = load or self.load_for(sc)
-        meter = {"relay": self.relay_meter, "postfix": getattr(self, "postfix_meter", None),
-                 "sink": None}[sc.target]
+        postfix_meter = getattr(self, "postfix_meter", None)
+        meter = {"relay": self.relay_meter, "postfix": postfix_meter,
+                 "submission": postfix_meter, "sink": None,
+                 **{t: m for t, (_, m) in self.trials.items()}}[sc.target]
         before_target = meter.usage() if meter else None
         before_redis = self.redis_meter.usage()
         before_self = self.self_meter.usage()
@@ -278,7 +311,7 @@ class Bench:
             meter.reset_peak()
         sink_before = self.sink.count
         out = loadgen.run(load)
-        wait = 180.0 if sc.target == "postfix" else 30.0
+        wait = 180.0 if sc.target in ("postfix", "submission") else 30.0
         arrived_at = self.sink.wait_for(sink_before + out.accepted, wait)
         after_machine = psutil.cpu_times()
         commands = self.redis_commands()
@@ -335,7 +368,10 @@ class Bench:
         self.measure(replace(relay, tls=True, per_connection=1, messages=100))
         self.measure(replace(relay, size=100 * KB, messages=100))
         self.measure(replace(relay, target="sink", auth=False))
+        for target in self.trials:
+            self.measure(replace(relay, target=target))
         if self.postfix:
             self.measure(replace(relay, target="postfix", auth=False, messages=200))
+            self.measure(replace(relay, target="submission", tls=True, messages=200))
         self.rss_after_warm_up = self.relay_meter.usage().rss
 

@@ -1,6 +1,11 @@
 """Postfix for the benchmark: installing the Debian package (for ``smtp-sink``), and a
 throwaway Postfix instance used as a store-and-forward relay in front of the same sink.
 
+With ``submission`` it also listens as a real submission server, like the relay: a second
+port with STARTTLS (the relay's own certificate and key type) and SMTP AUTH through Cyrus
+SASL with a sasldb (Debian's ``sasl2-bin`` and ``libsasl2-modules``), relaying only for
+authenticated clients. So every relay row has a Postfix row of the same shape.
+
 The package is installed without configuring a system MTA (debconf "No configuration") and
 with service start-up blocked while it installs; a system Postfix that the installation
 started anyway is stopped again. The throwaway instance lives entirely in the run's work
@@ -16,6 +21,7 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.procs import HOST, BenchError, free_port, wait_for_port
@@ -34,7 +40,7 @@ def _system_postfix_running() -> bool:
 def ensure_installed(log: Path) -> str:
     """Install Debian's ``postfix`` when ``smtp-sink`` is missing. Returns a note for the
     results ("" when nothing was done); raises BenchError when it cannot be installed."""
-    if shutil.which("smtp-sink"):
+    if shutil.which("smtp-sink") and shutil.which("saslpasswd2"):
         return ""
     apt = shutil.which("apt-get")
     if apt is None or os.geteuid() != 0:
@@ -53,7 +59,8 @@ def ensure_installed(log: Path) -> str:
         made_policy = True
     try:
         with log.open("ab") as out:
-            argv = [apt, "install", "-y", "--no-install-recommends", "postfix"]
+            argv = [apt, "install", "-y", "--no-install-recommends", "postfix", "sasl2-bin",
+                    "libsasl2-modules"]
             done = subprocess.run(argv, env=env, stdout=out, stderr=out, check=False,
                                   timeout=900)
             if done.returncode != 0:
@@ -69,7 +76,8 @@ def ensure_installed(log: Path) -> str:
         subprocess.run(["postfix", "stop"], capture_output=True, check=False, timeout=60)
     if done.returncode != 0 or not shutil.which("smtp-sink"):
         raise BenchError(f"apt-get install postfix failed (see {log})")
-    return "installed Debian's postfix package for smtp-sink (no system MTA configured)"
+    return ("installed Debian's postfix and Cyrus SASL packages for smtp-sink and the "
+            "submission anchor (no system MTA configured)")
 
 
 _MASTER_CF = """\
@@ -98,6 +106,39 @@ anvil     unix  - - n - 1 anvil
 scache    unix  - - n - 1 scache
 postlog   unix-dgram n - n - 1 postlogd
 """
+
+# The submission listener: what the relay does on its port (STARTTLS offered, AUTH required
+# to relay), as -o overrides of the plain listener's settings.
+_SUBMISSION = """\
+{listen} inet n - n - - smtpd
+  -o smtpd_tls_security_level=may
+  -o smtpd_tls_cert_file={cert}
+  -o smtpd_tls_key_file={key}
+  -o smtpd_tls_auth_only=no
+  -o smtpd_sasl_auth_enable=yes
+  -o smtpd_sasl_type=cyrus
+  -o smtpd_sasl_path=smtpd
+  -o smtpd_sasl_local_domain=bench.invalid
+  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
+  -o smtpd_recipient_restrictions=permit_sasl_authenticated,reject
+"""
+
+# Cyrus SASL's configuration for Postfix's smtpd: passwords in a sasldb of the run's own.
+_SASL_CONF = """\
+pwcheck_method: auxprop
+auxprop_plugin: sasldb
+mech_list: PLAIN LOGIN
+sasldb_path: {sasldb}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    cert: Path
+    key: Path
+    user: str
+    password: str
+
 
 _MAIN_CF = """\
 # A throwaway instance for the benchmark (bench/postfix.py): loopback only, relays
@@ -136,7 +177,8 @@ biff = no
 class ThrowawayPostfix:
     """``postfix -c <root>/etc start`` on 127.0.0.1:<port>; ``stop()`` is idempotent."""
 
-    def __init__(self, root: Path, sink_port: int) -> None:
+    def __init__(self, root: Path, sink_port: int,
+                 submission: Submission | None = None) -> None:
         postfix = shutil.which("postfix")
         if postfix is None:
             raise BenchError("postfix is not installed")
@@ -159,7 +201,35 @@ class ThrowawayPostfix:
         shutil.chown(root / "data", "postfix")
         (self.config / "main.cf").write_text(
             _MAIN_CF.format(root=root, host=HOST, sink_port=sink_port))
-        (self.config / "master.cf").write_text(_MASTER_CF.format(listen=f"{HOST}:{self.port}"))
+        master = _MASTER_CF.format(listen=f"{HOST}:{self.port}")
+        self.submission_port: int | None = None
+        if submission is not None:
+            self.submission_port = free_port()
+            master += _SUBMISSION.format(listen=f"{HOST}:{self.submission_port}",
+                                         cert=submission.cert, key=submission.key)
+            self._write_sasl(root, submission)
+        (self.config / "master.cf").write_text(master)
+
+    def _write_sasl(self, root: Path, submission: Submission) -> None:
+        """The sasldb with the benchmark's login, and the smtpd.conf that points to it, in
+        ``<config>/sasl/`` (where Debian's Postfix has Cyrus look: it ignores a
+        ``cyrus_sasl_config_path`` set in main.cf), readable by the postfix user only."""
+        saslpasswd2 = shutil.which("saslpasswd2")
+        if saslpasswd2 is None:
+            raise BenchError("saslpasswd2 is missing (apt-get install sasl2-bin)")
+        sasl = self.config / "sasl"
+        sasl.mkdir(exist_ok=True)
+        sasldb = sasl / "sasldb2"
+        done = subprocess.run([saslpasswd2, "-c", "-p", "-f", str(sasldb), "-u",
+                               "bench.invalid", submission.user],
+                              input=submission.password.encode(), capture_output=True,
+                              check=False, timeout=30)
+        if done.returncode != 0:
+            raise BenchError("saslpasswd2 failed: " + done.stderr.decode(errors="replace"))
+        (sasl / "smtpd.conf").write_text(_SASL_CONF.format(sasldb=sasldb))
+        for path in (sasl, sasldb, sasl / "smtpd.conf"):
+            shutil.chown(path, "postfix")
+        sasldb.chmod(0o600)
 
     def _postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run([self.postfix, "-c", str(self.config), *args],

@@ -136,9 +136,15 @@ def render(result: dict[str, Any], markdown: bool) -> str:
     if result.get("redis_breakdown"):
         parts.append(("**Redis commands** " if markdown else "Redis commands: ")
                      + result["redis_breakdown"])
+    if result.get("shadow"):
+        parts.append(("**Shadow trial** " if markdown else "Shadow trial: ")
+                     + result["shadow"]["text"])
     if result.get("memory"):
         m = result["memory"]
         parts.append(("**Memory** " if markdown else "Memory: ") + m["text"])
+    if result.get("idle_connections"):
+        parts.append(("**Idle connections** " if markdown else "Idle connections: ")
+                     + result["idle_connections"]["text"])
     if result.get("targets"):
         parts.append("**Against the targets**" if markdown
                       else "Against the targets:")

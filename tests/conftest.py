@@ -418,5 +418,6 @@ def swaks_path() -> str | None:
 
 
 # Fixtures defined in helper modules, shared by several test files.
+# tests.browser: the headless Chromium of the usage page tests.
 # pytester: tests/test_secretscan.py runs a pytest of its own to show the scan fails a run.
-pytest_plugins = ["tests.serving", "tests.secretscan", "pytester"]
+pytest_plugins = ["tests.serving", "tests.secretscan", "tests.browser", "pytester"]

@@ -19,7 +19,11 @@ The four promises as figures (``LedgerReport``):
 * ``undelivered``: units Redis counts (``used``) beyond what the upstream has;
 * ``over_limit``: recipients the upstream has beyond the user's limit.
 
-and the bookkeeping around them: ``duplicates`` (copies the upstream has more than once),
+and the bookkeeping around them: ``duplicates`` (copies the upstream has more than once,
+beyond those ``resent``), ``resent`` (extra copies explained by a resubmission: a client
+transaction whose outcome was uncertain, then another with the same ledger id, which the
+relay sends again and counts once, docs/resubmission.md; each uncertain attempt explains at
+most one copy, and a resent copy is not a send the count must hold),
 ``unsettled`` (``used`` - ``delivered``: units neither committed nor refunded, which the
 open reservations must match), ``unacked_delivered`` (the upstream has a recipient whose
 client was refused, or never finished DATA) and ``altered`` (a body that differs).
@@ -103,6 +107,15 @@ class Capture:
     body_sha256: str = ""
 
 
+def capture_of(content: bytes, mail_from: str, rcpt_tos: Iterable[str]) -> Capture:
+    """A ``Capture`` of a message an in-process upstream accepted (tests/conftest.py's
+    ``Captured``), matched by its ``X-Ledger-Id`` like the upstream process's lines."""
+    from tests.upstream_proc import body_digest, ledger_id
+
+    return Capture(ledger_id(content), mail_from, tuple(rcpt_tos), len(content),
+                   body_digest(content))
+
+
 def load_captures(path: Path) -> list[Capture]:
     """The upstream process's JSONL file (a line cut by a kill mid-write is skipped: its 250
     was never sent)."""
@@ -173,6 +186,7 @@ class LedgerReport:
     over_limit: int = 0
     # Bookkeeping.
     duplicates: int = 0
+    resent: int = 0
     unsettled: int = 0
     unacked_delivered: int = 0
     altered: int = 0
@@ -191,7 +205,8 @@ class LedgerReport:
                 f"uncounted {self.uncounted} · undelivered {self.undelivered} "
                 f"(in flight {self.in_flight}) · over-limit {self.over_limit} · "
                 f"dup {self.duplicates} · unsettled {self.unsettled} · "
-                f"unacked-delivered {self.unacked_delivered} · altered {self.altered}{extra}")
+                f"unacked-delivered {self.unacked_delivered} · altered {self.altered}"
+                f"{f' · resent {self.resent}' if self.resent else ''}{extra}")
 
     def problems(self, *, crash: bool = False) -> list[str]:
         """Every broken promise. ``crash``: a relay died (or the upstream stopped answering
@@ -229,10 +244,14 @@ class Ledger:
         captures = list(captures)
         report = LedgerReport(name, transactions=len(clients))
         report.outcomes = dict(Counter(t.outcome for t in clients))
-        by_id = {t.ledger_id: t for t in clients}
+        # A ledger id may have several attempts: an app resubmitting the same message.
+        by_id: dict[str, list[ClientTxn]] = {}
+        for txn in clients:
+            by_id.setdefault(txn.ledger_id, []).append(txn)
         report.upstream_messages = len(captures)
 
         delivered_pairs: Counter[tuple[str | None, str]] = Counter()
+        pair_user: dict[tuple[str | None, str], str] = {}
         upstream_by_user: Counter[str] = Counter()
         for capture in captures:
             user = self.user_of(capture.mail_from)
@@ -240,14 +259,23 @@ class Ledger:
                 delivered_pairs[(capture.ledger_id, rcpt.lower())] += 1
                 if user is not None:
                     upstream_by_user[user.id] += 1
-            client = by_id.get(capture.ledger_id) if capture.ledger_id else None
-            if client is None:
+                    pair_user[(capture.ledger_id, rcpt.lower())] = user.id
+            attempts = by_id.get(capture.ledger_id) if capture.ledger_id else None
+            if not attempts:
                 report.unknown_captures += 1
                 continue
-            if client.body_sha256 and capture.body_sha256 != client.body_sha256:
+            if any(a.body_sha256 and capture.body_sha256 != a.body_sha256 for a in attempts):
                 report.altered += 1
         report.upstream_rcpts = sum(delivered_pairs.values())
-        report.duplicates = sum(n - 1 for n in delivered_pairs.values())
+        for pair, copies in delivered_pairs.items():
+            uncertain = sum(1 for a in by_id.get(pair[0] or "", [])
+                            if a.outcome == "uncertain" and pair[1] in
+                            {r.lower() for r in a.accepted})
+            resent = min(copies - 1, uncertain)
+            report.resent += resent
+            report.duplicates += copies - 1 - resent
+            if pair in pair_user:
+                upstream_by_user[pair_user[pair]] -= resent
 
         for txn in clients:
             outcome = txn.outcome
@@ -259,11 +287,11 @@ class Ledger:
             if outcome in {"uncertain", "cut"}:
                 report.in_flight += len(accepted) + len(txn.unanswered)
         for (ident, rcpt), copies in delivered_pairs.items():
-            txn = by_id.get(ident) if ident else None
-            if txn is None:
+            attempts = by_id.get(ident) if ident else None
+            if not attempts:
                 continue
-            told = txn.outcome in {"acked", "uncertain"} and rcpt in {
-                a.lower() for a in txn.accepted}
+            told = any(a.outcome in {"acked", "uncertain"} and rcpt in {
+                r.lower() for r in a.accepted} for a in attempts)
             if not told:
                 report.unacked_delivered += copies
 

@@ -55,6 +55,7 @@ STATIC_SECRETS: dict[str, str] = {
     "store.test_urls.SECRET": "s3cr3t-Pa55",
     "config.test_settings.SECRET": "hunter2-s3cret",
     "flows.test_routes.timeline secret": "timeline-secret-0123456789abcdef",
+    "flows.test_unsubscribe_headers.LINK_SECRET": "a-test-link-secret-of-32-bytes!!",
     "flows.test_lifecycle.admin_token": "a-long-admin-token-for-tests",
     "deploy.deploykit.RELAY_CREDENTIALS_KEY": "UBU5Ey1ZqhErT4YxI5fRttvpeJCMxb7C_i9MaC3W6UY=",
     "deploy.deploykit.admin token": "an-admin-token-of-some-length",

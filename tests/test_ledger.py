@@ -174,3 +174,28 @@ async def test_ledger_reads_counts_and_open_reservations_from_redis(
     counts = await read_counts(redis_client, users, ["2026-11", "2026-12", "2026-12"])
     assert counts[user.id] == Counts(7, 4, 3)
     assert counts[other.id] == Counts(1, 0, 1)
+
+
+def test_ledger_resubmissions_share_a_ledger_id() -> None:
+    """An app resubmitting after a lost reply: the attempts share the ledger id. A copy the
+    relay sent again after an uncertain attempt is resent (counted once, not a duplicate);
+    a copy no uncertain attempt explains is a duplicate; an acknowledged resubmission that
+    the relay did not send again leaves one copy."""
+    unknown = ClientTxn("m", "agent@kw.test", [("x@e.test", 250)], 451,
+                        OUTCOME_UNKNOWN.partition(" ")[2], True)
+    resent = compare([unknown, acked("m", "x@e.test")],
+                     [captured("m", "x@e.test"), captured("m", "x@e.test")],
+                     {"u-1": Counts(1, 1, 0)})
+    assert (resent.resent, resent.duplicates, resent.uncounted) == (1, 0, 0)
+    assert resent.problems() == []
+    assert resent.summary().endswith("altered 0 · resent 1")
+    twice = compare([unknown, acked("m", "x@e.test")],
+                    [captured("m", "x@e.test")] * 3, {"u-1": Counts(1, 1, 0)})
+    assert (twice.resent, twice.duplicates) == (1, 1)
+    assert twice.problems() == ["uncounted 1", "duplicates 1"]
+    duplicate = compare([acked("m", "x@e.test"), acked("m", "x@e.test")],
+                        [captured("m", "x@e.test")], {"u-1": Counts(1, 1, 0)})
+    assert duplicate.problems() == []
+    sent_twice = compare([acked("m", "x@e.test"), acked("m", "x@e.test")],
+                         [captured("m", "x@e.test")] * 2, {"u-1": Counts(2, 2, 0)})
+    assert sent_twice.problems() == ["duplicates 1"]

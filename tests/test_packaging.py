@@ -1,7 +1,7 @@
 """The installed package is the checkout: a built wheel carries every file the code reads
-at run time (Lua scripts, openapi.json, py.typed) and every subpackage. The editable install
-the suite runs on reads files straight from the checkout, so it would hide a missing
-package-data entry; this builds a real wheel and runs from it."""
+at run time (Lua scripts, openapi.json, the page templates, py.typed) and every
+subpackage. The editable install the suite runs on reads files straight from the checkout,
+so it would hide a missing package-data entry; this builds a real wheel and runs from it."""
 
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ def test_the_relay_runs_from_the_wheel(wheel: Path, tmp_path: Path) -> None:
         "        ('relay.decisions', 'refund.lua', ['units.lua']),\n"
         "        ('relay.decisions', 'plan_change.lua', ['terms.lua'])]:\n"
         "    assert 'redis.call' in lua_source(package, name, prologues=prologues), name\n"
+        "from relay.admin.usage_page import render_denied\n"
+        "assert 'has expired' in render_denied('expired')\n"
         "print(sorted(api.openapi_document()['paths'])[0])\n"
     )
     done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "site")],

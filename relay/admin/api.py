@@ -20,6 +20,7 @@ from aiohttp import web
 
 from relay.admin.import_rows import CSV, JSON_LINES
 from relay.admin.operations import Admin, AdminError
+from relay.admin.suppressions import SuppressionOps, entry_view
 from relay.admin.user_import import UserImport
 from relay.config.endpoints import Endpoint
 from relay.config.policies import EVENT_KINDS, Policies
@@ -219,6 +220,47 @@ async def list_events(request: web.Request) -> web.Response:
                               for stream_id, event in found])
 
 
+# -- the suppression list (relay/admin/suppressions.py) ---------------------------------------
+# Request bodies of an import are read as a stream, CHUNK bytes at a time (client_max_size
+# applies to whole-body reads only), so a long file is never held in memory.
+_IMPORT_CHUNK = 64 * 1024
+
+
+async def list_suppressions(request: web.Request) -> web.Response:
+    entries = await SuppressionOps(_admin(request)).listing(request.query.get("user"))
+    return web.json_response([entry_view(e) for e in entries])
+
+
+async def add_suppression(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    _check_fields(body, {"address", "user", "reason", "source"})
+    entry, created = await SuppressionOps(_admin(request)).add(
+        _field(body, "address", str, required=True), user=_field(body, "user", str),
+        reason=_field(body, "reason", str, required=True),
+        source=_field(body, "source", str) if "source" in body else "api")
+    return web.json_response(entry_view(entry), status=201 if created else 200)
+
+
+async def remove_suppression(request: web.Request) -> web.Response:
+    entry = await SuppressionOps(_admin(request)).remove(
+        request.match_info["address"], user=request.query.get("user"))
+    return web.json_response(entry_view(entry))
+
+
+async def import_suppressions(request: web.Request) -> web.Response:
+    summary = await SuppressionOps(_admin(request)).import_csv(
+        request.content.iter_chunked(_IMPORT_CHUNK))
+    return web.json_response(summary.as_dict())
+
+
+async def export_suppressions(request: web.Request) -> web.Response:
+    # Built whole before the answer starts: a Redis failure half-way is a 503, never a
+    # truncated file that looks complete.
+    text = "".join([chunk async for chunk in
+                    SuppressionOps(_admin(request)).export_csv(request.query.get("user"))])
+    return web.Response(text=text, content_type="text/csv", charset="utf-8")
+
+
 _IMPORT_FORMATS = {"text/csv": CSV, "application/x-ndjson": JSON_LINES}
 
 
@@ -241,7 +283,7 @@ async def import_users(request: web.Request) -> web.Response:
         raise AdminError("the body is empty: send the users, a user a line")
     run = UserImport(_admin(request), dry_run=dry_run, by=request.query.get("by") or "api",
                      keep_changes=changes)
-    summary = await run.run(request.content.iter_chunked(64 * 1024), fmt)
+    summary = await run.run(request.content.iter_chunked(_IMPORT_CHUNK), fmt)
     return web.json_response(summary.to_json())
 
 
@@ -266,6 +308,13 @@ def make_app(admin: Admin, token: str) -> web.Application:
         web.get("/v1/users/{user}/plan/history", plan_history),
         web.get("/v1/usage", all_usage),
         web.get("/v1/events", list_events),
+        web.get("/v1/suppressions", list_suppressions),
+        web.post("/v1/suppressions", add_suppression),
+        # An address has an "@": the path of a DELETE is never /import or /export (whose
+        # Allow header would then name DELETE too).
+        web.delete("/v1/suppressions/{address:[^/]*@[^/]*}", remove_suppression),
+        web.post("/v1/suppressions/import", import_suppressions),
+        web.get("/v1/suppressions/export", export_suppressions),
     ])
     return app
 

@@ -1,6 +1,6 @@
 """What a bulk import did, line by line and in sum (``relay/admin/user_import.py``): the
 summary that ``command-relay users import --json`` prints and ``POST /v1/user-imports``
-answers (``ImportSummary`` in relay/admin/openapi.json)."""
+answers (``UserImportSummary`` in relay/admin/openapi.json)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from relay.decisions.months import Clock
 from relay.decisions.quota import QuotaStore
 from relay.decisions.routing import choose_route
 from relay.decisions.subscriptions import PlanChangeError, SubscriptionStore, terms_in_force
+from relay.decisions.suppression import SuppressionStore
 from relay.decisions.usage import usage_report, user_period
 from relay.delivery.credentials import CredentialStore, RouteCredentials
 from relay.events import stream as events
@@ -63,11 +64,13 @@ class Admin:
     def __init__(self, redis: RedisClient, policies: Policies, clock: Clock,
                  default_tz: str, credentials: CredentialStore | None = None) -> None:
         self.credentials = credentials
+        self.redis = redis
         self.accounts = AccountStore(redis)
         self.bulk = BulkAccounts(redis)  # users import (relay/admin/user_import.py)
         self.quota = QuotaStore(redis)
         self.subscriptions = SubscriptionStore(redis)
         self.events = EventLog(redis)
+        self.suppressions = SuppressionStore(redis)
         self.policies = policies
         self.clock = clock
         self.default_tz = default_tz
@@ -150,15 +153,17 @@ class Admin:
             month = user_period(user, self.clock.now(), self.default_tz, period)
         except ValueError as exc:
             raise AdminError(str(exc)) from None
-        return await usage_report(user, month, quota=self.quota, policies=self.policies)
+        return await usage_report(user, month, quota=self.quota, policies=self.policies,
+                                  now=self.clock.now())
 
     async def usage_all(self) -> list[dict[str, Any]]:
         """Every user's current month, highest percentage first."""
         reports = []
         for user in await self.accounts.list_users():
-            month = user_period(user, self.clock.now(), self.default_tz)
+            now = self.clock.now()
+            month = user_period(user, now, self.default_tz)
             reports.append(await usage_report(user, month, quota=self.quota,
-                                              policies=self.policies, history=0))
+                                              policies=self.policies, now=now, history=0))
         return sorted(reports, key=lambda r: (-(r["percent"] or 0), r["email"]))
 
     async def change_plan(self, ref: str, plan: str, *, custom_limit: int | None = None,

@@ -17,7 +17,8 @@ from dataclasses import asdict
 import structlog
 
 from relay.admin.operations import Admin
-from relay.cli.usage import format_report
+from relay.cli.shadow import describe_shadow, report_from_redis
+from relay.cli.usage import format_months, format_report
 from relay.cli.user_import import import_users, open_import
 from relay.config.declare import as_text
 from relay.config.policies import load_policies
@@ -144,6 +145,9 @@ async def _plan(args: argparse.Namespace, settings: Settings, admin: Admin) -> N
             print(f"{e['at']}  {e['by']:<20} {e['outcome']:<9} {e['old_plan']} "
                   f"({e['old_limit']}) -> {e['new_plan']} ({e['new_limit']}) "
                   f"from {e['effective_from']}")
+        # The terms each month was governed by (docs/plans.md, "History").
+        print("plan and limit by month:")
+        print("\n".join(format_months(await admin.usage(args.user))))
         return
     by = args.by or _operator()
     if args.action == "set":
@@ -273,7 +277,8 @@ async def _route(args: argparse.Namespace, settings: Settings, admin: Admin) -> 
 
 AdminCommand = Callable[[argparse.Namespace, Settings, Admin], Awaitable[None]]
 ADMIN_COMMANDS: dict[str, AdminCommand] = {"users": _users, "apps": _apps, "usage": _usage,
-                                   "plan": _plan, "events": _events, "route": _route}
+                                   "plan": _plan, "events": _events, "route": _route,
+                                   "shadow": report_from_redis}
 
 
 def check_config(settings: Settings) -> None:
@@ -290,6 +295,7 @@ def check_config(settings: Settings) -> None:
           + "; notify at " + ", ".join(f"{t}%" for t in policies.notifications.thresholds)
           + f"; passwords of {policies.passwords.user_min_length}+ characters for users, "
             f"{policies.passwords.app_min_length}+ for apps")
+    print(describe_shadow(settings, policies))
     print(f"admin API: {settings.admin_listen if settings.admin_token else 'off'}; "
           f"in-app webhook: {'on' if settings.notify_webhook_url else 'off'}")
     print(f"metrics: {settings.metrics_listen or 'off'}; "

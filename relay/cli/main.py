@@ -20,6 +20,8 @@ import structlog
 from relay.admin.operations import Admin, AdminError
 from relay.cli.commands import ADMIN_COMMANDS, AdminCommand, CommandError, check_config
 from relay.cli.parser import PROG, build_parser
+from relay.cli.shadow import ShadowLogError, report_from_log
+from relay.cli.suppress import suppress
 from relay.config.parsers import SettingsError
 from relay.config.policies import PolicyError, load_policies
 from relay.config.settings import Settings, load_settings
@@ -36,6 +38,8 @@ from relay.process.supervisor import Supervisor
 from relay.store.embedded import EmbeddedRedisError
 
 log = structlog.get_logger()
+# The admin commands, with those that have a module of their own.
+COMMANDS: dict[str, AdminCommand] = {**ADMIN_COMMANDS, "suppress": suppress}
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -90,10 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             eventloop.run(run_notifier(settings), settings.event_loop)
         elif args.command == "check-config":
             check_config(settings)
+        elif args.command == "shadow" and args.log is not None:
+            report_from_log(args)  # the log alone: no Redis needed
         else:
-            asyncio.run(_run_admin(ADMIN_COMMANDS[args.command], args, settings))
+            asyncio.run(_run_admin(COMMANDS[args.command], args, settings))
     except (SettingsError, PolicyError, AccountError, AdminError, CommandError, StartupError,
-            EmbeddedRedisError, eventloop.EventLoopError) as exc:
+            EmbeddedRedisError, eventloop.EventLoopError, ShadowLogError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except StoreUnavailableError:

@@ -132,6 +132,41 @@ def build_parser() -> argparse.ArgumentParser:
     retry = events.add_parser("retry", help="re-queue dead letters for the notifier")
     retry.add_argument("ids", nargs="*", help="dead-letter ids from `events dead`")
     retry.add_argument("--all", action="store_true")
+
+    suppress = sub.add_parser(
+        "suppress", help="the suppression list: recipients never sent to").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    scope_help = "user id or email (default: the global list; * names it too)"
+    supp_add = suppress.add_parser("add", help="suppress an address (replaces its entry)")
+    supp_add.add_argument("address")
+    supp_add.add_argument("--user", help=scope_help)
+    supp_add.add_argument("--reason", required=True,
+                          help="unsubscribe, complaint, bounce or manual")
+    supp_remove = suppress.add_parser("remove", help="take an address off a list")
+    supp_remove.add_argument("address")
+    supp_remove.add_argument("--user", help=scope_help)
+    supp_list = suppress.add_parser("list", help="the entries of a list (default: every list)")
+    supp_list.add_argument("--user", help="user id or email, or * for the global list")
+    supp_list.add_argument("--json", action="store_true")
+    supp_import = suppress.add_parser(
+        "import", help="add the entries of a CSV file (header address,scope,reason,source,time)")
+    supp_import.add_argument("file", metavar="FILE", help="the CSV file, - for standard input")
+    supp_import.add_argument("--json", action="store_true", help="the summary as JSON")
+    supp_export = suppress.add_parser("export", help="the lists as CSV on standard output")
+    supp_export.add_argument("--user", help="user id or email, or * for the global list "
+                                            "(default: every list)")
+    shadow = sub.add_parser("shadow", help="policies trialled in shadow").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    report = shadow.add_parser("report", help="what the candidate policies would have done "
+                               "otherwise: counts by kind and app, examples")
+    report.add_argument("--days", type=_positive_int, metavar="N",
+                        help="the last N UTC days (default 7; with --log: every line)")
+    report.add_argument("--log", metavar="FILE",
+                        help="read the shadow.differs lines of a JSON log (- for standard "
+                             "input) instead of the counts in Redis")
+    report.add_argument("--examples", type=_positive_int, default=3, metavar="N",
+                        help="examples shown per kind (default 3)")
+    report.add_argument("--json", action="store_true")
     return parser
 
 

@@ -33,7 +33,39 @@ def format_report(report: dict[str, Any]) -> str:
                      + (f" (custom limit {change['custom_limit']:,})"
                         if change["custom_limit"] else "")
                      + f" from {change['effective_from']}")
+    if report["terms_source"] == "fallback":
+        lines.append(f"  no plan recorded for {report['period']}: today's terms shown")
+    if report["forecast"]:
+        lines.append(f"  {report['forecast']['text']}")
     past = [h for h in report["history"] if h["used"]]
     if past:
-        lines.append("  history: " + ", ".join(f"{h['period']} {h['used']:,}" for h in past))
+        lines.append("  history: " + ", ".join(_past_month(h) for h in past))
+        if any(h["terms_source"] == "fallback" for h in past):
+            lines.append("  * no plan recorded for that month: today's terms shown")
     return "\n".join(lines)
+
+
+def _limit(limit: int | None) -> str:
+    return f"{limit:,}" if limit is not None else "?"
+
+
+def _past_month(month: dict[str, Any]) -> str:
+    """``2026-10 4,000 of 10,000 (plus)``; ``*`` marks terms not recorded for the month."""
+    mark = "*" if month["terms_source"] == "fallback" else ""
+    return f"{month['period']} {month['used']:,} of {_limit(month['limit'])} " \
+        f"({month['plan']}{mark})"
+
+
+def format_months(report: dict[str, Any]) -> list[str]:
+    """The plan and limit of each month of ``usage_report`` that has them on record (and the
+    current month's, in force): what ``plan history`` prints under the audit trail."""
+    lines = [f"  {report['period']}  {_terms(report)} (in force)"]
+    for month in report["history"]:
+        if month["terms_source"] == "recorded":
+            lines.append(f"  {month['period']}  {_terms(month)}")
+    return lines
+
+
+def _terms(month: dict[str, Any]) -> str:
+    custom = " (custom)" if month["custom_limit"] is not None else ""
+    return f"{month['plan']} {_limit(month['limit'])}{custom}"

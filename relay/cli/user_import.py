@@ -7,7 +7,9 @@ then the summary. The import itself is ``relay.admin.user_import``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,9 +32,10 @@ def open_import(name: str) -> BinaryIO:
 
 
 async def _chunks(source: BinaryIO) -> AsyncIterator[bytes]:
-    # read1: what a pipe has now, so that lines are imported as a producer writes them.
+    # read1: what a pipe has now, so that lines are imported as a producer writes them; in
+    # a thread, so that a slow producer does not hold the event loop (and its Redis I/O).
     read = getattr(source, "read1", source.read)
-    while chunk := read(READ_SIZE):
+    while chunk := await asyncio.to_thread(read, READ_SIZE):
         yield chunk
 
 
@@ -52,6 +55,14 @@ def _survey(source: BinaryIO, given: str | None, name: str) -> tuple[str | None,
     lines += last != b"\n"
     fmt = fmt or format_of(first or b"")
     return fmt, max(0, lines - (fmt == CSV))
+
+
+def _unsized() -> bool:
+    """Whether the terminal on stderr gives no size."""
+    try:
+        return tuple(os.get_terminal_size(sys.stderr.fileno())) == (0, 0)
+    except OSError:
+        return True
 
 
 def _describe(result: LineResult, dry_run: bool) -> str:
@@ -86,9 +97,14 @@ async def import_users(args: argparse.Namespace, admin: Admin, source: BinaryIO,
     """Run the import of ``source`` and print it; the summary (its refusals decide the exit
     status)."""
     fmt, total = _survey(source, args.format, args.file)
-    bar = tqdm(total=total, unit=" users", desc="dry run" if args.dry_run else "import",
-               file=sys.stderr, dynamic_ncols=True, mininterval=0.25, smoothing=0.1) \
-        if sys.stderr.isatty() else None
+    bar = None
+    if sys.stderr.isatty():
+        # A terminal that gives no size (a pseudo-terminal never sized) gets a common one:
+        # tqdm would draw nothing in 0 columns.
+        unsized = _unsized()
+        bar = tqdm(total=total, unit=" users", desc="dry run" if args.dry_run else "import",
+                   file=sys.stderr, dynamic_ncols=not unsized, ncols=80 if unsized else None,
+                   mininterval=0.25, smoothing=0.1)
 
     def say(text: str) -> None:
         if bar is not None:

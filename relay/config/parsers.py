@@ -127,6 +127,18 @@ def parse_http_url(value: str) -> str:
     return value
 
 
+def parse_base_url(value: str) -> str:
+    """An http(s) URL that paths are appended to: no query or fragment, no trailing slash,
+    printable ASCII only (it goes into message headers as is)."""
+    parse_http_url(value)
+    parts = urlsplit(value)
+    if parts.query or parts.fragment or not all(" " < c <= "~" for c in value) \
+            or any(c in value for c in '<>"'):
+        raise ValueError(f"expected a base URL (no query, fragment, spaces or <>\"), "
+                         f"got {value!r}")
+    return value.rstrip("/")
+
+
 def parse_secret(value: str) -> str:
     # Short secrets are guessable: a signing key or bearer token needs real entropy.
     if len(value) < 16:

@@ -107,7 +107,28 @@ class Policies:
 
 def load_policies(directory: Path) -> Policies:
     """Load and validate every policy file in ``directory``; raises PolicyError."""
-    source = TomlSource(directory / PLANS_FILE)
+    plans = load_plans(directory / PLANS_FILE)
+    return Policies(
+        plans=plans.plans, default_plan=plans.default_plan, over_limit=plans.over_limit,
+        notifications=load_notifications(directory / NOTIFICATIONS_FILE),
+        routing=load_routing(TomlSource(directory / ROUTING_FILE)),
+        passwords=plans.passwords,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PlanFile:
+    """What ``plans.toml`` holds (the shadow trial lays one over the live policies)."""
+
+    plans: Mapping[str, Plan]
+    default_plan: str
+    over_limit: OverLimitReply
+    passwords: Passwords
+
+
+def load_plans(path: Path) -> PlanFile:
+    """Load and validate ``plans.toml``; raises PolicyError."""
+    source = TomlSource(path)
     data = source.data
     for section in data:
         if section not in {"defaults", "plans", "over_limit", "passwords"}:
@@ -154,12 +175,10 @@ def load_policies(directory: Path) -> Policies:
     if any(ord(c) < 32 for c in over["text"]):
         raise source.error("over_limit", "text", "must be one line")
 
-    return Policies(
+    return PlanFile(
         plans=MappingProxyType(plans),
         default_plan=defaults["plan"],
         over_limit=OverLimitReply(over["code"], over["status"], over["text"]),
-        notifications=_load_notifications(directory / NOTIFICATIONS_FILE),
-        routing=load_routing(TomlSource(directory / ROUTING_FILE)),
         passwords=_load_passwords(source, data.get("passwords", {})),
     )
 
@@ -183,7 +202,8 @@ def _load_passwords(source: TomlSource, section: object) -> Passwords:
     return Passwords(**found)
 
 
-def _load_notifications(path: Path) -> Notifications:
+def load_notifications(path: Path) -> Notifications:
+    """Load and validate ``notifications.toml``; raises PolicyError."""
     source = TomlSource(path)
     data = source.data
     sections = ("thresholds", "in_app", "timeline", "email", "delivery")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 from types import MappingProxyType
 
 from relay.config.sources import PolicyError, TomlSource
@@ -31,11 +32,23 @@ class Route:
     timeout: float | None = None
 
 
+class UnsubscribePolicy(Enum):
+    """What the relay does about an app's one-click unsubscribe headers (RFC 8058), carried
+    out by relay/smtp/unsubscribe.py: nothing, log them missing, refuse without them, or
+    add them."""
+
+    OFF = "off"
+    CHECKS = "checks"
+    REFUSES = "refuses"
+    ADDS = "adds"
+
+
 @dataclass(frozen=True, slots=True)
 class AppPolicy:
     name: str
     timeline: bool
     route_header: bool
+    unsubscribe: UnsubscribePolicy = UnsubscribePolicy.OFF
 
     @property
     def decided_at_data(self) -> bool:
@@ -78,6 +91,16 @@ class Routing:
         """Header prefixes another route passes and ``route`` does not: removed on it."""
         others = {p for r in self.routes.values() if r is not route for p in r.pass_headers}
         return tuple(sorted(others - set(route.pass_headers)))
+
+
+def _unsubscribe_policy(source: TomlSource, table: str,
+                        fields: Mapping[str, str]) -> UnsubscribePolicy:
+    """The optional ``unsubscribe`` key of an app ("off" when absent)."""
+    try:
+        return UnsubscribePolicy(fields.get("unsubscribe", "off"))
+    except ValueError:
+        raise source.error(table, "unsubscribe",
+                           'must be "off", "checks", "refuses" or "adds"') from None
 
 
 def load_routing(source: TomlSource) -> Routing:
@@ -135,8 +158,13 @@ def load_routing(source: TomlSource) -> Routing:
     for name, body in data["apps"].items():
         if not isinstance(body, dict):
             raise source.error("apps", name, "expected a table")
-        f = source.table(body, f"apps.{name}", {"timeline": bool, "route_header": bool})
-        apps[name] = AppPolicy(name, f["timeline"], f["route_header"])
+        table = f"apps.{name}"
+        optional = {k: v for k, v in body.items() if k == "unsubscribe"}
+        f = source.table({k: v for k, v in body.items() if k not in optional}, table,
+                         {"timeline": bool, "route_header": bool})
+        unsubscribe = source.table(optional, table, {"unsubscribe": str} if optional else {})
+        apps[name] = AppPolicy(name, f["timeline"], f["route_header"],
+                               _unsubscribe_policy(source, table, unsubscribe))
 
     rules: list[Rule] = []
     for index, body in enumerate(data["rules"]):

@@ -34,6 +34,7 @@ from relay.config.parsers import (
     SafeValueError,
     SettingsError,
     mask_url,
+    parse_base_url,
     parse_bool,
     parse_choice,
     parse_fernet_key,
@@ -74,6 +75,10 @@ class Settings:
         Path, default=Path(".relay-state"),
         doc="development Redis data, capture folder, development certificate")
     policies_dir: Path = setting(Path, default=Path("policies"), doc="the policy files")
+    shadow_policies_dir: Path | None = setting(
+        Path, default=None, default_doc="— (off)",
+        doc="candidate policy files trialled beside the live ones, never enforced "
+            "([Policies in shadow](shadow.md)); unset = no trial")
     tls_cert: Path | None = setting(
         Path, default=None, file=True, default_doc="— (self-signed)",
         doc="PEM certificate chain for STARTTLS/SMTPS (set with `RELAY_TLS_KEY`)")
@@ -154,6 +159,11 @@ class Settings:
         doc="replicas that must acknowledge each reservation (Redis `WAIT`, up to half of "
             "`RELAY_REDIS_TIMEOUT`) before a recipient gets 250; not with Redis Cluster; see "
             "[Scaling out](scaling.md)")
+    dedup_window: int = setting(
+        parse_non_negative_int, default=24 * 3600,
+        doc="seconds a message's recipients are remembered by user and `Message-ID`, so a "
+            "resubmission is not sent or counted twice (see [Resubmission](resubmission.md)); "
+            "`0` = off")
     # -- logs
     log_format: str = setting(
         parse_choice("auto", "json", "console"), default="auto",
@@ -185,6 +195,12 @@ class Settings:
         default_doc="— (development key in the state folder)",
         doc="HMAC-SHA256 key signing the links the relay hands out (one-click unsubscribe, "
             "the agent's usage page; 16+ characters); changing it voids every link given")
+    public_url: str = setting(
+        parse_base_url, default="http://127.0.0.1:8026",
+        doc="the base URL recipients reach the relay's public listener at, for the one-click "
+            "unsubscribe links it adds (`<public_url>/unsubscribe/TOKEN`); `https://…` in "
+            "production (RFC 8058 one-click needs an https URI), see "
+            "[Suppression](suppression.md#one-click-unsubscribe-headers)")
     timeline_webhook_url: str | None = setting(
         parse_http_url, default=None,
         doc="the CRM's Contact Timeline endpoint (`http(s)://…`); unset = timeline entries "

@@ -21,6 +21,7 @@ from enum import IntEnum
 import structlog
 from redis.commands.core import AsyncScript
 
+from relay.decisions.dedup import ClaimSettlement
 from relay.errors import (
     OverLimitReply,
     PlanMisconfiguredError,
@@ -93,6 +94,19 @@ class Settlement:
     crossed: int = 0
     # A commit's: units of the transaction it gave back because they were not delivered.
     released: int = 0
+    # A commit's: units of earlier attempts at the same message whose outcome was unknown,
+    # given back because this one delivered their recipients (relay/decisions/dedup.py).
+    settled: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedTerms:
+    """The plan and limit a month's usage hash records as governing it (written by
+    reserve.lua and plan_change.lua; the latest write wins)."""
+
+    plan: str
+    custom_limit: int | None
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +117,8 @@ class Usage:
     notified: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # Recipients delivered per route this month (counted and uncounted routes alike).
     routes: dict[str, int] = field(default_factory=dict)
+    # The month's own terms, None for a month with nothing recorded (older keys).
+    terms: RecordedTerms | None = None
 
     @property
     def in_flight(self) -> int:
@@ -117,7 +133,7 @@ class QuotaStore:
             lua_source("relay.decisions", "reserve.lua", prologues=["terms.lua"]))
         self._commit: AsyncScript = redis.register_script(
             lua_source("relay.decisions", "commit.lua",
-                       prologues=["terms.lua", "units.lua"]))
+                       prologues=["terms.lua", "units.lua", "claims.lua"]))
         self._refund: AsyncScript = redis.register_script(
             lua_source("relay.decisions", "refund.lua", prologues=["units.lua"]))
         m = self._metrics = metrics or detached()
@@ -182,28 +198,33 @@ class QuotaStore:
 
     async def commit(self, user_id: str, period: str, txn_id: str, route: str = "command",
                      plan_limits: Sequence[str | int] = (), thresholds: str = "",
-                     rcpt_nos: Sequence[int] | None = None) -> Settlement:
+                     rcpt_nos: Sequence[int] | None = None,
+                     claims: ClaimSettlement | None = None) -> Settlement:
         """Make the open reservations of ``rcpt_nos`` (the recipients delivered; every open
         one when None) final, counted under ``route``, give back any other open unit of
         ``txn_id`` (never delivered: the transaction is over), and mark any of
-        ``thresholds`` (space-separated percents) the delivered count crossed.
+        ``thresholds`` (space-separated percents) the delivered count crossed. ``claims``:
+        the message's claims become accepted and the earlier attempts' units are given back
+        in the same step (relay/decisions/dedup.py).
         Idempotent: a repeat commits, gives back and crosses nothing."""
         delivered_nos = "*" if rcpt_nos is None else " ".join(str(n) for n in rcpt_nos)
+        claim_keys, claim_argument = claims.keys_and_argument() if claims else ([], "")
         started = time.perf_counter()
         try:
             with store_errors():
                 raw = await self._commit(
                     keys=[keys.user(user_id), keys.usage(user_id, period),
-                          keys.reservations(user_id, txn_id)],
-                    args=[route, period, thresholds, delivered_nos, *plan_limits])
+                          keys.reservations(user_id, txn_id), *claim_keys],
+                    args=[route, period, thresholds, delivered_nos, claim_argument,
+                          *plan_limits])
         except StoreUnavailableError:
             self._errors["commit"].inc()
             raise
         self._observe("commit", started)
-        units, used, delivered, limit, crossed, released = (int(v) for v in raw)
+        units, used, delivered, limit, crossed, released, settled = (int(v) for v in raw)
         self._metrics.units_committed.inc(units)
-        self._metrics.units_refunded.inc(released)
-        return Settlement(units, used, delivered, limit, crossed, released)
+        self._metrics.units_refunded.inc(released + settled)
+        return Settlement(units, used, delivered, limit, crossed, released, settled)
 
     async def tally(self, user_id: str, period: str, route: str, units: int) -> None:
         """Count ``units`` sent through an uncounted route (shown in usage, never limited)."""
@@ -264,5 +285,10 @@ def _usage_from(record: dict[str, str]) -> Usage:
         if name.startswith("n:"):
             _, limit, percent = name.split(":")
             notified.setdefault(int(limit), []).append(int(percent))
+    terms = None
+    if record.get("limit"):
+        custom = record.get("custom_limit")
+        terms = RecordedTerms(record.get("plan", ""), int(custom) if custom else None,
+                              int(record["limit"]))
     return Usage(int(record.get("used", 0)), int(record.get("delivered", 0)),
-                 {limit: tuple(sorted(p)) for limit, p in notified.items()}, routes)
+                 {limit: tuple(sorted(p)) for limit, p in notified.items()}, routes, terms)

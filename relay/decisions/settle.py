@@ -15,6 +15,9 @@ While Redis is away, a round stops at the first failure and waits (backoff doubl
 lives in this process: a relay that dies with settlements pending leaves their open
 reservations counted (high, never low), and ``close`` logs each one it could not write as
 ``quota.unreconciled`` for an operator, as before.
+
+A resubmitted message's claims that could not be concluded (released, or marked unknown)
+wait here too, as an idempotent ``action`` (relay/smtp/resubmission.py).
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ from typing import Literal
 
 import structlog
 
+from relay.decisions.dedup import ClaimSettlement
 from relay.decisions.quota import QuotaStore, Settlement
 from relay.errors import StoreUnavailableError
 from relay.observe.metrics import RelayMetrics, detached
 
 log = structlog.get_logger()
 
-Kind = Literal["commit", "refund"]
+# "conclude": a message's claims (relay/decisions/dedup.py) to end, written by ``action``.
+Kind = Literal["commit", "refund", "conclude"]
 
 
 @dataclass(slots=True)
@@ -54,6 +59,10 @@ class PendingSettlement:
     thresholds: str = ""
     rcpt_nos: list[int] | None = None
     on_committed: Callable[[Settlement], Awaitable[None]] | None = None
+    # A commit's: the message's claims, made accepted in the same step.
+    claims: ClaimSettlement | None = None
+    # A conclusion's: the idempotent write to try again.
+    action: Callable[[], Awaitable[object]] | None = None
     since: float = field(default_factory=time.monotonic)
     attempts: int = 0
 
@@ -108,10 +117,16 @@ class LateSettlements:
 
     async def _write(self, pending: PendingSettlement) -> None:
         quota = self._quota
+        if pending.action is not None:
+            await pending.action()
+            pending.log.info("quota.settled_late", kind=pending.kind, attempts=pending.attempts,
+                             waited_s=round(time.monotonic() - pending.since, 2))
+            return
         if pending.kind == "commit":
             settlement = await quota.commit(pending.user_id, pending.period, pending.txn_id,
                                             pending.route, pending.plan_limits,
-                                            pending.thresholds, pending.rcpt_nos)
+                                            pending.thresholds, pending.rcpt_nos,
+                                            pending.claims)
         else:
             settlement = await quota.refund(pending.user_id, pending.period, pending.txn_id,
                                             pending.rcpt_nos)

@@ -8,7 +8,10 @@ The rules, decided atomically in ``plan_change.lua``:
 * a **downgrade** or **cancellation** (back to the default plan) waits for the next monthly
   reset; the current month keeps the limit already paid for, and the pending change shows
   in ``usage``;
-* every change appends (who, when, old, new, effective from) to the user's audit stream.
+* every change appends (who, when, old, new, effective from) to the user's audit stream;
+* every change records the terms in force for the current and the next month in those
+  months' usage hashes (reserve.lua records them too), so a past month reports its own
+  plan and limit, not today's (``relay.decisions.history``).
 
 ``terms_in_force`` is the Python twin of ``terms.lua`` for read-only views (usage, API).
 """
@@ -23,6 +26,7 @@ from redis.commands.core import AsyncScript
 
 from relay.config.policies import Policies, check_limit
 from relay.decisions.months import Period
+from relay.decisions.quota import USAGE_TTL_SECONDS
 from relay.identity.accounts import User
 from relay.store import keys
 from relay.store.client import RedisClient, store_errors
@@ -105,10 +109,12 @@ class SubscriptionStore:
         with store_errors():
             outcome, effective_from, old_plan, _old_custom, old_limit, new_limit = \
                 await self._change(
-                    keys=[keys.user(user.id), keys.audit(user.id)],
+                    keys=[keys.user(user.id), keys.audit(user.id),
+                          keys.usage(user.id, period.label),
+                          keys.usage(user.id, period.following.label)],
                     args=[plan, "" if custom_limit is None else custom_limit, period.label,
                           period.following.label, by, now.isoformat(timespec="seconds"),
-                          *policies.plan_limits()])
+                          USAGE_TTL_SECONDS, *policies.plan_limits()])
         if outcome == "missing":
             raise PlanChangeError(f"no user {user.id}")
         if outcome == "unknown_plan":  # pragma: no cover - checked above

@@ -16,11 +16,13 @@ limit), ``delivery`` (the upstream and the routes' upstreams), ``startup``.
     │   ├── AuthUnavailableError        454 4.7.0  credentials could not be checked now
     │   ├── PlanMisconfiguredError      451 4.3.5  the user's plan is not in plans.toml
     │   ├── TooManyRecipientsError      452 4.5.3  more recipients than one message may carry
+    │   │   └── OneRecipientPerMessageError 452 4.5.3  unsubscribe = "adds": one per message
     │   ├── TooManyConnectionsError     421 4.7.0  over max_connections(_per_ip); then closed
     │   ├── UntrustedPeerError          421 4.7.0  PROXY protocol on, peer not a trusted proxy
     │   ├── AuthThrottledError          454 4.7.0  too many AUTH failures (address or login)
     │   ├── SessionTimeoutError         421 4.4.2  idle or transaction timeout; then closed
     │   ├── CredentialsUnreadableError  451 4.7.0  a user's route credentials do not decrypt
+    │   ├── ResubmissionInProgressError 451 4.3.0  the same message is being sent right now
     │   ├── UpstreamTemporaryError      4xx        the upstream said 4xx, or could not be reached
     │   │   ├── UpstreamUnavailableError 451 4.4.1 connection, TLS or login to the upstream failed
     │   │   │   └── RouteNotConfiguredError 451 4.3.5  the route's upstream setting is not set
@@ -44,6 +46,7 @@ limit), ``delivery`` (the upstream and the routes' upstreams), ``startup``.
     │   ├── TlsAlreadyActiveError       503 5.5.1  STARTTLS inside TLS
     │   ├── BadAddressError             553 5.1.3  the upstream client would not send it
     │   ├── SmtpUtf8UnsupportedError    553 5.6.7  non-ASCII envelope, upstream lacks SMTPUTF8
+    │   ├── UnsubscribeHeadersMissingError 550 5.6.0  RFC 8058 headers absent ("refuses")
     │   └── UpstreamPermanentError      5xx        the upstream said 5xx
     └── QuotaExceededError              code from policies/plans.toml [over_limit] (550 5.7.1)
 
@@ -65,6 +68,7 @@ from relay.errors.delivery import (
     BadAddressError,
     CredentialsUnreadableError,
     MissingRouteCredentialsError,
+    ResubmissionInProgressError,
     RouteNotConfiguredError,
     SmtpUtf8UnsupportedError,
     UpstreamBusyError,
@@ -81,6 +85,7 @@ from relay.errors.policy import (
     RouteRefusedError,
     SenderNotAllowedError,
     UnknownSenderError,
+    UnsubscribeHeadersMissingError,
     UserDisabledError,
 )
 from relay.errors.replies import (
@@ -108,6 +113,7 @@ from relay.errors.session import (
     CommandSyntaxError,
     ControlCharacterError,
     InvalidUtf8Error,
+    OneRecipientPerMessageError,
     SessionTimeoutError,
     ShuttingDownError,
     SmtpUtf8RequiredError,
@@ -144,6 +150,7 @@ __all__ = [
     "InternalError",
     "InvalidUtf8Error",
     "MissingRouteCredentialsError",
+    "OneRecipientPerMessageError",
     "OverLimitReply",
     "PermanentError",
     "PlanMisconfiguredError",
@@ -151,6 +158,7 @@ __all__ = [
     "RefusalCounter",
     "RefusalLevel",
     "RelayError",
+    "ResubmissionInProgressError",
     "RouteNotConfiguredError",
     "RouteRefusedError",
     "SenderNotAllowedError",
@@ -165,6 +173,7 @@ __all__ = [
     "TooManyConnectionsError",
     "TooManyRecipientsError",
     "UnknownSenderError",
+    "UnsubscribeHeadersMissingError",
     "UntrustedPeerError",
     "UpstreamBusyError",
     "UpstreamOutcomeUnknownError",

@@ -45,6 +45,17 @@ class UpstreamOutcomeUnknownError(UpstreamTemporaryError):
     text = "Upstream connection lost after the message was sent, try again later"
 
 
+class ResubmissionInProgressError(TemporaryError):
+    """The same message (user and Message-ID) is being sent to one of these recipients by
+    another transaction right now, perhaps on another relay (docs/resubmission.md): nothing
+    is sent or counted; the app retries, and then hears 250 (the other send got through) or
+    the message is sent (it did not)."""
+
+    code = 451
+    status = "4.3.0"
+    text = "This message is being sent right now by another transaction, try again later"
+
+
 class RouteNotConfiguredError(UpstreamUnavailableError):
     # The route's upstream is a setting (RELAY_ROUTE_<NAME>_URL) that is not set: an
     # operator's fix, so the app keeps the mail and retries (RFC 3463 X.3.5: system

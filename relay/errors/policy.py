@@ -1,6 +1,6 @@
 """Refusals the relay's own policies decide: a sender it does not serve, a disabled user or
-an unconfigured plan, a routing rule that refuses, and the monthly limit (its reply chosen
-in policies/plans.toml)."""
+an unconfigured plan, a routing rule that refuses, the monthly limit (its reply chosen
+in policies/plans.toml), and an app's one-click unsubscribe policy (routing.toml)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,24 @@ class QuotaExceededError(RelayError):
             reply.text.format(used=used, limit=limit, resets_on=resets_on),
             code=reply.code, status=reply.status,
         )
+
+
+class UnsubscribeHeadersMissingError(PermanentError):
+    """The app's policy (``unsubscribe = "refuses"`` in routing.toml) requires the one-click
+    unsubscribe headers of RFC 8058, and the message lacks ``missing`` (header names)."""
+
+    # RFC 3463 X.6.0: something about the content of the message makes it undeliverable.
+    code = 550
+    status = "5.6.0"
+    text = "One-click unsubscribe required (RFC 8058): message lacks List-Unsubscribe"
+
+    def __init__(self, missing: tuple[str, ...] = ("List-Unsubscribe",)) -> None:
+        self.missing = missing
+        named = " and ".join(_DESCRIBED.get(name, name) for name in missing)
+        super().__init__(f"One-click unsubscribe required (RFC 8058): message lacks {named}")
+
+
+# How a refusal names each header: the exact field a message must carry.
+_DESCRIBED = {"List-Unsubscribe": "List-Unsubscribe (with an https URI)",
+              "List-Unsubscribe-Post": "List-Unsubscribe-Post: List-Unsubscribe=One-Click"}
+

@@ -93,6 +93,12 @@ class TooManyRecipientsError(TemporaryError):
     text = "Too many recipients for one message"
 
 
+class OneRecipientPerMessageError(TooManyRecipientsError):
+    # ``unsubscribe = "adds"``: the added URL names the recipient, so a message carries one.
+    # RFC 5321 §4.5.3.1.10: the client sends the other recipients in new transactions.
+    text = "Too many recipients: one per message for one-click unsubscribe links"
+
+
 class CommandSyntaxError(PermanentError):
     """A command line the relay refuses to interpret: the same bytes will never work, so a
     5xx (a 4xx would tell the client to retry a permanently bad command)."""

@@ -91,10 +91,14 @@ def notice_text(event: Event) -> tuple[str, str] | None:
     used, limit = int(d.get("used", 0)), int(d.get("limit", 0))
     reset = _month_day(str(d["resets_at"])) if d.get("resets_at") else "the 1st of next month"
     if event.kind == THRESHOLD:
+        # The forecast (relay/decisions/forecast.py) when the event carries one.
+        ahead = d.get("forecast") or {}
+        pace = f"\n\n{ahead['text']}" if isinstance(ahead, dict) and ahead.get("text") else ""
         return (f"You have used {d.get('percent')}% of your Command Email sends this month",
                 f"You have used {used:,} of {limit:,} Command Email sends this month; "
-                f"they reset on {reset}.\n\nIf you need more this month, you can upgrade your "
-                "Command Email subscription from Settings > Connected Applications.\n")
+                f"they reset on {reset}.{pace}\n\nIf you need more this month, you can "
+                "upgrade your Command Email subscription from Settings > Connected "
+                "Applications.\n")
     if event.kind == REACHED:
         return ("You have reached your Command Email limit for this month",
                 f"You have used all {limit:,} of your Command Email sends this month; they "

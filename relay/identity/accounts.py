@@ -14,6 +14,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from redis.commands.core import AsyncScript
 
@@ -288,10 +289,20 @@ class AccountStore:
             return None
         with store_errors():
             record = await self._redis.hgetall(keys.app(name))
-        if not record or "password" not in record:
-            return None
-        return (App(name, str(record.get("status", ACTIVE)), str(record.get("created_at", ""))),
-                str(record["password"]))
+        return app_credential(name, record)
+
+    @property
+    def redis(self) -> RedisClient:
+        """The client, for a caller that pipelines its own reads with ``queue_app``."""
+        return self._redis
+
+    def queue_app(self, pipe: Any, name: str) -> bool:
+        """Queue the read of ``app_password_hash`` on ``pipe`` (False, nothing queued, for a
+        name no app can have); ``app_credential`` reads its result."""
+        if not _APP_NAME.match(name):
+            return False
+        pipe.hgetall(keys.app(name))
+        return True
 
     async def list_apps(self) -> list[App]:
         with store_errors():
@@ -327,3 +338,11 @@ class AccountStore:
         if not user.active:
             raise UserDisabledError()
         return user
+
+
+def app_credential(name: str, record: Mapping[Any, Any]) -> tuple[App, str] | None:
+    """The app and its stored hash from its hash's fields, if it has a credential."""
+    if not record or "password" not in record:
+        return None
+    return (App(name, str(record.get("status", ACTIVE)), str(record.get("created_at", ""))),
+            str(record["password"]))

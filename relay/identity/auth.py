@@ -20,8 +20,16 @@ import hmac
 import os
 from collections import OrderedDict
 
-from relay.identity.accounts import AccountStore, AppPrincipal, Principal, UserPrincipal
+from relay.identity.accounts import (
+    AccountStore,
+    AppPrincipal,
+    Principal,
+    UserPrincipal,
+    app_credential,
+)
 from relay.identity.passwords import DUMMY_HASH, verify_password
+from relay.identity.throttle import AuthThrottle
+from relay.store.client import store_errors
 
 CACHE_SIZE = 10_000
 
@@ -66,20 +74,49 @@ class Authenticator:
 
         Raises StoreUnavailableError when Redis cannot be asked (the caller answers 454).
         """
+        principal, _ = await self.check(login, password)
+        return principal
+
+    async def check(self, login: bytes, password: bytes, throttle: AuthThrottle | None = None,
+                    client: str = "") -> tuple[Principal | None, int]:
+        """``authenticate``, with the throttle's check first: (principal or None, the login's
+        failures so far). Raises AuthThrottledError before the password is looked at, and
+        StoreUnavailableError.
+
+        An app login (the applications' path, and a new connection per message for many of
+        them) asks Redis once: the throttle's two counters and the app's credential in one
+        pipelined round trip. A user login needs the user id from the address first.
+        """
         try:
             name = login.decode("utf-8")
         except UnicodeDecodeError:
             name = ""
         principal: Principal | None = None
         stored = DUMMY_HASH
-        if "@" in name:
-            found = await self._accounts.user_password_hash(name)
-            if found is not None and found[0].active:
-                principal, stored = UserPrincipal(found[0].email, found[0].id), found[1]
-        elif name:
-            app = await self._accounts.app_password_hash(name)
+        earlier = 0
+        if name and "@" not in name:
+            with store_errors():
+                async with self._accounts.redis.pipeline(transaction=False) as pipe:
+                    throttled = throttle is not None and throttle.queue_check(pipe, client,
+                                                                              login)
+                    asked = self._accounts.queue_app(pipe, name)
+                    results = await pipe.execute() if throttled or asked else []
+            if throttled:
+                assert throttle is not None
+                earlier = throttle.judge(results[0], results[1])
+            app = app_credential(name, results[-1]) if asked else None
             if app is not None and app[0].status == "active":
                 principal, stored = AppPrincipal(app[0].name), app[1]
+        else:
+            earlier = await throttle.check(client, login) if throttle is not None else 0
+            if name:
+                found = await self._accounts.user_password_hash(name)
+                if found is not None and found[0].active:
+                    principal, stored = UserPrincipal(found[0].email, found[0].id), found[1]
+        return await self._verify(principal, stored, login, password), earlier
+
+    async def _verify(self, principal: Principal | None, stored: str, login: bytes,
+                      password: bytes) -> Principal | None:
         if principal is None:
             # Still pay for one hash, so unknown logins and wrong passwords take the same time.
             await asyncio.to_thread(verify_password, password, stored)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+from typing import Any
 
 from redis.commands.core import AsyncScript
 
@@ -66,6 +67,28 @@ class AuthThrottle:
         return (keys.auth_failures_client(client_key(client)),
                 keys.auth_failures_login(login_digest(login)))
 
+    def queue_check(self, pipe: Any, client: str, login: bytes) -> bool:
+        """Queue the two reads of ``check`` on ``pipe`` (a non-transactional pipeline), so
+        that AUTH can ask them together with the credential: False when throttling is off
+        (nothing queued). ``judge`` reads the two results."""
+        if not self.enabled:
+            return False
+        client_key_name, login_key_name = self._keys(client, login)
+        # Two single-key reads; not MGET, which Redis Cluster refuses across slots.
+        pipe.get(client_key_name)
+        pipe.get(login_key_name)
+        return True
+
+    def judge(self, by_client: Any, by_login: Any) -> int:
+        """The login's failures so far; AuthThrottledError when the client or the login is at
+        its limit."""
+        client_failures, login_failures = int(by_client or 0), int(by_login or 0)
+        if self.per_client and client_failures >= self.per_client:
+            raise AuthThrottledError("ip", client_failures)
+        if self.per_login and login_failures >= self.per_login:
+            raise AuthThrottledError("login", login_failures)
+        return login_failures
+
     async def check(self, client: str, login: bytes) -> int:
         """The login's failures so far in its window (0 when throttling is off).
 
@@ -74,20 +97,11 @@ class AuthThrottle:
         """
         if not self.enabled:
             return 0
-        client_key_name, login_key_name = self._keys(client, login)
         with store_errors():
-            # Two single-key reads in one round trip; not MGET, which Redis Cluster refuses
-            # across slots.
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.get(client_key_name)
-                pipe.get(login_key_name)
+                self.queue_check(pipe, client, login)
                 by_client, by_login = await pipe.execute()
-        client_failures, login_failures = int(by_client or 0), int(by_login or 0)
-        if self.per_client and client_failures >= self.per_client:
-            raise AuthThrottledError("ip", client_failures)
-        if self.per_login and login_failures >= self.per_login:
-            raise AuthThrottledError("login", login_failures)
-        return login_failures
+        return self.judge(by_client, by_login)
 
     async def record_failure(self, client: str, login: bytes) -> tuple[int, int]:
         """Count one failed attempt; returns (client failures, login failures) in the window.

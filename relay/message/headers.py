@@ -2,7 +2,9 @@
 
 The body and every header the sender wrote pass through unchanged, so a DKIM signature still
 verifies. The relay adds one ``Received:`` trace header at the top (RFC 5321 §4.4) and removes
-its own control headers (``X-KW-*``), which are instructions to the relay, not content.
+its own control headers (``X-KW-*``), which are instructions to the relay, not content. The
+one other edit, the one-click unsubscribe headers an app's policy may have added, is in
+``relay/message/unsubscribe.py`` (never a field a DKIM signature covers).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from relay.config.policies import EVENT_KINDS
+from relay.config.shadow import KINDS as SHADOW_KINDS
 
 # ``<name>_created`` series (one per labelled child, giving its creation time) would double
 # the series count for nothing an operator asks of this relay. Process-wide, like the flag.
@@ -50,10 +51,11 @@ OVERFLOW = "other"
 LISTENERS = ("starttls", "smtps")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 AUTH_RESULTS = ("succeeded", "failed", "unavailable", "malformed")
-OUTCOMES = ("delivered", "deferred", "failed", "rejected", "abandoned")
+OUTCOMES = ("delivered", "deferred", "failed", "rejected", "abandoned", "duplicate")
 RESERVE_RESULTS = ("reserved", "over_limit", "already_reserved", "user_disabled",
                    "user_missing", "unknown_plan", "error")
-REDIS_STEPS = ("resolve_sender", "reserve", "commit", "refund", "tally", "publish")
+REDIS_STEPS = ("resolve_sender", "reserve", "commit", "refund", "tally", "publish", "claim",
+               "conclude")
 UPSTREAM_STEPS = ("connect", "mail", "rcpt", "data")
 REPLY_CLASSES = ("2xx", "4xx", "5xx", "error")
 NOTIFY_OUTCOMES = ("delivered", "dead_lettered")
@@ -61,6 +63,12 @@ NOTIFY_OUTCOMES = ("delivered", "dead_lettered")
 # protocol (smtp/protocol.py).
 UNRECONCILED_REASONS = ("upstream_no_reply", "commit_failed", "refund_failed", "reset",
                         "disconnect", "cancelled")
+# relay/smtp/unsubscribe.py: the policies that look at the headers, the headers looked for,
+# and what "adds" did (added; kept: the message had its own List-Unsubscribe; dkim_signed:
+# an existing signature covers the absent headers, so none was added).
+UNSUBSCRIBE_POLICIES = ("checks", "refuses", "adds")
+UNSUBSCRIBE_HEADERS = ("List-Unsubscribe", "List-Unsubscribe-Post")
+UNSUBSCRIBE_ADDED = ("added", "kept", "dkim_signed")
 
 # Buckets in seconds (bytes for sizes), chosen around what each step costs on loopback and in
 # production: Redis in well under a millisecond, an upstream command in milliseconds to
@@ -243,7 +251,7 @@ class RelayMetrics:
              ("refused", "UpstreamUnavailableError"), ("refused", "StoreUnavailableError")])
         self.messages = Children(Counter(
             "relay_messages_total", "Transactions by outcome (delivered, deferred, failed, "
-            "rejected, abandoned) and route (none: no route was chosen).",
+            "rejected, abandoned, duplicate) and route (none: no route was chosen).",
             ["outcome", "route"], registry=r), _product(OUTCOMES, routes))
         self.transaction_seconds = Children(Histogram(
             "relay_transaction_duration_seconds", "Time from MAIL FROM to the transaction's "
@@ -275,6 +283,12 @@ class RelayMetrics:
             "relay_quota_unreconciled_total", "Transactions whose count may be high (the log's "
             "quota.unreconciled), by reason.", ["reason"], registry=r),
             [(reason,) for reason in UNRECONCILED_REASONS])
+        self.claims = Children(Counter(
+            "relay_dedup_recipients_total", "Recipients of messages with a Message-ID, by what "
+            "the end of DATA decided (docs/resubmission.md): claimed, resent (the earlier "
+            "outcome was unknown), duplicate (not sent again), in_progress (another "
+            "transaction is sending it: 451).", ["result"], registry=r),
+            [(result,) for result in ("claimed", "resent", "duplicate", "in_progress")])
         self.redis_seconds = Children(Histogram(
             "relay_redis_duration_seconds", "Time of one Redis step on the SMTP path.",
             ["step"], buckets=REDIS_BUCKETS, registry=r), [(s,) for s in REDIS_STEPS])
@@ -286,6 +300,31 @@ class RelayMetrics:
             "by kind and result (failed: logged as event.publish_failed).",
             ["event_kind", "result"], registry=r),
             _product(sorted(EVENT_KINDS), ("published", "failed")))
+        # The shadow trial (relay/decisions/shadow_trial.py, docs/shadow.md).
+        self.shadow_enabled = Gauge("relay_shadow_enabled", "1 while candidate policies are "
+                                    "trialled in shadow, else 0 (off, or a bad file).",
+                                    registry=r)
+        self.shadow_differences = Children(Counter(
+            "relay_shadow_differences_total", "Decisions the candidate policies would have made "
+            "otherwise (shadow.differs), by kind.", ["kind"], registry=r),
+            [(kind,) for kind in SHADOW_KINDS])
+        self.shadow_uncounted = Counter(
+            "relay_shadow_uncounted_total", "Differences logged but left out of the Redis counts "
+            "of `shadow report` (queue full, Redis unreachable).", registry=r)
+        self.shadow_errors = Counter(
+            "relay_shadow_errors_total", "Shadow evaluations that failed (a bug, traceback in "
+            "shadow.failed); live mail is unaffected.", registry=r)
+
+        self.unsubscribe_missing = Children(Counter(
+            "relay_unsubscribe_missing_total", "Messages of an app with an unsubscribe policy "
+            "that lacked a one-click unsubscribe header (RFC 8058), by policy (checks: sent; "
+            "refuses: refused; adds: sent without it) and header.", ["policy", "header"],
+            registry=r), _product(UNSUBSCRIBE_POLICIES, UNSUBSCRIBE_HEADERS))
+        self.unsubscribe_added = Children(Counter(
+            "relay_unsubscribe_added_total", "Messages of an app with unsubscribe = \"adds\", "
+            "by result (added; kept: the message had its own List-Unsubscribe; dkim_signed: "
+            "an existing DKIM signature covers the absent headers, none added).", ["result"],
+            registry=r), [(result,) for result in UNSUBSCRIBE_ADDED])
 
         self.failovers = Children(Counter(
             "relay_route_failovers_total", "Transactions sent through a route's failover "

@@ -24,9 +24,12 @@ from relay.admin.operations import Admin
 from relay.config.policies import Policies, PolicyError, load_policies
 from relay.config.reload import changed_files, read_policies
 from relay.config.settings import Settings
+from relay.decisions.dedup import DedupStore
 from relay.decisions.months import Clock, SystemClock
 from relay.decisions.quota import QuotaStore
 from relay.decisions.settle import LateSettlements
+from relay.decisions.shadow_counts import ShadowCounts
+from relay.decisions.shadow_trial import Recorder, ShadowTrial, open_trial
 from relay.delivery.capture import CaptureUpstream
 from relay.delivery.credentials import CredentialStore, load_key
 from relay.delivery.pool import SmtpUpstream
@@ -35,6 +38,7 @@ from relay.delivery.upstream import Upstream
 from relay.errors import StartupError
 from relay.events.stream import EventLog
 from relay.identity.accounts import AccountStore
+from relay.identity.signed_links import load_link_secret
 from relay.identity.throttle import AuthThrottle
 from relay.observe.health import MetricsServer, RelayReadiness
 from relay.observe.metrics import RelayMetrics, UpstreamMetrics
@@ -42,9 +46,11 @@ from relay.smtp.admission import ConnectionLimiter
 from relay.smtp.hooks import RelayHandler
 from relay.smtp.listeners import listen, make_factory
 from relay.smtp.proxy import ProxyPolicy
+from relay.smtp.resubmission import Resubmissions
 from relay.smtp.services import Services
 from relay.smtp.shutdown import SessionTracker
 from relay.smtp.tls import ensure_dev_certificate, server_context
+from relay.smtp.unsubscribe import UnsubscribeLinks
 from relay.store.client import RedisClient
 
 if TYPE_CHECKING:
@@ -115,6 +121,9 @@ class RelayApp:
         self.quota = QuotaStore(redis, self.metrics)
         self.settlements = LateSettlements(self.quota, self.metrics)
         self.events = EventLog(redis, self.metrics)
+        # Candidate policies trialled beside the live ones (docs/shadow.md).
+        self.shadow_counts = ShadowCounts(redis, self.metrics)
+        self._shadow_recorder = Recorder(self.metrics, self.shadow_counts, self.clock)
         self.upstream = make_upstream(settings, self.metrics.upstream("default"))
         self.credentials = CredentialStore(redis, lambda: load_key(settings.credentials_key,
                                                                    settings.state_dir))
@@ -124,7 +133,18 @@ class RelayApp:
             accounts=self.accounts,
             services=Services(quota=self.quota, events=self.events, routes=self.routes,
                               policies=self.policies, max_recipients=settings.max_recipients,
-                              metrics=self.metrics, settlements=self.settlements),
+                              metrics=self.metrics, settlements=self.settlements,
+                              clock=self.clock,
+                              links=UnsubscribeLinks(settings.public_url, lambda: load_link_secret(
+                                  settings.link_secret, settings.state_dir)),
+                              resubmissions=Resubmissions(
+                                  DedupStore(redis, self.metrics), self.clock,
+                                  window=settings.dedup_window,
+                                  upstream_timeout=max([settings.upstream_timeout, *(
+                                      r.timeout for r in routes.values() if r.timeout)]),
+                                  redis_timeout=settings.redis_timeout, metrics=self.metrics,
+                                  settlements=self.settlements),
+                              shadow=self.shadow_for(self.policies)),
             clock=self.clock, hostname=settings.hostname, default_tz=settings.default_tz,
             throttle=AuthThrottle(redis, per_client=settings.auth_max_failures_per_ip,
                                   per_login=settings.auth_max_failures_per_login,
@@ -246,12 +266,19 @@ class RelayApp:
         return make_routes(self.settings, policies, self.upstream, self.credentials, previous,
                            metrics=self.metrics)
 
-    def use_policies(self, policies: Policies, routes: RouteUpstreams) -> None:
-        """Swap in reloaded policies everywhere at once. The handler's ``services`` is
-        replaced whole: a transaction keeps the services it started with."""
+    def shadow_for(self, policies: Policies) -> ShadowTrial:
+        """The shadow trial beside ``policies`` (off when unset or bad; never raises).
+        Reads the shadow folder: off the event loop once serving."""
+        return open_trial(self.settings.shadow_policies_dir, policies, self._shadow_recorder)
+
+    def use_policies(self, policies: Policies, routes: RouteUpstreams,
+                     shadow: ShadowTrial) -> None:
+        """Swap in reloaded policies (and the shadow trial beside them) everywhere at once.
+        The handler's ``services`` is replaced whole: a transaction keeps the services it
+        started with."""
         self.policies, self.routes = policies, routes
         self.handler.services = replace(self.handler.services, policies=policies,
-                                        routes=routes)
+                                        routes=routes, shadow=shadow)
         if self.admin is not None:
             self.admin.policies = policies
 
@@ -270,12 +297,14 @@ class RelayApp:
             if self.draining:
                 log.info("policies.reload_skipped", reason="draining")
                 return False
+            # A bad shadow file turns the trial off; the live policies are swapped in anyway.
+            shadow = await asyncio.to_thread(self.shadow_for, policies)
             old_policies, old_routes = self.policies, self.routes
             changed = changed_files(old_policies, policies)
             routes = old_routes
             if policies.routing != old_policies.routing:
                 routes = self.routes_for(policies, old_routes)
-            self.use_policies(policies, routes)
+            self.use_policies(policies, routes, shadow)
             if routes is not old_routes:
                 await old_routes.close(successor=routes)
             log.info("policies.reloaded", directory=str(directory), changed=changed,
@@ -313,6 +342,7 @@ class RelayApp:
         await self.handler.drain(max(deadline - loop.time(), _DELIVERY_GRACE_SECONDS))
         # Commits and refunds still waiting for Redis get one more timeout's worth of tries.
         await self.settlements.close(max(deadline - loop.time(), self.settings.redis_timeout))
+        await self.shadow_counts.close(self.settings.redis_timeout)
         if self.admin_server is not None:
             await self.admin_server.stop()
         async with self.reload_lock:  # not while a reload swaps the routes

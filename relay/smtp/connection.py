@@ -17,6 +17,7 @@ import structlog
 from aiosmtpd.smtp import SMTP
 
 from relay.errors import RefusalLevel, RelayError
+from relay.smtp.setup import init_smtp
 
 log = structlog.get_logger()
 
@@ -32,7 +33,8 @@ class ConnectionBase(SMTP):
         self.client_ip: str | None = None
         self._quiet = False  # the balancer's own connection (a health check): debug logs only
         self._reply_logged = False  # the next refusal pushed was logged by the relay already
-        super().__init__(handler, **kwargs)
+        # aiosmtpd's SMTP.__init__, with its class walks done once per listener (setup.py).
+        init_smtp(self, handler, **kwargs)
 
     @property
     def tls_active(self) -> bool:

@@ -112,8 +112,7 @@ class RelayHandler:
         throttle = self.throttle
         metrics = self.services.metrics
         try:
-            earlier = await throttle.check(client, login) if throttle is not None else 0
-            principal = await self._auth.authenticate(login, password)
+            principal, earlier = await self._auth.check(login, password, throttle, client)
         except AuthThrottledError as exc:
             # Refused without looking at the password: a guesser learns nothing more.
             exc.log_refusal(session_log, "auth.throttled", metrics.auth(mechanism, "throttled"),
@@ -207,6 +206,7 @@ class RelayHandler:
                                         preference=user.preferences.get(principal.app),
                                         header="")
                 known = known.bind(route=decision.route and decision.route.name)
+                services.shadow.route(decision, user=user, app=principal.app, header="", log=known)
                 if decision.route is None:
                     raise RouteRefusedError(decision.refusal)
                 opened = Opened(*await services.routes.begin(

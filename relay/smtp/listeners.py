@@ -18,6 +18,11 @@ from relay.smtp.session import COMMAND_LIMITS, IDENT
 
 log = structlog.get_logger()
 
+# asyncio's default backlog is 100: a burst of clients connecting at once (a campaign
+# starting, a balancer's pool refilling) overflows it, and the kernel drops their SYNs, which
+# they resend after 1, 3, 7… seconds. The kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = socket.SOMAXCONN
+
 
 def make_factory(handler: RelayHandler, *, hostname: str, data_size_limit: int,
                  idle_timeout: float, tls_context: ssl.SSLContext | None,
@@ -64,7 +69,7 @@ async def listen(factory: Any, endpoint: Endpoint,
     if ssl_context is not None:
         tls = {"ssl": ssl_context, "ssl_handshake_timeout": tls_handshake_timeout}
     if sock is not None:
-        return await loop.create_server(factory, sock=sock, **tls)
+        return await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG, **tls)
     return await loop.create_server(factory, host=endpoint.host, port=endpoint.port,
-                                    reuse_address=True, **tls)
+                                    reuse_address=True, backlog=LISTEN_BACKLOG, **tls)
 

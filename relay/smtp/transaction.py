@@ -23,12 +23,14 @@ Every outcome ends in one canonical ``delivery.finished`` log line.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from enum import Enum
 
 import structlog
 
 from relay.config.routing import Route
+from relay.decisions.forecast import forecast_data
 from relay.decisions.months import Period
 from relay.decisions.quota import Reservation, Settlement, refusal_for
 from relay.decisions.routing import choose_route
@@ -50,6 +52,7 @@ from relay.message.controls import Controls, read_controls
 from relay.message.headers import CONTROL_HEADER_PREFIX
 from relay.message.wire import Outgoing, WireMessage
 from relay.smtp.services import Opened, Services
+from relay.smtp.unsubscribe import check_recipient, unsubscribe_fields
 
 
 class State(Enum):
@@ -97,6 +100,14 @@ class Transaction:
         self.log = log.bind(txn_id=txn_id, user_id=user.id, plan=user.plan,
                             sender_domain=sender.rpartition("@")[2].lower(),
                             period=period.label, route=opened.route.name if opened else None)
+        # Idempotent resubmission: the claims on the message's recipients (made at the end of
+        # DATA), and the recipients it goes to with their unit numbers: those accepted, less
+        # the duplicates of an earlier send (relay/smtp/resubmission.py).
+        self._claims = services.resubmissions.begin(user_id=user.id, txn_id=txn_id,
+                                                    period=period.label, log=self.log)
+        self._sending: list[tuple[str, int]] = []
+        self._shadow = services.shadow.watch(user=user, period=period, app=principal.app,
+                                             log=self.log)
 
     @property
     def route(self) -> Route | None:
@@ -115,6 +126,7 @@ class Transaction:
                 raise SmtpUtf8RequiredError()
             if len(self.accepted) >= self._services.max_recipients:
                 raise TooManyRecipientsError()
+            check_recipient(self._app.unsubscribe, len(self.accepted))
             if not self.deferred:
                 self._accepted_nos.append(await self._add_in_step(address, options))
         except RelayError as exc:
@@ -157,6 +169,7 @@ class Transaction:
             self.user.id, self.period.label, self.txn_id, rcpt_nos,
             self._policies.plan_limits())
         self._last_used, self._last_limit = result.used, result.limit
+        self._shadow.reserved(result, rcpt_nos)
         self._raise_for(result)
 
     def _raise_for(self, result: Reservation) -> None:
@@ -186,21 +199,48 @@ class Transaction:
             raise
 
     async def _deliver(self, message: WireMessage, trace: bytes) -> str:
+        header = message.header_content()
         if self.deferred:
-            self._controls = read_controls(message.header_content())
+            self._controls = read_controls(header)
             if self._controls.problems:
                 self.log.warning("controls.ignored", problems=list(self._controls.problems))
+        trace += await self._unsubscribe_fields(message)
+        if self.deferred:
             try:
+                self._sending = await self._claims.claim(
+                    header, list(zip(self.accepted, itertools.count(1))))
+                if not self._sending:
+                    return self._duplicate(len(message))
                 await self._open_at_data()
             except RelayError as exc:
                 self.state = State.DONE
+                await self._claims.conclude("released")
                 await self._refuse_whole(exc)
                 self._finish("failed" if exc.permanent else "deferred", exc.code, len(message))
                 raise
+        elif not await self._dedupe_in_step(header, len(message)):
+            return self._duplicate(len(message))
         assert self._opened is not None
         prefixes = (CONTROL_HEADER_PREFIX, *(p.encode() for p in
                     self._policies.routing.stripped_prefixes(self._opened.route)))
         return await self._send(message.outgoing(trace, prefixes))
+
+    async def _unsubscribe_fields(self, message: WireMessage) -> bytes:
+        """The List-Unsubscribe fields the app's policy adds (relay/smtp/unsubscribe.py). Its
+        refusal comes before anything is sent: units reserved at RCPT are given back."""
+        try:
+            return unsubscribe_fields(
+                self._app.unsubscribe, message, user_id=self.user.id, recipients=self.accepted,
+                links=self._services.links, metrics=self._services.metrics, log=self.log)
+        except RelayError as exc:
+            self.state = State.DONE
+            if self._opened is not None:  # decided at RCPT: opened at MAIL FROM
+                await self._opened.session.release(reusable=True)
+                await self._refund_all()
+            # Refused before any claim: for every recipient.
+            await self._refuse_whole(exc, self.accepted)
+            self._finish("failed", exc.code, len(message))
+            raise
 
     async def _open_at_data(self) -> None:
         """Choose the route with the headers in hand, reserve every recipient at once (on a
@@ -213,13 +253,14 @@ class Transaction:
         decision = choose_route(self._policies.routing, app=self.principal.app,
                                 preference=self.user.preferences.get(self.principal.app),
                                 header=self._controls.route)
+        self._shadow.route(decision, header=self._controls.route)
         self.log = self.log.bind(rule=decision.rule, route=decision.route and
                                  decision.route.name)
         if decision.route is None:
             raise RouteRefusedError(decision.refusal)
         self._chosen = decision.route
-        numbers = list(range(1, len(self.accepted) + 1))
-        self._next_rcpt = len(numbers)
+        numbers = [number for _, number in self._sending]
+        self._next_rcpt = len(self.accepted)
         self._accepted_nos = numbers
         if decision.route.counted:
             try:
@@ -232,32 +273,72 @@ class Transaction:
                     "refund", self.user.id, self.period.label, self.txn_id, self.log))
                 raise
         try:
-            route, session, upstream = await self._services.routes.begin(
-                decision.route, self.user, self.sender, self._mail_options,
-                smtputf8=self._smtputf8)
+            await self._open(decision.route, [address for address, _ in self._sending])
         except RelayError:
-            await self._refund_all()
-            raise
-        self._opened = Opened(route, session, upstream)
-        self.log = self.log.bind(route=route.name)
-        try:
-            for address in self.accepted:
-                await session.rcpt(address, [])
-        except RelayError:
-            await session.release(reusable=True)
             await self._refund_all()
             raise
 
-    async def _refuse_whole(self, refusal: RelayError) -> None:
-        """Events for a message refused whole at the end of DATA."""
+    async def _open(self, route: Route, addresses: list[str]) -> None:
+        """Open a transaction on ``route`` and mirror ``addresses`` (all must be accepted)."""
+        route, session, upstream = await self._services.routes.begin(
+            route, self.user, self.sender, self._mail_options, smtputf8=self._smtputf8)
+        self._opened = Opened(route, session, upstream)
+        self.log = self.log.bind(route=route.name)
+        try:
+            for address in addresses:
+                await session.rcpt(address, [])
+        except RelayError:
+            await session.release(reusable=True)
+            raise
+
+    async def _dedupe_in_step(self, header: bytes, size: int) -> bool:
+        """Decided at RCPT: claim the recipients (the upstream has them all already). False
+        when every one is a duplicate (the upstream transaction and the units given up);
+        with some, the upstream transaction is opened again with the others only."""
+        assert self._opened is not None
+        numbered = list(zip(self.accepted, self._accepted_nos, strict=True))
+        try:
+            self._sending = await self._claims.claim(header, numbered)
+            if len(self._sending) < len(numbered):
+                await self._opened.session.release(reusable=True)
+                self._accepted_nos = [number for _, number in self._sending]
+                if self._sending:
+                    await self._open(self._opened.route, [a for a, _ in self._sending])
+        except RelayError as exc:
+            self.state = State.DONE
+            await self._opened.session.release(reusable=True)
+            await self._claims.conclude("released")
+            if isinstance(exc, StoreUnavailableError):  # Redis just failed: no second wait
+                self._settle_later(PendingSettlement(
+                    "refund", self.user.id, self.period.label, self.txn_id, self.log))
+            else:
+                await self._refund_all()
+            self._finish("failed" if exc.permanent else "deferred", exc.code, size)
+            raise
+        if not self._sending:
+            await self._refund_all()
+        return bool(self._sending)
+
+    def _duplicate(self, size: int) -> str:
+        """Every recipient was accepted upstream before (a resubmission): 250, nothing sent."""
+        self.state = State.DONE
+        self._finish("duplicate", MESSAGE_ACCEPTED_CODE, size)
+        return "duplicate"
+
+    async def _refuse_whole(self, refusal: RelayError,
+                            recipients: list[str] | None = None) -> None:
+        """Events for a message refused whole at the end of DATA: for ``recipients``, by
+        default those this transaction claimed (not those another one sent already)."""
+        if recipients is None:
+            recipients = [address for address, _ in self._sending]
         if isinstance(refusal, QuotaExceededError):
-            for address in self.accepted:
+            for address in recipients:
                 await self._publish(events.REJECTED, recipient=address, smtp_code=refusal.code,
                                     reply=refusal.reply, **self._controls.ids())
         if self._app.timeline and (isinstance(refusal, QuotaExceededError)
                                    or refusal.permanent):
             reason = "quota" if isinstance(refusal, QuotaExceededError) else "refused"
-            for address in self.accepted:
+            for address in recipients:
                 await self._publish(events.TIMELINE_EMAIL_FAILED, recipient=address,
                                     reason=reason, smtp_code=refusal.code,
                                     reply=refusal.reply, **self._controls.ids())
@@ -267,16 +348,19 @@ class Transaction:
         session = self._opened.session
         self.state = State.SENDING
         try:
+            await self._claims.confirm()
             reply = await session.data(content)
         except UpstreamOutcomeUnknownError as exc:
             self.state = State.DONE
             await session.release(reusable=False)
+            await self._claims.conclude("unknown")
             self._log_unreconciled("upstream_no_reply")
             self._finish("deferred", exc.code, len(content))
             raise
         except RelayError as exc:
             self.state = State.DONE
             await session.release(reusable=True)
+            await self._claims.conclude("released")
             await self._refund_all()
             if self.deferred:
                 await self._refuse_whole(exc)
@@ -299,17 +383,19 @@ class Transaction:
                 # as possible after the upstream's 250.
                 plan_limits = self._policies.plan_limits()
                 thresholds = self._policies.notifications.threshold_argument
+                claims = self._claims.settlement()  # made accepted by the commit, same step
                 try:
                     settlement = await self._services.quota.commit(
                         self.user.id, self.period.label, self.txn_id, route.name,
-                        plan_limits, thresholds, self._accepted_nos)
+                        plan_limits, thresholds, self._accepted_nos, claims)
                 except RelayError:
                     # Delivered mail stays counted (reserve took the units); the commit that
                     # makes them final is written once Redis is back.
                     self._settle_later(PendingSettlement(
                         "commit", self.user.id, self.period.label, self.txn_id, self.log,
                         route=route.name, plan_limits=plan_limits, thresholds=thresholds,
-                        rcpt_nos=self._accepted_nos, on_committed=self._notify_crossing))
+                        rcpt_nos=self._accepted_nos, on_committed=self._notify_crossing,
+                        claims=claims))
                     return
                 self._last_used = settlement.used
                 if settlement.released:
@@ -317,8 +403,9 @@ class Transaction:
                                   used=settlement.used)
                 await self._notify_crossing(settlement)
             else:
+                await self._claims.conclude("accepted")
                 await self._services.quota.tally(self.user.id, self.period.label, route.name,
-                                                 len(self.accepted))
+                                                 len(self._accepted_nos))
         except RelayError:
             # A tally is not idempotent (HINCRBY), so it is not retried: the per-route count
             # of an uncounted route is for reports only and may be low by this message.
@@ -336,12 +423,14 @@ class Transaction:
             self.state = State.DONE
             if session is not None:
                 await session.release(reusable=False)
+            await self._claims.conclude("unknown")
             self._log_unreconciled(reason)
             self._finish("deferred", None, None, reason=reason)
             return
         self.state = State.DONE
         if session is not None:
             await session.release(reusable=True)
+        await self._claims.conclude("released")
         if self._next_rcpt:
             await self._refund_all()
         self._finish("abandoned" if self.accepted else "rejected", None, None, reason=reason)
@@ -361,11 +450,14 @@ class Transaction:
 
     async def _notify_crossing(self, settlement: Settlement) -> None:
         """The event for a threshold this commit's delivered sends crossed: it names the
-        delivered count ("16 of 20"), the sends that really went out."""
+        delivered count ("16 of 20"), the sends that really went out, and the forecast."""
+        self._shadow.committed(settlement)
         if settlement.crossed:
             kind = events.REACHED if settlement.crossed == 100 else events.THRESHOLD
             await self._publish(kind, percent=settlement.crossed,
-                                used=settlement.delivered, limit=settlement.limit)
+                                used=settlement.delivered, limit=settlement.limit,
+                                forecast=forecast_data(settlement.delivered, settlement.limit,
+                                                       self.period, self._services.clock.now()))
 
     async def _refund_all(self) -> None:
         await self._refund(None)

@@ -106,3 +106,23 @@ def global_suppressions() -> str:
     complaint): normalised address -> ``reason<TAB>source<TAB>unix seconds``. One key in one
     Cluster slot, read with single-key commands only."""
     return f"{PREFIX}:supp:global"
+
+
+def dedup(user_id: str, digest: str) -> str:
+    """Hash of one message's recipients, for idempotent resubmission: normalised recipient ->
+    its state (relay/decisions/lua/claims.lua). ``digest``: the SHA-256 of the message's
+    Message-ID, hex. In the user's slot, so commit.lua marks the recipients accepted in the
+    same step as the quota; expires after ``RELAY_DEDUP_WINDOW``."""
+    return f"{PREFIX}:dedup:{{{user_id}}}:{digest}"
+
+
+def shadow_counts(day: str) -> str:
+    """Hash of one UTC day (YYYY-MM-DD) of the shadow trial's differences:
+    ``kind:<kind>`` and ``app:<app>:<kind>`` -> count (``command-relay shadow report``).
+    Both of a day's keys share the day's hash tag: one pipeline, one Cluster slot."""
+    return f"{PREFIX}:shadow:{{{day}}}:counts"
+
+
+def shadow_examples(day: str, kind: str) -> str:
+    """List of the latest differences of one kind on one UTC day, JSON, newest first."""
+    return f"{PREFIX}:shadow:{{{day}}}:examples:{kind}"

@@ -4,7 +4,8 @@ importlib.resources so they load the same from a checkout and from an installed 
 A script may take prologues, shared functions put in front of it, so a rule is written
 once: the quota scripts that resolve the plan in force (``reserve.lua``, ``commit.lua``,
 ``plan_change.lua``) get ``terms.lua``; those that give units back (``refund.lua``,
-``commit.lua``) get ``units.lua``.
+``commit.lua``) get ``units.lua``; those that read or end a message's claims for idempotent
+resubmission (``claim.lua``, ``conclude.lua``, ``commit.lua``) get ``claims.lua``.
 """
 
 from __future__ import annotations

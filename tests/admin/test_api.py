@@ -9,10 +9,12 @@ import dataclasses
 import re
 import shutil
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import aiosmtplib
+import jsonschema
 import pytest
 
 from relay.admin.api import make_app, openapi_document
@@ -244,10 +246,40 @@ async def test_adminapi_usage_for_a_user_and_a_named_month(api, api_relay, accou
             now.body["remaining"]) == ("2026-11", 2, 2, 5000, 4998)
     assert now.body["resets_at"] == "2026-12-01T00:00:00+00:00"
     assert now.body["history"][0] == {"period": "2026-10", "used": 7, "delivered": 7,
-                                          "routes": {}}
+                                      "routes": {}, "plan": "free", "custom_limit": None,
+                                      "limit": 5000, "terms_source": "fallback"}
     october = await api.call("GET", f"/v1/users/{user.id}/usage", params={"period": "2026-10"})
     assert october.status == 200
     assert (october.body["period"], october.body["used"]) == ("2026-10", 7)
+
+
+async def test_adminapi_usage_has_the_forecast_and_each_months_own_terms(
+        api, api_relay, accounts, redis_client, clock):
+    """The usage answer carries the forecast (4,000 of 5,000 delivered by November 15,
+    12:00: 5,000 after 18.125 days, November 19) and, for October, the plus plan recorded
+    for it (a downgrade to free then took effect in November); the answers match the
+    document's Usage schema."""
+    user = await add_user(accounts, plan="plus")
+    clock.current = datetime(2026, 10, 7, tzinfo=UTC)
+    assert (await api.call("PUT", f"/v1/users/{user.id}/plan",
+                           json={"plan": "free", "by": "billing"})).status == 200
+    clock.current = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+    await redis_client.hset(keys.usage(user.id, "2026-11"),
+                            mapping={"used": 4000, "delivered": 4000})
+    reply = await api.call("GET", f"/v1/users/{user.id}/usage")
+    assert reply.status == 200
+    assert reply.body["forecast"] == {
+        "limit": 5000, "reaches_at": "2026-11-19T03:00:00+00:00", "date": "2026-11-19",
+        "text": "At this pace you will reach your 5,000-send limit around November 19."}
+    assert (reply.body["plan"], reply.body["terms_source"]) == ("free", "in_force")
+    october = reply.body["history"][0]
+    assert (october["period"], october["plan"], october["limit"], october["terms_source"]) \
+        == ("2026-10", "plus", 10_000, "recorded")
+    schema = {"$ref": "#/components/schemas/Usage", "components": DOCUMENT["components"]}
+    jsonschema.validate(reply.body, schema)
+    past = await api.call("GET", f"/v1/users/{user.id}/usage", params={"period": "2026-10"})
+    assert (past.body["limit"], past.body["forecast"]) == (10_000, None)
+    jsonschema.validate(past.body, schema)
 
 
 async def test_adminapi_usage_of_everyone_highest_percentage_first(api, accounts,
@@ -575,7 +607,7 @@ async def test_adminapi_openapi_paths_match_the_registered_routes(redis_client, 
     """Every route make_app registers is documented with the same method, and every
     documented path and method is registered."""
     registered = _registered(redis_client, clock, api_relay.policies)
-    assert len(registered) == 12
+    assert len(registered) == 17
     assert registered == _documented()
 
 

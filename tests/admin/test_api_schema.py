@@ -35,7 +35,8 @@ async def test_adminapi_conforms_to_its_openapi_document(
     """Every generated request, valid or not, and every stateful sequence of linked calls
     gets an answer the document allows: no 5xx, documented status codes and content types,
     bodies matching their schemas, schema-valid requests accepted and schema-violating ones
-    refused, 401 without the token, 405 for other methods; and the relay logs no error."""
+    refused, 401 without the token, 405 for other methods; the suppression list's routes
+    do their work on what they accept; and the relay logs no error."""
     relay = serve(relay_env(redis_server.url, tmp_path / "state", RELAY_ADMIN_TOKEN=TOKEN,
                             RELAY_ADMIN_LISTEN="127.0.0.1:0"))
     [listening] = await relay.wait_event("admin_api.listening")
@@ -56,6 +57,10 @@ async def test_adminapi_conforms_to_its_openapi_document(
     assert "No issues found" in result.stdout, report
     # The stateful phase ran on the document's links (POST /v1/users -> the user's routes).
     assert "Stateful" in result.stdout and "API Links" in result.stdout, report
+    # The suppression routes took generated requests, not only refused them: entries were
+    # added and imported, and removed through the link from POST /v1/suppressions.
+    done = {r.get("event") for r in relay.records()}
+    assert {"suppression.added", "suppression.imported", "suppression.removed"} <= done
     errors = [r for r in relay.records() if r.get("level") in ("error", "critical")]
     assert errors == [], errors
     assert "Traceback" not in relay.stderr

@@ -776,7 +776,7 @@ async def test_plan_cancel_is_a_downgrade_to_the_default_plan(
 async def test_plan_history_lists_the_audit_trail(
         env: dict[str, str], redis_client: aioredis.Redis) -> None:
     """plan history --json lists every change oldest first (unchanged included); the text
-    form prints one line per entry."""
+    form prints one line per entry, then the plan and limit of the months on record."""
     view = await add_user(env)
     current, following = _months()
     assert ok_json(await cli(["plan", "history", view["id"], "--json"], env)) == []
@@ -796,10 +796,14 @@ async def test_plan_history_lists_the_audit_trail(
     assert [e["id"] for e in entries] == sorted(
         (e["id"] for e in entries), key=lambda i: tuple(map(int, i.split("-"))))
     lines = ok(await cli(["plan", "history", "agent@kw.test"], env)).splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 5
     assert lines[2].startswith(entries[2]["at"])
     assert lines[2].split()[1:] == ["ops", "downgrade", "plus", "(10000)", "->", "free",
                                     "(5000)", "from", entries[2]["effective_from"]]
+    # The month keeps the plus plan until its end: the downgrade is next month's.
+    assert lines[3] == "plan and limit by month:"
+    assert lines[4].split()[0] in current
+    assert lines[4].split()[1:] == ["plus", "10,000", "(in", "force)"]
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config.routing import AppPolicy, Routing, load_routing
+from relay.config.routing import AppPolicy, Routing, UnsubscribePolicy, load_routing
 from relay.config.sources import PolicyError, TomlSource
 from tests.conftest import POLICIES
 
@@ -55,6 +55,24 @@ def test_app_policy_decided_at_data_when_timeline_or_route_header(
         timeline: bool, route_header: bool, expected: bool) -> None:
     """Either flag makes an app wait for its headers."""
     assert AppPolicy("x", timeline, route_header).decided_at_data is expected
+
+
+@pytest.mark.parametrize(("app", "policy"), [
+    ("campaigns", UnsubscribePolicy.CHECKS), ("smartplans", UnsubscribePolicy.OFF),
+    ("command", UnsubscribePolicy.OFF), ("newsletters", UnsubscribePolicy.OFF),
+])
+def test_routing_app_unsubscribe_policy(routing: Routing, app: str,
+                                        policy: UnsubscribePolicy) -> None:
+    """The shipped Campaigns app checks its one-click unsubscribe headers; an app without
+    the optional key (or not listed) is "off"."""
+    assert routing.app(app).unsubscribe is policy
+
+
+@pytest.mark.parametrize("value", ["off", "checks", "refuses", "adds"])
+def test_load_routing_unsubscribe_values(tmp_path: Path, value: str) -> None:
+    text = edited('unsubscribe = "checks"\n', f'unsubscribe = "{value}"\n')
+    routing = load_routing(TomlSource(write_routing(tmp_path, text)))
+    assert routing.app("campaigns").unsubscribe is UnsubscribePolicy(value)
 
 
 # -- load_routing errors -----------------------------------------------------------------------
@@ -115,6 +133,12 @@ ROUTING_ERRORS = [
                  "apps.smartplans.timeline", "expected bool, got int", id="app-wrong-type"),
     pytest.param('route_header = true\n', 'route_header = true\nrefuse = "x"\n', 'refuse = "x"',
                  0, "apps.campaigns.refuse", "unknown key", id="app-unknown-key"),
+    pytest.param('unsubscribe = "checks"\n', 'unsubscribe = "always"\n',
+                 'unsubscribe = "always"', 0, "apps.campaigns.unsubscribe",
+                 'must be "off", "checks", "refuses" or "adds"', id="app-bad-unsubscribe"),
+    pytest.param('unsubscribe = "checks"\n', 'unsubscribe = true\n', "unsubscribe = true", 0,
+                 "apps.campaigns.unsubscribe", "expected str, got bool",
+                 id="app-unsubscribe-wrong-type"),
     pytest.param('header = "command"\nroute = "command"\n',
                  'header = "command"\nroute = "command"\nrefuse = "no"\n', RULE_HEADER, 2,
                  "rules[2]", "give exactly one of route or refuse", id="rule-route-and-refuse"),

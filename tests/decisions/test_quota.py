@@ -16,6 +16,7 @@ from relay.decisions.quota import (
     RESERVATION_TTL_SECONDS,
     USAGE_TTL_SECONDS,
     QuotaStore,
+    RecordedTerms,
     Reservation,
     ReserveStatus,
     Settlement,
@@ -39,6 +40,9 @@ NOV = "2026-11"
 DEC = "2026-12"
 PLANS: list[str | int] = ["free", 3, "pro", 10]
 UID = "u-test"
+# The terms reserve.lua records in the month's usage hash (docs/plans.md, "History").
+FREE_TERMS = RecordedTerms("free", None, 3)
+PRO_TERMS = RecordedTerms("pro", None, 10)
 
 
 @pytest.fixture
@@ -156,7 +160,8 @@ async def test_quota_commit_is_idempotent(redis_client: aioredis.Redis,
     await reserve_n(quota, "txn1", 2)
     assert await quota.commit(UID, NOV, "txn1") == Settlement(units=2, used=2, delivered=2)
     assert await quota.commit(UID, NOV, "txn1") == Settlement(units=0, used=2, delivered=2)
-    assert await quota.usage(UID, NOV) == Usage(used=2, delivered=2, routes={"command": 2})
+    assert await quota.usage(UID, NOV) == Usage(used=2, delivered=2, routes={"command": 2},
+                                                terms=FREE_TERMS)
     assert not await redis_client.exists(keys.reservations(UID, "txn1"))
 
 
@@ -171,7 +176,8 @@ async def test_quota_commit_makes_only_the_delivered_numbers_final(
         units=2, used=2, delivered=2, limit=10, released=1)
     assert await quota.commit(UID, NOV, "txn1", "command", PLANS, "", [1, 3]) == Settlement(
         units=0, used=2, delivered=2, limit=10)
-    assert await quota.usage(UID, NOV) == Usage(used=2, delivered=2, routes={"command": 2})
+    assert await quota.usage(UID, NOV) == Usage(used=2, delivered=2, routes={"command": 2},
+                                                terms=PRO_TERMS)
     assert not await redis_client.exists(keys.reservations(UID, "txn1"))
 
 
@@ -227,7 +233,8 @@ async def test_quota_refund_after_commit_refunds_nothing(redis_client: aioredis.
     await quota.commit(UID, NOV, "txn1")
     assert await quota.refund(UID, NOV, "txn1") == Settlement(units=0, used=2)
     assert await quota.refund(UID, NOV, "txn1", [1, 2]) == Settlement(units=0, used=2)
-    assert await quota.usage(UID, NOV) == Usage(used=2, delivered=2, routes={"command": 2})
+    assert await quota.usage(UID, NOV) == Usage(used=2, delivered=2, routes={"command": 2},
+                                                terms=FREE_TERMS)
 
 
 async def test_quota_refund_specific_recipients(redis_client: aioredis.Redis,
@@ -241,7 +248,8 @@ async def test_quota_refund_specific_recipients(redis_client: aioredis.Redis,
     assert await quota.refund(UID, NOV, "txn1", [3, 3]) == Settlement(units=1, used=1)
     # What is left (recipient 1) is committed as delivered.
     assert await quota.commit(UID, NOV, "txn1") == Settlement(units=1, used=1, delivered=1)
-    assert await quota.usage(UID, NOV) == Usage(used=1, delivered=1, routes={"command": 1})
+    assert await quota.usage(UID, NOV) == Usage(used=1, delivered=1, routes={"command": 1},
+                                                terms=FREE_TERMS)
 
 
 async def test_quota_refund_all_is_idempotent(redis_client: aioredis.Redis,
@@ -252,7 +260,7 @@ async def test_quota_refund_all_is_idempotent(redis_client: aioredis.Redis,
     await reserve_n(quota, "other", 1)
     assert await quota.refund(UID, NOV, "txn1") == Settlement(units=3, used=1)
     assert await quota.refund(UID, NOV, "txn1") == Settlement(units=0, used=1)
-    assert await quota.usage(UID, NOV) == Usage(used=1, delivered=0)
+    assert await quota.usage(UID, NOV) == Usage(used=1, delivered=0, terms=PRO_TERMS)
     # The freed units can be taken again.
     await reserve_n(quota, "txn2", 2)
 
@@ -289,7 +297,7 @@ async def test_quota_refund_unknown_transaction(redis_client: aioredis.Redis,
     await reserve_n(quota, "txn1", 1)
     assert await quota.refund(UID, NOV, "nope") == Settlement(units=0, used=1)
     assert await quota.commit(UID, NOV, "nope") == Settlement(units=0, used=1)
-    assert await quota.usage(UID, NOV) == Usage(used=1, delivered=0)
+    assert await quota.usage(UID, NOV) == Usage(used=1, delivered=0, terms=FREE_TERMS)
 
 
 # -- usage ---------------------------------------------------------------------------------------
@@ -302,7 +310,7 @@ async def test_quota_usage_used_delivered_in_flight(redis_client: aioredis.Redis
     await quota.commit(UID, NOV, "a")
     await reserve_n(quota, "b", 2)
     usage = await quota.usage(UID, NOV)
-    assert usage == Usage(used=5, delivered=3, routes={"command": 3})
+    assert usage == Usage(used=5, delivered=3, routes={"command": 3}, terms=PRO_TERMS)
     assert usage.in_flight == 2
 
 

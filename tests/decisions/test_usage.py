@@ -44,7 +44,8 @@ async def seed(redis_client: aioredis.Redis, user_id: str, period: str,
 async def test_usage_report_has_every_field(
         redis_client: aioredis.Redis, accounts: AccountStore, clock: MutableClock) -> None:
     """Plan, limit, used, delivered, in flight, remaining, percent, reset, thresholds of the
-    current limit, the pending change and six previous months, exactly."""
+    current limit, the pending change, the forecast and six previous months (each with its
+    plan and limit: none recorded here, so today's, said so), exactly."""
     user = await add_user(accounts, plan="plus")
     admin = make_admin(redis_client, clock)
     assert (await admin.change_plan(user.id, "free", by="billing"))["outcome"] == "downgrade"
@@ -57,22 +58,28 @@ async def test_usage_report_has_every_field(
     await seed(redis_client, user.id, "2026-12", used=7, delivered=7)  # the future
 
     report = await admin.usage("agent@kw.test")
+    plus = {"plan": "plus", "custom_limit": None, "limit": 10_000, "terms_source": "fallback"}
     assert report == {
         "user_id": user.id, "email": "agent@kw.test", "status": "active",
-        "plan": "plus", "custom_limit": None, "limit": 10_000,
+        "plan": "plus", "custom_limit": None, "limit": 10_000, "terms_source": "in_force",
         "period": "2026-11", "tz": "UTC",
         "used": 8600, "delivered": 8500, "in_flight": 100, "routes": {},
         "remaining": 1400, "percent": 86.0,
         "resets_at": "2026-12-01T00:00:00+00:00",
         "thresholds_notified": [80, 85],
         "pending_change": {"plan": "free", "custom_limit": None, "effective_from": "2026-12"},
+        # 8,500 delivered in 14.5 days: 10,000 after 14.5 * 10,000 / 8,500 days = 17 d 1:24:42.
+        "forecast": {"limit": 10_000, "reaches_at": "2026-11-18T01:24:42+00:00",
+                     "date": "2026-11-18",
+                     "text": "At this pace you will reach your 10,000-send limit around "
+                             "November 18."},
         "history": [
-            {"period": "2026-10", "used": 4000, "delivered": 4000, "routes": {}},
-            {"period": "2026-09", "used": 0, "delivered": 0, "routes": {}},
-            {"period": "2026-08", "used": 12, "delivered": 10, "routes": {}},
-            {"period": "2026-07", "used": 0, "delivered": 0, "routes": {}},
-            {"period": "2026-06", "used": 0, "delivered": 0, "routes": {}},
-            {"period": "2026-05", "used": 1, "delivered": 1, "routes": {}},
+            {"period": "2026-10", "used": 4000, "delivered": 4000, "routes": {}} | plus,
+            {"period": "2026-09", "used": 0, "delivered": 0, "routes": {}} | plus,
+            {"period": "2026-08", "used": 12, "delivered": 10, "routes": {}} | plus,
+            {"period": "2026-07", "used": 0, "delivered": 0, "routes": {}} | plus,
+            {"period": "2026-06", "used": 0, "delivered": 0, "routes": {}} | plus,
+            {"period": "2026-05", "used": 1, "delivered": 1, "routes": {}} | plus,
         ],
     }
 
@@ -103,8 +110,10 @@ async def test_usage_pending_change_shows_only_before_its_month(
     january = await admin.usage(user.id)
     assert (january["period"], january["plan"], january["limit"]) == ("2027-01", "plus", 1234)
     assert january["pending_change"] is None
+    # December's terms were recorded by the change that scheduled them.
     assert january["history"][0] == {"period": "2026-12", "used": 617, "delivered": 617,
-                                      "routes": {}}
+                                      "routes": {}, "plan": "plus", "custom_limit": 1234,
+                                      "limit": 1234, "terms_source": "recorded"}
 
 
 @pytest.mark.parametrize(("plan", "custom", "used", "limit", "remaining", "percent"), [
@@ -196,12 +205,15 @@ async def test_usage_report_history_length_is_a_parameter(
     """usage_report(history=N) lists N previous months across a year boundary."""
     user = await add_user(accounts)
     await seed(redis_client, user.id, "2025-12", used=5, delivered=5)
-    period = user_period(user, datetime(2026, 2, 10, tzinfo=UTC), "UTC")
+    now = datetime(2026, 2, 10, tzinfo=UTC)
+    period = user_period(user, now, "UTC")
     report = await usage_report(user, period, quota=QuotaStore(redis_client), policies=POLICY,
-                                history=3)
-    assert report["history"] == [{"period": "2026-01", "used": 0, "delivered": 0, "routes": {}},
-                                 {"period": "2025-12", "used": 5, "delivered": 5, "routes": {}},
-                                 {"period": "2025-11", "used": 0, "delivered": 0, "routes": {}}]
+                                now=now, history=3)
+    free = {"routes": {}, "plan": "free", "custom_limit": None, "limit": 5000,
+            "terms_source": "fallback"}
+    assert report["history"] == [{"period": "2026-01", "used": 0, "delivered": 0} | free,
+                                 {"period": "2025-12", "used": 5, "delivered": 5} | free,
+                                 {"period": "2025-11", "used": 0, "delivered": 0} | free]
 
 
 async def test_usage_all_is_sorted_by_percent_descending(
@@ -232,17 +244,24 @@ async def test_usage_all_of_no_users_is_empty(
     assert await make_admin(redis_client, clock).usage_all() == []
 
 
+def _month(period: str, used: int, delivered: int, plan: str = "plus",
+           limit: int | None = 10_000, source: str = "recorded") -> dict[str, Any]:
+    return {"period": period, "used": used, "delivered": delivered, "routes": {},
+            "plan": plan, "custom_limit": None, "limit": limit, "terms_source": source}
+
+
 def _report(**changes: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "user_id": "u-1", "email": "agent@kw.test", "status": "active", "plan": "plus",
-        "custom_limit": None, "limit": 10_000, "period": "2026-11", "tz": "UTC",
+        "custom_limit": None, "limit": 10_000, "terms_source": "in_force",
+        "period": "2026-11", "tz": "UTC",
         "used": 8600, "delivered": 8500, "in_flight": 100, "routes": {}, "remaining": 1400,
         "percent": 86.0, "resets_at": "2026-12-01T00:00:00+00:00",
         "thresholds_notified": [80, 85],
         "pending_change": {"plan": "free", "custom_limit": None, "effective_from": "2026-12"},
-        "history": [{"period": "2026-10", "used": 4000, "delivered": 4000, "routes": {}},
-                    {"period": "2026-09", "used": 0, "delivered": 0, "routes": {}},
-                    {"period": "2026-08", "used": 12, "delivered": 10, "routes": {}}],
+        "forecast": None,
+        "history": [_month("2026-10", 4000, 4000), _month("2026-09", 0, 0),
+                    _month("2026-08", 12, 10, "free", 5000)],
     }
     return base | changes
 
@@ -257,8 +276,25 @@ def test_usage_format_report_mentions_everything_an_operator_needs() -> None:
         "  notified at 80%, 85%",
         "  100 reserved, not yet confirmed delivered",
         "  pending: plan free from 2026-12",
-        "  history: 2026-10 4,000, 2026-08 12",
+        "  history: 2026-10 4,000 of 10,000 (plus), 2026-08 12 of 5,000 (free)",
     ]
+
+
+def test_usage_format_report_forecast_and_terms_not_on_record() -> None:
+    """The forecast's sentence has a line of its own; a month whose terms were not recorded
+    says so (the report's month in words, a past one with a star and a footnote)."""
+    sentence = "At this pace you will reach your 10,000-send limit around November 18."
+    lines = format_report(_report(
+        forecast={"limit": 10_000, "reaches_at": "2026-11-18T01:24:42+00:00",
+                  "date": "2026-11-18", "text": sentence},
+        history=[_month("2026-10", 4000, 4000),
+                 _month("2026-09", 3, 3, "gold", None, "fallback")])).splitlines()
+    assert f"  {sentence}" in lines
+    assert lines[-2:] == ["  history: 2026-10 4,000 of 10,000 (plus), 2026-09 3 of ? (gold*)",
+                          "  * no plan recorded for that month: today's terms shown"]
+    august = format_report(_report(period="2026-08", terms_source="fallback", history=[]))
+    assert "  no plan recorded for 2026-08: today's terms shown" in august.splitlines()
+    assert "no plan recorded" not in format_report(_report())
 
 
 def test_usage_format_report_custom_limits_and_unknown_plans() -> None:

@@ -107,14 +107,17 @@ async def test_lost_replies_late_commit_counts_only_the_delivered_recipients(
         redis_client: aioredis.Redis) -> None:
     """The failing run of the Redis-killed fault scenario, step by step: b's reservation
     runs and its reply is lost, Redis stays away through DATA, so the commit after the
-    upstream's 250 is queued; once Redis is back the late commit counts a alone."""
+    upstream's 250 is queued; once Redis is back the late commit counts a alone. The
+    message has no Message-ID: one that has is claimed at the end of DATA, which meets the
+    outage first and refuses the message (docs/resubmission.md)."""
     async with smtp_client(proxied) as client:
         await client.mail("agent@kw.test")
         await client.rcpt("a@example.test")
         proxy.drop_reply_to(RESERVE)
         with pytest.raises(aiosmtplib.SMTPRecipientRefused):
             await client.rcpt("b@example.test")
-        await client.data(message())  # delivered: the client hears 250, the commit waits
+        # delivered: the client hears 250, the commit waits
+        await client.data(b"Subject: no Message-ID\r\n\r\nBody line\r\n")
     assert len(proxied.settlements) == 1
     proxy.heal()
     await wait_for(lambda: len(proxied.settlements) == 0, seconds=15)

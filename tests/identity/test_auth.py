@@ -85,3 +85,30 @@ def test_auth_cache_is_bounded_and_keyed_by_a_digest():
     assert not cache.holds(a, "other stored hash")
     assert cache.digest(b"ab", b"c") != cache.digest(b"a", b"bc")
     assert b"pw" not in b"".join(cache._entries)
+
+
+async def test_an_app_login_reads_the_throttle_and_the_credential_together(
+        accounts: AccountStore, redis_client, hashes: list[bytes]):
+    """One pipelined read for an app: the login's failures so far come back with the
+    principal, and a login at its limit is refused before any password is checked."""
+    from relay.errors import AuthThrottledError
+    from relay.identity.throttle import AuthThrottle
+
+    await add_app(accounts, "campaigns")
+    throttle = AuthThrottle(redis_client, per_client=5, per_login=3, window=60)
+    auth = Authenticator(accounts)
+    principal, earlier = await auth.check(b"campaigns", PASSWORD.encode(), throttle,
+                                          "127.0.0.9")
+    assert principal is not None and principal.app == "campaigns" and earlier == 0
+    await throttle.record_failure("127.0.0.9", b"campaigns")
+    await throttle.record_failure("127.0.0.9", b"campaigns")
+    principal, earlier = await auth.check(b"campaigns", b"wrong", throttle, "127.0.0.9")
+    assert principal is None and earlier == 2
+    await throttle.record_failure("127.0.0.9", b"campaigns")
+    checked = len(hashes)
+    with pytest.raises(AuthThrottledError):
+        await auth.check(b"campaigns", PASSWORD.encode(), throttle, "127.0.0.9")
+    assert len(hashes) == checked  # refused without looking at the password
+    # An app name no app can have asks nothing of the credential, and still pays a hash.
+    principal, _ = await auth.check(b"no such app!", PASSWORD.encode(), throttle, "127.0.0.8")
+    assert principal is None and len(hashes) == checked + 1

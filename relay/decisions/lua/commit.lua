@@ -26,22 +26,31 @@ KEYS[1]  relay:user:{uid}            hash: status, plan, limit, pending_plan/lim
 KEYS[2]  relay:usage:{uid}:YYYY-MM   hash: used, delivered, route:<name>,
                                            n:<limit>:<percent> -> delivered when crossed
 KEYS[3]  relay:resv:{uid}:TXN        hash: recipient number -> 1
+KEYS[4]  (a message with a Message-ID) relay:dedup:{uid}:<digest>: the transaction's claims
+         on its recipients become `accepted` in this same step (claims.lua), so no moment
+         passes between the units made final and a resubmission seeing the message accepted
+KEYS[5..] pairs: relay:usage:{uid}:YYYY-MM, relay:resv:{uid}:EARLIER of earlier attempts
+         whose outcome was unknown: their open units for the recipients sent again are
+         given back (each recipient counted once, docs/resubmission.md)
 ARGV[1]  the route the message went through (its count per route: field route:<name>)
 ARGV[2]  the month, YYYY-MM (selects a pending plan change that has come due)
 ARGV[3]  notification thresholds, percent, space separated, ascending (e.g. "80 85 90 95 100")
 ARGV[4]  the recipient numbers delivered (fields of KEYS[3]), space separated; '*' = every
          open reservation of the transaction
-ARGV[5..] plan limits as pairs: plan name, sends per month
+ARGV[5]  with KEYS[4]: 'TXN TTL NOS...': the transaction id, the TTL of KEYS[4] (seconds)
+         and, per pair of KEYS[5..], its unit numbers comma separated; else ''
+ARGV[6..] plan limits as pairs: plan name, sends per month
 
-Returns {committed, used, delivered, limit, crossed, released}
+Returns {committed, used, delivered, limit, crossed, released, settled}
   committed  units made final by this call (0 on a repeat)
   used       the month's count after the call (reserved + delivered)
   delivered  the month's delivered count after the call
   limit      the limit in force (0 if the user or the plan is gone)
   crossed    the highest threshold (percent) this commit crossed for the first time, else 0
   released   units of the transaction not delivered, given back by this call
+  settled    units of earlier attempts given back (KEYS[5..])
 ]]
-local PLANS = 5
+local PLANS = 6
 local n, released = 0, 0
 if ARGV[4] == '*' then
   n = redis.call('HLEN', KEYS[3])
@@ -58,6 +67,19 @@ if n > 0 then
   redis.call('HINCRBY', KEYS[2], 'route:' .. ARGV[1], n)
 else
   delivered = tonumber(redis.call('HGET', KEYS[2], 'delivered') or '0')
+end
+local settled = 0
+if KEYS[4] then
+  local spec = words(ARGV[5])
+  conclude_claims(KEYS[4], spec[1], 'accepted', spec[2])
+  for i = 3, #spec do
+    local given = 0
+    for number in string.gmatch(spec[i], '%d+') do
+      given = given + redis.call('HDEL', KEYS[2 * i], number)
+    end
+    give_back(KEYS[2 * i - 1], given)
+    settled = settled + given
+  end
 end
 local used = give_back(KEYS[2], released)
 redis.call('DEL', KEYS[3])
@@ -79,4 +101,4 @@ if n > 0 and limit > 0 then
     end
   end
 end
-return {n, used, delivered, limit, crossed, released}
+return {n, used, delivered, limit, crossed, released, settled}

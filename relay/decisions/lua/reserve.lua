@@ -8,11 +8,15 @@ The check and the increment are one script, so any number of concurrent RCPTs on
 number of relay processes can never take `used` past the limit. The limit is resolved
 here, from the user record (terms.lua), at the moment of the reservation: a plan change
 applies to the very next recipient, and a change in flight can never let a send exceed the
-limit in force. Notification thresholds are not decided here but in commit.lua, by
-delivered sends: a reservation may still be refunded.
+limit in force. The terms it applied (plan, limit, custom limit or '') are recorded in the
+month's usage hash with the units, so the month's history keeps its own terms after a later
+plan change (docs/plans.md, "History"); the latest reservation's win. Notification
+thresholds are not decided here but in commit.lua, by delivered sends: a reservation may
+still be refunded.
 
 KEYS[1]  relay:user:{uid}            hash: status, plan, limit, pending_plan/limit/from
-KEYS[2]  relay:usage:{uid}:YYYY-MM   hash: used (reserved + delivered), delivered
+KEYS[2]  relay:usage:{uid}:YYYY-MM   hash: used (reserved + delivered), delivered,
+                                           plan, limit, custom_limit (the month's terms)
 KEYS[3]  relay:resv:{uid}:TXN        hash: recipient number -> 1 (this transaction's open units)
 ARGV[1]  recipient numbers within the transaction (fields of KEYS[3]), space separated
 ARGV[2]  TTL of the usage hash, seconds (kept for usage history, then expires)
@@ -58,6 +62,7 @@ if used + #fresh > limit then
   return {1, used, limit}
 end
 used = redis.call('HINCRBY', KEYS[2], 'used', #fresh)
+redis.call('HSET', KEYS[2], 'plan', plan or '', 'limit', limit, 'custom_limit', custom or '')
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 for _, number in ipairs(fresh) do
   redis.call('HSET', KEYS[3], number, 1)
