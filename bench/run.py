@@ -311,6 +311,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "20-session load (see bench/profile.py)")
     parser.add_argument("--profile-seconds", type=float, default=15.0,
                         help="seconds of load per profiled shape (default 15)")
+    parser.add_argument("--import-users", type=int, metavar="N",
+                        help="instead of the benchmark: the rate of `command-relay users "
+                             "import` for N users (see bench/imports.py)")
     args = parser.parse_args(argv)
     quick = args.quick
     # Counts large enough that a run lasts seconds, not a fraction of one, at today's rates.
@@ -361,6 +364,10 @@ def _signals() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.import_users:
+        from bench.imports import import_benchmark
+
+        return import_benchmark(args)
     if args.profile:
         from bench.profile import profile
 

@@ -18,8 +18,10 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from relay.admin.import_rows import CSV, JSON_LINES
 from relay.admin.operations import Admin, AdminError
 from relay.admin.suppressions import SuppressionOps, entry_view
+from relay.admin.user_import import UserImport
 from relay.config.endpoints import Endpoint
 from relay.config.policies import EVENT_KINDS, Policies
 from relay.config.zones import time_zone_names
@@ -259,6 +261,32 @@ async def export_suppressions(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="text/csv", charset="utf-8")
 
 
+_IMPORT_FORMATS = {"text/csv": CSV, "application/x-ndjson": JSON_LINES}
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    text = request.query.get(name, "false")
+    if text not in ("true", "false"):
+        raise AdminError(f"{name!r} must be true or false")
+    return text == "true"
+
+
+async def import_users(request: web.Request) -> web.Response:
+    """Bulk onboarding (relay/admin/user_import.py): the body is read as it arrives, a
+    batch of lines at a time, so its size is not limited by client_max_size."""
+    fmt = _IMPORT_FORMATS.get(request.content_type)
+    if fmt is None:
+        return _error(415, "send the users as text/csv (a header row, then a user a line) "
+                           "or application/x-ndjson (a JSON object a line)")
+    dry_run, changes = _flag(request, "dry_run"), _flag(request, "changes")
+    if not request.body_exists:
+        raise AdminError("the body is empty: send the users, a user a line")
+    run = UserImport(_admin(request), dry_run=dry_run, by=request.query.get("by") or "api",
+                     keep_changes=changes)
+    summary = await run.run(request.content.iter_chunked(_IMPORT_CHUNK), fmt)
+    return web.json_response(summary.to_json())
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document(_admin(request).policies))
 
@@ -271,6 +299,7 @@ def make_app(admin: Admin, token: str) -> web.Application:
         web.get("/v1/openapi.json", openapi),
         web.get("/v1/users", list_users),
         web.post("/v1/users", add_user),
+        web.post("/v1/user-imports", import_users),
         web.get("/v1/users/{user}", get_user),
         web.post("/v1/users/{user}/disable", disable_user),
         web.post("/v1/users/{user}/enable", enable_user),

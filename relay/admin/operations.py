@@ -35,6 +35,7 @@ from relay.identity.accounts import (
     User,
     check_address,
 )
+from relay.identity.bulk import BulkAccounts
 from relay.identity.passwords import hash_password
 from relay.store.client import RedisClient
 
@@ -65,6 +66,7 @@ class Admin:
         self.credentials = credentials
         self.redis = redis
         self.accounts = AccountStore(redis)
+        self.bulk = BulkAccounts(redis)  # users import (relay/admin/user_import.py)
         self.quota = QuotaStore(redis)
         self.subscriptions = SubscriptionStore(redis)
         self.events = EventLog(redis)

@@ -19,6 +19,7 @@ import structlog
 from relay.admin.operations import Admin
 from relay.cli.shadow import describe_shadow, report_from_redis
 from relay.cli.usage import format_months, format_report
+from relay.cli.user_import import import_users, open_import
 from relay.config.declare import as_text
 from relay.config.policies import load_policies
 from relay.config.settings import SETTINGS, Settings
@@ -85,6 +86,17 @@ async def _users(args: argparse.Namespace, settings: Settings, admin: Admin) -> 
     elif args.action in ("disable", "enable"):
         user = await admin.set_status(args.user, active=args.action == "enable")
         print(f"user {user.id} {args.action}d")
+    elif args.action == "import":
+        try:
+            source = open_import(args.file)
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+        with source:
+            summary = await import_users(args, admin, source, by=args.by or _operator())
+        if summary.refused:
+            raise CommandError(f"{summary.refused:,} of {summary.lines:,} lines "
+                               + ("would be refused" if args.dry_run
+                                  else "refused, the others imported"))
 
 
 async def _apps(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:

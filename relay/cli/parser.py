@@ -50,6 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("disable", "enable"):
         p = users.add_parser(action, help=f"{action} a user")
         p.add_argument("user", help="user id or email")
+    imports = users.add_parser(
+        "import", help="create or update users from a CSV or JSON-lines file (idempotent)",
+        description="One user a line: CSV with a header row, or JSON lines (docs/onboarding.md)."
+                    " Exit status 0 when every line was imported, 1 when a line was refused "
+                    "(the others are imported) or the import failed.")
+    imports.add_argument("file", help="the file, or - for standard input")
+    imports.add_argument("--format", choices=("csv", "jsonl"),
+                         help="the file's format (default: by its extension, .csv or "
+                              ".jsonl/.ndjson, else by its first line)")
+    imports.add_argument("--dry-run", action="store_true",
+                         help="check every line and report what would change; write nothing")
+    imports.add_argument("--changes", action="store_true",
+                         help="also list each user created or updated")
+    imports.add_argument("--by", help="who is making the plan changes (audit trail; default "
+                                      "cli:$USER)")
+    imports.add_argument("--json", action="store_true", help="one JSON summary on stdout")
 
     apps = sub.add_parser("apps", help="manage application credentials").add_subparsers(
         dest="action", required=True, metavar="ACTION")

@@ -145,7 +145,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _user_from(user_id: str, record: dict[str, str], senders: set[str]) -> User:
+def user_from_record(user_id: str, record: Mapping[str, str],
+                     senders: set[str] | frozenset[str]) -> User:
+    """The User of a stored record (``keys.user``) and sender set (``keys.user_senders``)."""
     return User(
         id=user_id,
         email=record["email"],
@@ -216,7 +218,7 @@ class AccountStore:
                 pipe.sadd(keys.user_senders(user_id), *addresses)
                 pipe.sadd(keys.users_index(), user_id)
                 await pipe.execute()
-        return _user_from(user_id, record, addresses)
+        return user_from_record(user_id, record, addresses)
 
     async def get_user(self, user_id: str) -> User | None:
         """One round trip: the user record and its sender set, in one script (same slot)."""
@@ -226,7 +228,7 @@ class AccountStore:
         if not flat:
             return None
         record = dict(zip(flat[::2], flat[1::2], strict=True))
-        return _user_from(user_id, record, set(senders))
+        return user_from_record(user_id, record, set(senders))
 
     async def find_user(self, ref: str) -> User | None:
         """A user by id or by any address they own."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import RedisServer
+from tests.conftest import REPO, RedisServer
 from tests.serving import Start, relay_env
 
 TOKEN = "s" * 32
@@ -49,7 +49,9 @@ async def test_adminapi_conforms_to_its_openapi_document(
                "--request-timeout", "10", "--no-color"]
     result = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True,
                                      cwd=tmp_path, timeout=max(280, EXAMPLES * 28),
-                                     env={**os.environ, "NO_COLOR": "1"})
+                                     env={**os.environ, "NO_COLOR": "1",
+                                          "SCHEMATHESIS_HOOKS": "tests.admin.schemathesis_hooks",
+                                          "PYTHONPATH": str(REPO)})
     report = result.stdout[-12000:] + result.stderr[-3000:]
     assert result.returncode == 0, report
     assert "No issues found" in result.stdout, report

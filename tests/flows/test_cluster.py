@@ -341,3 +341,44 @@ async def test_cluster_cli_check_config_users_and_usage(cluster: RedisClusterNod
     assert "cli@kw.test" in listing
     user = await AccountStore(cluster_client).find_user("cli@kw.test")
     assert user is not None and user.plan == "free"
+
+
+# -- bulk onboarding -------------------------------------------------------------------------------
+async def test_cluster_users_import_writes_claims_and_releases_on_every_master(
+        cluster: RedisClusterNodes, cluster_client: RedisCluster, tmp_path: Path) -> None:
+    """`users import` on a redis+cluster:// URL: users on different masters are created,
+    updated (a plan change, a sender swapped: released on its own slot) and then unchanged,
+    and an address another user owns is refused there too (relay/identity/bulk.py's
+    pipelines and scripts route by key)."""
+    env = clean_env(metrics_ports=False)
+    env.update(RELAY_REDIS_URL=cluster.url, RELAY_POLICIES_DIR=str(POLICIES),
+               RELAY_STATE_DIR=str(tmp_path / "state"))
+    ids = await ids_on_distinct_masters(cluster_client, 3)
+    path = tmp_path / "agents.csv"
+
+    def run(*lines: str) -> dict[str, object]:
+        path.write_text("email,id,plan,senders\n" + "\n".join(lines) + "\n")
+        result = subprocess.run([sys.executable, "-m", "relay", "users", "import",
+                                 str(path), "--json"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert "Traceback" not in result.stderr
+        summary: dict[str, object] = json.loads(result.stdout)
+        return summary
+
+    first = await asyncio.to_thread(
+        run, *(f"a{n}@kw.test,{uid},free,s{n}@kw.test" for n, uid in enumerate(ids)),
+        "x@kw.test,u-x,free,s0@kw.test")
+    assert (first["created"], first["refused"]) == (3, 1)
+    assert first["refusals"] == [{"line": 5, "reason": f"address s0@kw.test already "
+                                                       f"belongs to user {ids[0]}"}]
+    second = await asyncio.to_thread(
+        run, *(f"a{n}@kw.test,{uid},pro,t{n}@kw.test" for n, uid in enumerate(ids)))
+    assert second["updated"] == 3
+    accounts = AccountStore(cluster_client)
+    for n, uid in enumerate(ids):
+        user = await accounts.find_user(f"t{n}@kw.test")
+        assert user is not None and (user.id, user.plan) == (uid, "pro")
+        assert await accounts.find_user(f"s{n}@kw.test") is None
+    third = await asyncio.to_thread(
+        run, *(f"a{n}@kw.test,{uid},pro,t{n}@kw.test" for n, uid in enumerate(ids)))
+    assert third["unchanged"] == 3
