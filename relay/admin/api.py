@@ -21,6 +21,7 @@ from aiohttp import web
 from relay.admin.import_rows import CSV, JSON_LINES
 from relay.admin.operations import Admin, AdminError
 from relay.admin.suppressions import SuppressionOps, entry_view
+from relay.admin.usage_links import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS
 from relay.admin.user_import import UserImport
 from relay.config.endpoints import Endpoint
 from relay.config.policies import EVENT_KINDS, Policies
@@ -186,6 +187,16 @@ async def get_usage(request: web.Request) -> web.Response:
     return web.json_response(report)
 
 
+async def usage_link(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    _check_fields(body, {"ttl_seconds"})
+    ttl = _field(body, "ttl_seconds", int)
+    ttl = DEFAULT_TTL_SECONDS if ttl is None else ttl
+    if not 1 <= ttl <= MAX_TTL_SECONDS:
+        raise AdminError(f"'ttl_seconds' must be between 1 and {MAX_TTL_SECONDS}")
+    return web.json_response(await _admin(request).usage_link(request.match_info["user"], ttl))
+
+
 async def all_usage(request: web.Request) -> web.Response:
     return web.json_response(await _admin(request).usage_all())
 
@@ -304,6 +315,7 @@ def make_app(admin: Admin, token: str) -> web.Application:
         web.post("/v1/users/{user}/disable", disable_user),
         web.post("/v1/users/{user}/enable", enable_user),
         web.get("/v1/users/{user}/usage", get_usage),
+        web.post("/v1/users/{user}/usage-link", usage_link),
         web.put("/v1/users/{user}/plan", set_plan),
         web.get("/v1/users/{user}/plan/history", plan_history),
         web.get("/v1/usage", all_usage),

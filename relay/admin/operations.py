@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from relay.admin.usage_links import LinkLifetimeError, UsageLinks
 from relay.config.policies import Policies, check_limit
 from relay.config.routing import Route
 from relay.config.zones import time_zone_names
@@ -74,6 +75,8 @@ class Admin:
         self.policies = policies
         self.clock = clock
         self.default_tz = default_tz
+        # Set by whoever knows the link secret and the public URL (wiring, the CLI).
+        self.usage_links: UsageLinks | None = None
 
     async def find(self, ref: str) -> User:
         user = await self.accounts.find_user(ref)
@@ -155,6 +158,17 @@ class Admin:
             raise AdminError(str(exc)) from None
         return await usage_report(user, month, quota=self.quota, policies=self.policies,
                                   now=self.clock.now())
+
+    async def usage_link(self, ref: str, ttl: float) -> dict[str, Any]:
+        """A signed link to the user's usage page, valid ``ttl`` seconds."""
+        if self.usage_links is None:
+            raise AdminError("usage links need the public listener (RELAY_PUBLIC_LISTEN)")
+        user = await self.find(ref)
+        try:
+            return {"user_id": user.id, **self.usage_links.make(
+                user.id, ttl, self.clock.now().timestamp())}
+        except LinkLifetimeError as exc:
+            raise AdminError(str(exc)) from None
 
     async def usage_all(self) -> list[dict[str, Any]]:
         """Every user's current month, highest percentage first."""

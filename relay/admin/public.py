@@ -24,7 +24,9 @@ from aiohttp import web
 
 from relay.admin.command_events import CommandWebhook
 from relay.admin.mandrill import MandrillWebhook
+from relay.admin.operations import Admin
 from relay.admin.unsubscribe import UnsubscribeRoutes
+from relay.admin.usage_page import UsagePage
 from relay.admin.webhooks import Intake
 from relay.config.endpoints import Endpoint
 from relay.config.settings import Settings
@@ -99,7 +101,7 @@ def make_public_app(groups: Iterable[RouteGroup]) -> web.Application:
 
 
 def public_groups(settings: Settings, redis: RedisClient, accounts: AccountStore,
-                  metrics: RelayMetrics, clock: Clock) -> list[RouteGroup]:
+                  metrics: RelayMetrics, clock: Clock, admin: Admin) -> list[RouteGroup]:
     """The relay's route groups. Reads (development: makes) the link secret."""
     signer = LinkSigner(load_link_secret(settings.link_secret, settings.state_dir))
     store = SuppressionStore(redis)
@@ -109,7 +111,9 @@ def public_groups(settings: Settings, redis: RedisClient, accounts: AccountStore
         mandrill = (settings.mandrill_webhook_key, settings.mandrill_webhook_url)
     return [UnsubscribeRoutes(signer, store, metrics),
             MandrillWebhook(mandrill, intake, metrics),
-            CommandWebhook(settings.command_webhook_secret, intake, metrics, clock)]
+            CommandWebhook(settings.command_webhook_secret, intake, metrics, clock),
+            # The agent's usage page (relay/admin/usage_page.py), opened by a signed link.
+            UsagePage(admin, signer)]
 
 
 class PublicServer:

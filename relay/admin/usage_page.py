@@ -25,15 +25,12 @@ import structlog
 from aiohttp import web
 
 from relay.admin.operations import Admin, AdminError
+from relay.admin.usage_links import PURPOSE
 from relay.config.policies import Policies
 from relay.identity.signed_links import LinkSigner, SignedLinkError
 
 log = structlog.get_logger()
 
-PURPOSE = "usage"
-# The CRM fetches a fresh link whenever it opens the panel; a day covers a panel left open.
-DEFAULT_TTL_SECONDS = 24 * 3600
-MAX_TTL_SECONDS = 31 * 24 * 3600
 CHART_MONTHS = 6
 # What the routes are called on the page; a route not named here shows its policy name.
 ROUTE_LABELS = {"command": "Command Email", "mailchimp": "MailChimp"}
@@ -51,16 +48,6 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
 }
-
-
-def usage_link(signer: LinkSigner, public_url: str, user_id: str, *,
-               ttl: float = DEFAULT_TTL_SECONDS, now: float | None = None) -> str:
-    """The URL of ``user_id``'s page, valid for ``ttl`` seconds."""
-    if not 0 < ttl <= MAX_TTL_SECONDS:
-        raise AdminError(f"a usage link lives from 1 second to {MAX_TTL_SECONDS // 86400} "
-                         f"days, not {ttl:g} seconds")
-    token = signer.sign(PURPOSE, {"u": user_id}, ttl=ttl, now=now)
-    return f"{public_url.rstrip('/')}/usage/{token}"
 
 
 def _count(n: int | None) -> str:
@@ -183,6 +170,8 @@ def render_denied(reason: str) -> str:
 
 class UsagePage:
     """``GET /usage/{token}`` on the public listener."""
+
+    name = "usage_page"
 
     def __init__(self, admin: Admin, signer: LinkSigner) -> None:
         self._admin = admin

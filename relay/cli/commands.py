@@ -17,6 +17,7 @@ from dataclasses import asdict
 import structlog
 
 from relay.admin.operations import Admin
+from relay.admin.usage_links import LinkLifetimeError, UsageLinks, parse_ttl
 from relay.cli.shadow import describe_shadow, report_from_redis
 from relay.cli.usage import format_months, format_report
 from relay.cli.user_import import import_users, open_import
@@ -25,6 +26,7 @@ from relay.config.policies import load_policies
 from relay.config.settings import SETTINGS, Settings
 from relay.errors import StoreUnavailableError
 from relay.events.stream import Event, format_event
+from relay.identity.signed_links import LinkSigner, load_link_secret
 
 log = structlog.get_logger()
 # events tail -f: seconds between attempts while Redis is unreachable (doubling).
@@ -114,6 +116,21 @@ async def _apps(args: argparse.Namespace, settings: Settings, admin: Admin) -> N
 
 
 async def _usage(args: argparse.Namespace, settings: Settings, admin: Admin) -> None:
+    if args.user == "link":
+        if not args.link_user or args.all or args.period is not None:
+            raise CommandError("usage link takes one USER (and --ttl)")
+        try:
+            ttl = parse_ttl(args.ttl)
+        except LinkLifetimeError as exc:
+            raise CommandError(str(exc)) from None
+        admin.usage_links = UsageLinks(
+            LinkSigner(load_link_secret(settings.link_secret, settings.state_dir)),
+            settings.public_url)
+        link = await admin.usage_link(args.link_user, ttl)
+        print(json.dumps(link) if args.json else link["url"])
+        return
+    if args.link_user:
+        raise CommandError("usage takes one USER")
     if args.all:
         if args.user or args.period is not None:
             raise CommandError("--all takes no USER or --period")

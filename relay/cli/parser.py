@@ -76,8 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     app_list = apps.add_parser("list", help="list app credentials")
     app_list.add_argument("--json", action="store_true")
 
-    usage = sub.add_parser("usage", help="a user's sends this month (or --all users)")
-    usage.add_argument("user", nargs="?", help="user id or email")
+    usage = sub.add_parser(
+        "usage", help="a user's sends this month (or --all users); usage link USER: a signed "
+                      "link to the user's usage page")
+    usage.add_argument("user", nargs="?", help="user id or email (or: link)")
+    usage.add_argument("link_user", nargs="?", metavar="USER",
+                       help="after `link`: the user whose page the link opens")
+    usage.add_argument("--ttl", default="24h", metavar="DURATION",
+                       help="with link: how long it opens the page (90s, 30m, 12h, 7d; "
+                            "default 24h, at most 31d)")
     usage.add_argument("--all", action="store_true",
                        help="every user's current month, highest percentage first")
     usage.add_argument("--json", action="store_true")

@@ -22,6 +22,7 @@ import structlog
 from relay.admin.api import AdminServer
 from relay.admin.operations import Admin
 from relay.admin.public import PublicServer, public_groups
+from relay.admin.usage_links import UsageLinks
 from relay.config.policies import Policies, PolicyError, load_policies
 from relay.config.reload import changed_files, read_policies
 from relay.config.settings import Settings
@@ -40,7 +41,7 @@ from relay.delivery.upstream import Upstream
 from relay.errors import StartupError
 from relay.events.stream import EventLog
 from relay.identity.accounts import AccountStore
-from relay.identity.signed_links import load_link_secret
+from relay.identity.signed_links import LinkSigner, load_link_secret
 from relay.identity.throttle import AuthThrottle
 from relay.observe.health import MetricsServer, RelayReadiness
 from relay.observe.metrics import RelayMetrics, UpstreamMetrics
@@ -179,10 +180,20 @@ class RelayApp:
                                             sock=self._sockets.get("admin_listen"))
         # One-click unsubscribe and the provider webhooks (relay/admin/public.py).
         self.public_server: PublicServer | None = None
+        # The operations the agent's usage page reads (the API's when it is on).
+        self.usage_admin: Admin | None = None
         if settings.public_listen is not None:
+            self.usage_admin = self.admin or Admin(redis, self.policies, self.clock,
+                                                   settings.default_tz)
+            if self.admin is not None:
+                # POST /v1/users/{user}/usage-link: links the CRM embeds.
+                self.admin.usage_links = UsageLinks(
+                    LinkSigner(load_link_secret(settings.link_secret, settings.state_dir)),
+                    settings.public_url)
             self.public_server = PublicServer(
                 settings.public_listen,
-                public_groups(settings, redis, self.accounts, self.metrics, self.clock),
+                public_groups(settings, redis, self.accounts, self.metrics, self.clock,
+                              self.usage_admin),
                 sock=self._sockets.get("public_listen"))
 
     async def start(self) -> None:
@@ -299,8 +310,9 @@ class RelayApp:
         self.policies, self.routes = policies, routes
         self.handler.services = replace(self.handler.services, policies=policies,
                                         routes=routes, shadow=shadow)
-        if self.admin is not None:
-            self.admin.policies = policies
+        for admin in (self.admin, self.usage_admin):
+            if admin is not None:
+                admin.policies = policies
 
     async def reload_policies(self) -> bool:
         """Load the policy folder and swap it in, or keep the old policies and log why.

@@ -13,11 +13,13 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from relay.admin.operations import Admin, AdminError
-from relay.admin.usage_page import HEADERS, UsagePage, usage_link, usage_view
+from relay.admin.operations import Admin
+from relay.admin.usage_links import LinkLifetimeError, parse_ttl, usage_link
+from relay.admin.usage_page import HEADERS, UsagePage, usage_view
 from relay.config.policies import load_policies
 from relay.decisions.quota import QuotaStore
 from relay.identity.signed_links import LinkSigner
+from relay.store import keys
 from tests.browser import screenshot
 from tests.conftest import POLICIES, MutableClock, add_user
 
@@ -66,6 +68,10 @@ async def known_user(admin: Admin, redis_client: aioredis.Redis) -> str:
     await quota.tally(user.id, "2026-12", "mailchimp", 310)
     await deliver(quota, user.id, "2026-11", 2600, "command", limits)
     await deliver(quota, user.id, "2026-09", 4999, "command", limits)
+    # Three recipients refused as suppressed this month (the count reserve.lua keeps; how it
+    # is kept is tested in tests/flows/test_suppression.py).
+    await redis_client.hset(keys.usage(user.id, "2026-12"),
+                            mapping={"suppressed": 3, "suppressed:unsubscribe": 3})
     # Someone else's figures, which the page must never show.
     other = await add_user(admin.accounts, "bob@kw.test", user_id="u-bob")
     await deliver(quota, other.id, "2026-12", 17, "command", limits)
@@ -107,6 +113,7 @@ def check_known_user_page(browser: Any, url: str) -> None:
         assert "Command Email 4,200" in text(browser, "routes")
         assert "MailChimp (not counted) 310" in text(browser, "routes")
         assert "80%" in text(browser, "notified")
+        assert text(browser, "suppressed") == "3"
         history = text(browser, "history")
         # Each past month with the plan and limit that applied in it.
         assert "December 2026 Free 4,200 5,000" in history
@@ -168,10 +175,15 @@ async def test_status_codes_and_headers(served: Served, redis_client: aioredis.R
 
 
 def test_link_lifetimes_are_bounded() -> None:
-    with pytest.raises(AdminError):
+    with pytest.raises(LinkLifetimeError):
         usage_link(SIGNER, "http://127.0.0.1:8026", "u-1", ttl=0)
-    with pytest.raises(AdminError):
+    with pytest.raises(LinkLifetimeError):
         usage_link(SIGNER, "http://127.0.0.1:8026", "u-1", ttl=40 * 86400)
+    assert [parse_ttl(t) for t in ("90", "90s", "30m", "12h", "7d")] == [
+        90, 90, 1800, 43200, 604800]
+    for bad in ("", "1w", "-5", "1.5h", "12 h"):
+        with pytest.raises(LinkLifetimeError):
+            parse_ttl(bad)
     assert usage_link(SIGNER, "http://127.0.0.1:8026/", "u-1").startswith(
         "http://127.0.0.1:8026/usage/")
 

@@ -90,3 +90,36 @@ async def test_usage_period_and_plan_history_show_each_months_own_terms(
     lines = (await run(["plan", "history", user.id], base_settings, admin, capsys)).splitlines()
     assert lines[2:] == ["plan and limit by month:", "  2026-11  pro 25,000 (in force)",
                          "  2026-10  plus 10,000"]
+
+
+async def test_usage_link_prints_a_signed_link_that_expires(
+        redis_client: aioredis.Redis, accounts: AccountStore, clock: MutableClock,
+        base_settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    """``usage link USER --ttl 2h``: the page's URL under RELAY_PUBLIC_URL, its token made
+    with the link secret for that user, expiring two hours from the relay's now."""
+    from dataclasses import replace
+
+    from relay.admin.usage_links import PURPOSE
+    from relay.cli.commands import CommandError
+    from relay.identity.signed_links import LinkExpiredError, LinkSigner
+
+    user = await add_user(accounts)
+    settings = replace(base_settings, link_secret="cli-usage-link-secret-0123456789",
+                       public_url="https://relay.kw.test")
+    admin = Admin(redis_client, POLICY, clock, "UTC")
+    url = (await run(["usage", "link", "agent@kw.test", "--ttl", "2h"], settings, admin,
+                     capsys)).strip()
+    assert url.startswith("https://relay.kw.test/usage/")
+    signer = LinkSigner(b"cli-usage-link-secret-0123456789")
+    now = clock.now().timestamp()
+    token = url.rsplit("/", 1)[1]
+    assert signer.verify(PURPOSE, token, now=now + 7199) == {"u": user.id}
+    with pytest.raises(LinkExpiredError):
+        signer.verify(PURPOSE, token, now=now + 7200)
+    shown = json.loads(await run(["usage", "link", user.id, "--json"], settings, admin,
+                                 capsys))
+    assert shown["user_id"] == user.id and shown["expires_at"] == "2026-11-16T12:00:00+00:00"
+    for bad in (["usage", "link"], ["usage", "link", user.id, "--ttl", "1w"],
+                ["usage", user.id, "extra"]):
+        with pytest.raises(CommandError):
+            await run(bad, settings, admin, capsys)
