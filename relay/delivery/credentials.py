@@ -15,6 +15,7 @@ from pathlib import Path
 import structlog
 from cryptography.fernet import Fernet, InvalidToken
 
+from relay.config.dev_keys import dev_key
 from relay.errors import CredentialsUnreadableError
 from relay.store import keys
 from relay.store.client import RedisClient, store_errors
@@ -30,16 +31,8 @@ class RouteCredentials:
 
 def load_key(configured: str | None, state_dir: Path) -> bytes:
     """The Fernet key: the configured one, or (development) one kept in the state folder."""
-    if configured:
-        return configured.encode()
-    path = state_dir / "credentials.key"
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_bytes(Fernet.generate_key())
-        log.warning("dev.credentials_key", path=str(path),
-                    note="development default: set RELAY_CREDENTIALS_KEY in production")
-    return path.read_bytes().strip()
+    return dev_key(configured, state_dir / "credentials.key", Fernet.generate_key,
+                   event="dev.credentials_key", setting="RELAY_CREDENTIALS_KEY")
 
 
 class CredentialStore:

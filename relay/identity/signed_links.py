@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import structlog
 
-log = structlog.get_logger()
+from relay.config.dev_keys import dev_key
 
 # 128 bits of tag: url-short, far beyond guessing.
 _TAG_BYTES = 16
@@ -99,13 +98,5 @@ class LinkSigner:
 
 def load_link_secret(configured: str | None, state_dir: Path) -> bytes:
     """The link secret: the configured one, or (development) one kept in the state folder."""
-    if configured:
-        return configured.encode()
-    path = state_dir / "link.key"
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(32))
-        log.warning("dev.link_secret", path=str(path),
-                    note="development default: set RELAY_LINK_SECRET in production")
-    return path.read_bytes().strip()
+    return dev_key(configured, state_dir / "link.key", lambda: secrets.token_urlsafe(32).encode(),
+                   event="dev.link_secret", setting="RELAY_LINK_SECRET")
