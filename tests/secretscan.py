@@ -57,6 +57,8 @@ STATIC_SECRETS: dict[str, str] = {
     "flows.test_routes.timeline secret": "timeline-secret-0123456789abcdef",
     "flows.test_unsubscribe_headers.LINK_SECRET": "a-test-link-secret-of-32-bytes!!",
     "flows.test_lifecycle.admin_token": "a-long-admin-token-for-tests",
+    "cli.test_usage.link_secret": "cli-usage-link-secret-0123456789",
+    "flows.test_public_links.TOKEN": "a-public-links-admin-token-0123456789",
     "deploy.deploykit.RELAY_CREDENTIALS_KEY": "UBU5Ey1ZqhErT4YxI5fRttvpeJCMxb7C_i9MaC3W6UY=",
     "deploy.deploykit.admin token": "an-admin-token-of-some-length",
     "deploy.deploykit.notify secret": "a-notify-signing-secret",
