@@ -37,9 +37,10 @@ from relay.identity.accounts import AccountStore, Principal
 from relay.identity.auth import Authenticator
 from relay.identity.throttle import AuthThrottle
 from relay.message.headers import received_header
+from relay.smtp.record import State
 from relay.smtp.refusals import finish_refused_mail
 from relay.smtp.services import Opened, Services
-from relay.smtp.transaction import State, Transaction
+from relay.smtp.transaction import Transaction
 
 if TYPE_CHECKING:
     from relay.smtp.session import RelayEnvelope, RelaySession, SessionServer

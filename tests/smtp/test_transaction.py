@@ -38,9 +38,10 @@ from relay.events.stream import REJECTED, TIMELINE_EMAIL_FAILED, EventLog
 from relay.identity.accounts import AccountStore, AppPrincipal, Principal, User, UserPrincipal
 from relay.message.wire import WireMessage, stuff
 from relay.observe.metrics import detached
+from relay.smtp.record import State
 from relay.smtp.screening import RecipientScreen
 from relay.smtp.services import Opened, Services
-from relay.smtp.transaction import State, Transaction
+from relay.smtp.transaction import Transaction
 from tests.conftest import POLICIES, CapturingUpstream, MutableClock, add_user, message
 
 TRACE = b"Received: from client.test by relay.test; test\r\n"
