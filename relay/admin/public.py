@@ -34,7 +34,7 @@ from relay.decisions.months import Clock
 from relay.decisions.suppression import SuppressionStore
 from relay.errors import StoreUnavailableError
 from relay.identity.accounts import AccountStore
-from relay.identity.signed_links import LinkSigner, load_link_secret
+from relay.identity.signed_links import LinkSigner
 from relay.observe.metrics import RelayMetrics
 from relay.store.client import RedisClient
 
@@ -101,9 +101,9 @@ def make_public_app(groups: Iterable[RouteGroup]) -> web.Application:
 
 
 def public_groups(settings: Settings, redis: RedisClient, accounts: AccountStore,
-                  metrics: RelayMetrics, clock: Clock, admin: Admin) -> list[RouteGroup]:
-    """The relay's route groups. Reads (development: makes) the link secret."""
-    signer = LinkSigner(load_link_secret(settings.link_secret, settings.state_dir))
+                  metrics: RelayMetrics, clock: Clock, admin: Admin,
+                  signer: LinkSigner) -> list[RouteGroup]:
+    """The relay's route groups; ``signer`` checks the links they open."""
     store = SuppressionStore(redis)
     intake = Intake(redis, store, accounts, metrics, clock)
     mandrill = None

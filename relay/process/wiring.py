@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 from collections.abc import Mapping
 from dataclasses import replace
@@ -133,6 +134,9 @@ class RelayApp:
                                                                    settings.state_dir))
         self.routes = make_routes(settings, self.policies, self.upstream, self.credentials,
                                   metrics=self.metrics)
+        # The link secret, read (in development: made) once, on first use.
+        link_secret = functools.cache(
+            lambda: load_link_secret(settings.link_secret, settings.state_dir))
         self.handler = RelayHandler(
             accounts=self.accounts,
             services=Services(quota=self.quota, events=self.events, routes=self.routes,
@@ -141,8 +145,7 @@ class RelayApp:
                                                      self.metrics),
                               metrics=self.metrics, settlements=self.settlements,
                               clock=self.clock,
-                              links=UnsubscribeLinks(settings.public_url, lambda: load_link_secret(
-                                  settings.link_secret, settings.state_dir)),
+                              links=UnsubscribeLinks(settings.public_url, link_secret),
                               resubmissions=Resubmissions(
                                   DedupStore(redis, self.metrics), self.clock,
                                   window=settings.dedup_window,
@@ -185,15 +188,16 @@ class RelayApp:
         if settings.public_listen is not None:
             self.usage_admin = self.admin or Admin(redis, self.policies, self.clock,
                                                    settings.default_tz)
+            # One signer for every link: the page's, the API's and (through the same cached
+            # secret) the SMTP path's, whose first use then reads no file on the event loop.
+            signer = LinkSigner(link_secret())
             if self.admin is not None:
                 # POST /v1/users/{user}/usage-link: links the CRM embeds.
-                self.admin.usage_links = UsageLinks(
-                    LinkSigner(load_link_secret(settings.link_secret, settings.state_dir)),
-                    settings.public_url)
+                self.admin.usage_links = UsageLinks(signer, settings.public_url)
             self.public_server = PublicServer(
                 settings.public_listen,
                 public_groups(settings, redis, self.accounts, self.metrics, self.clock,
-                              self.usage_admin),
+                              self.usage_admin, signer),
                 sock=self._sockets.get("public_listen"))
 
     async def start(self) -> None:
