@@ -68,6 +68,16 @@ class Outcome:
     txn_latencies: list[float] = field(default_factory=list)
     # connect .. AUTH accepted (or EHLO answered without AUTH): once per connection.
     setup_latencies: list[float] = field(default_factory=list)
+    # Each command's own time, client side (bench/latency_profile.py): connect (to the
+    # banner), ehlo, starttls, auth; mail, rcpt, data (to the 354), dot (the body to the
+    # final reply). Accepted transactions and opened connections only.
+    step_latencies: dict[str, list[float]] = field(default_factory=dict)
+
+    def step(self, name: str, seconds: float) -> None:
+        found = self.step_latencies.get(name)
+        if found is None:
+            found = self.step_latencies[name] = []
+        found.append(seconds)
 
     @property
     def rate(self) -> float:
@@ -146,18 +156,27 @@ async def _open(load: Load, out: Outcome, tls: ssl.SSLContext) -> aiosmtplib.SMT
     client = aiosmtplib.SMTP(hostname=load.host, port=load.port, local_hostname=LOCAL_HOSTNAME,
                              start_tls=False, timeout=load.timeout)
     began = time.perf_counter()
+    marks = [began]
     try:
         await client.connect()
+        marks.append(time.perf_counter())
         await client.ehlo()
+        marks.append(time.perf_counter())
         if load.starttls:
             await client.starttls(tls_context=tls)
             await client.ehlo()
+            marks.append(time.perf_counter())
         if load.auth is not None:
             await client.auth_plain(*load.auth)
+            marks.append(time.perf_counter())
     except BaseException:
         client.close()
         raise
-    out.setup_latencies.append(time.perf_counter() - began)
+    out.setup_latencies.append(marks[-1] - began)
+    names = ["connect", "ehlo"] + (["starttls"] if load.starttls else []) \
+        + (["auth"] if load.auth is not None else [])
+    for name, start, end in zip(names, marks[:-1], marks[1:], strict=True):
+        out.step(name, end - start)
     out.connections += 1
     return client
 
@@ -190,10 +209,13 @@ async def _session_worker(load: Load, schedule: _Schedule, out: Outcome,
                 sent_here = 0
             sender = load.senders[number % len(load.senders)]
             began = time.perf_counter()
+            marks = [began]
             try:
                 await client.mail(sender)
+                marks.append(time.perf_counter())
                 await client.rcpt(load.recipient)
-                await _data(client, messages(number), load.timeout)
+                marks.append(time.perf_counter())
+                await _data(client, messages(number), load.timeout, marks)
             except aiosmtplib.SMTPResponseException as exc:
                 out.failed += 1
                 out.errors[_error_name(exc)] += 1
@@ -206,7 +228,9 @@ async def _session_worker(load: Load, schedule: _Schedule, out: Outcome,
                 client = None
                 continue
             else:
-                out.txn_latencies.append(time.perf_counter() - began)
+                out.txn_latencies.append(marks[-1] - began)
+                for name, start, end in zip(_TXN_STEPS, marks[:-1], marks[1:], strict=True):
+                    out.step(name, end - start)
                 out.accepted += 1
             sent_here += 1
             if sent_here >= quota:
@@ -230,11 +254,17 @@ def wire_form(message: bytes) -> bytes:
     return b"\r\n".join(stuffed) + b"\r\n.\r\n"
 
 
-async def _data(client: aiosmtplib.SMTP, wire: bytes, reply_timeout: float) -> None:
-    """DATA with a payload already in wire form (see ``wire_form``)."""
+_TXN_STEPS = ("mail", "rcpt", "data", "dot")
+
+
+async def _data(client: aiosmtplib.SMTP, wire: bytes, reply_timeout: float,
+                marks: list[float]) -> None:
+    """DATA with a payload already in wire form (see ``wire_form``); appends to ``marks``
+    when the 354 and when the final reply arrived."""
     reply = await client.execute_command(b"DATA")
     if reply.code != 354:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    marks.append(time.perf_counter())
     protocol = client.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
@@ -243,6 +273,7 @@ async def _data(client: aiosmtplib.SMTP, wire: bytes, reply_timeout: float) -> N
     reply = await protocol.read_response(timeout=reply_timeout)
     if reply.code != 250:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    marks.append(time.perf_counter())
 
 
 async def _quit(client: aiosmtplib.SMTP) -> None:

@@ -133,6 +133,13 @@ def render(result: dict[str, Any], markdown: bool) -> str:
                        "same paced rate, Poisson arrivals; median of each percentile over the "
                        "runs):")
         parts.append(table(LATENCY_HEADER, latency_rows(result["latency"])))
+        for item in result["latency"]:
+            # Rendered by bench/latency_profile.py (which builds on this module's tables).
+            rendered = item.get("profile_md" if markdown else "profile_text")
+            if rendered:
+                parts.append(("**Where the time goes**, " if markdown else "Where the time "
+                              "goes, ") + item["label"] + " (bench/latency_profile.py):")
+                parts.append(rendered)
     if result.get("redis_breakdown"):
         parts.append(("**Redis commands** " if markdown else "Redis commands: ")
                      + result["redis_breakdown"])

@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from bench import loadgen, report, shadow
+from bench import latency_profile, loadgen, report, shadow
 from bench.harness import APP, APP_PASSWORD, KB, MB, Bench, Scenario, plan
 from bench.idle import measure_idle
 from bench.procs import (
@@ -191,6 +191,8 @@ def _latency(bench: Bench, scenarios: list[dict[str, Any]], args: argparse.Names
     ``reps`` times each, alternating; each percentile is the median over the runs."""
     found = _by_key(scenarios)
     items = []
+    port = latency_profile.metrics_port(bench.relay_log)
+    watch = latency_profile.Watch(port, bench.relay_log) if port else None
     for kb, size in (("2k", 2 * KB), ("100k", 100 * KB)):
         key = f"relay-{kb}-c20-pc{args.per_connection}-plain"
         if key not in found:
@@ -209,12 +211,19 @@ def _latency(bench: Bench, scenarios: list[dict[str, Any]], args: argparse.Names
         base_sc = replace(relay_sc, target="sink", auth=False)
         relay_runs, base_runs = [], []
         failed = {"relay": 0, "baseline": 0}
+        profiles, relay_steps, base_steps = [], [], []  # bench/latency_profile.py
         for _ in range(args.reps):
+            if watch:
+                watch.begin()
             _, out = bench.measure(relay_sc, bench.load_for(relay_sc, rate=rate, time_cap=cap))
+            if watch:
+                profiles.append(watch.end(out.accepted))
             relay_runs.append(_pct(out.txn_latencies))
+            relay_steps.append(out.step_latencies)
             failed["relay"] += out.failed
             _, out = bench.measure(base_sc, bench.load_for(base_sc, rate=rate, time_cap=cap))
             base_runs.append(_pct(out.txn_latencies))
+            base_steps.append(out.step_latencies)
             failed["baseline"] += out.failed
         relay_ms, base_ms = _median_pct(relay_runs), _median_pct(base_runs)
         items.append({
@@ -225,7 +234,12 @@ def _latency(bench: Bench, scenarios: list[dict[str, Any]], args: argparse.Names
             "relay_ms": relay_ms, "baseline_ms": base_ms,
             "added_ms": {k: relay_ms[k] - base_ms[k] for k in relay_ms},
             "relay_runs_ms": relay_runs, "baseline_runs_ms": base_runs,
+            "profile": latency_profile.summarise(profiles, relay_steps, base_steps)
+            if profiles else None,
         })
+        if items[-1]["profile"]:
+            items[-1]["profile_md"] = latency_profile.render(items[-1]["profile"], True)
+            items[-1]["profile_text"] = latency_profile.render(items[-1]["profile"], False)
     return items
 
 

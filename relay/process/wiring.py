@@ -46,6 +46,7 @@ from relay.identity.signed_links import LinkSigner, load_link_secret
 from relay.identity.throttle import AuthThrottle
 from relay.observe.health import MetricsServer, RelayReadiness
 from relay.observe.metrics import RelayMetrics, UpstreamMetrics
+from relay.observe.runtime import RuntimeMonitor
 from relay.smtp.admission import ConnectionLimiter
 from relay.smtp.hooks import RelayHandler
 from relay.smtp.listeners import listen, make_factory
@@ -173,6 +174,8 @@ class RelayApp:
         self._sockets = dict(sockets or {})
         self._sessions = SessionTracker()
         self._stopped = False
+        # Event-loop lag and GC pauses: what the process adds to every reply's tail.
+        self.runtime = RuntimeMonitor(self.metrics.registry)
         self.reload_lock = asyncio.Lock()
         self.admin: Admin | None = None
         self.admin_server: AdminServer | None = None
@@ -202,6 +205,7 @@ class RelayApp:
 
     async def start(self) -> None:
         s = self.settings
+        self.runtime.start()
         if s.tls_cert and s.tls_key:
             cert, key = s.tls_cert, s.tls_key
         else:
@@ -388,6 +392,7 @@ class RelayApp:
         # Last: /readyz keeps answering 503 (draining) while the rest stops.
         if self.metrics_server is not None:
             await self.metrics_server.stop()
+        await self.runtime.stop()
         log.info("relay.stopped", sessions_cut=cut)
 
     async def __aenter__(self) -> RelayApp:

@@ -107,6 +107,17 @@ async def test_aggregate_sums_every_workers_counters(
         assert m.value("process_resident_memory_bytes", worker=worker) > 0
         assert m.value("relay_worker_scrape_errors_total", worker=worker) == 0
         assert m.value("relay_worker_restarts_total", worker=worker) == 0
+    # The runtime's own figures (relay/observe/runtime.py), per worker: the loop-lag timer
+    # fires every 50 ms in each, and the GC pauses have a series per generation.
+    async def lag_sampled() -> bool:
+        m = await relay.scrape()
+        return all(m.value("relay_event_loop_lag_seconds_count", worker=w) > 0
+                   for w in ("1", "2"))
+    await wait_for(lag_sampled, 30)
+    m = await relay.scrape()
+    assert {(s.labels["worker"], s.labels["generation"]) for s in m.samples
+            if s.name == "relay_gc_pause_seconds_count"} == \
+        {(w, g) for w in ("1", "2") for g in ("0", "1", "2")}
     # Histograms too: every bucket, count and sum of a worker carries its label.
     assert m.value("relay_transaction_duration_seconds_count", outcome="delivered") == sent
     assert m.value("relay_transaction_duration_seconds_bucket", outcome="delivered",
