@@ -134,9 +134,12 @@ class Bench:
     # -- start-up -------------------------------------------------------------------------
 
     def start(self, *, with_postfix: bool, relay_prefix: tuple[str, ...] = (),
-              shadow: Mapping[str, Path | None] | None = None) -> None:
+              shadow: Mapping[str, Path | None] | None = None,
+              extra: Mapping[str, Mapping[str, str]] | None = None) -> None:
         """``shadow``: scenario target -> candidate folder (None: no trial); one more relay
-        each, identical but for ``RELAY_SHADOW_POLICIES_DIR`` (bench/shadow.py)."""
+        each, identical but for ``RELAY_SHADOW_POLICIES_DIR`` (bench/shadow.py). ``extra``:
+        scenario target -> settings; one more relay each, identical but for those
+        (bench/features.py)."""
         args = self.args
         if not args.python_sink:
             try:
@@ -179,6 +182,9 @@ class Bench:
             "RELAY_WORKERS": str(1 if args.profile else args.workers or psutil.cpu_count()),
             # Metrics on, as in production, on a port of its own (9465 may be taken).
             "RELAY_METRICS_LISTEN": f"{HOST}:0",
+            # The public HTTP listener (one-click unsubscribe, webhooks) is not exercised, and
+            # its fixed default port would collide between the run's relays: off.
+            "RELAY_PUBLIC_LISTEN": "",
         }
         if needed > DEFAULT_MAX_MESSAGE_SIZE:
             relay_env["RELAY_MAX_MESSAGE_SIZE"] = str(needed)
@@ -196,16 +202,19 @@ class Bench:
         self.rss_at_start = self.relay_meter.usage().rss
         self.say(f"relay (command-relay serve, pid {self.relay.pid}) on "
                  f"{HOST}:{self.relay_port}, JSON log {self.relay_log}")
-        for target, folder in (shadow or {}).items():
-            trial_env = clean_env(**{**relay_env, **({"RELAY_SHADOW_POLICIES_DIR": str(folder)}
-                                                     if folder else {}),
+        twins: dict[str, Mapping[str, str]] = {
+            target: {"RELAY_SHADOW_POLICIES_DIR": str(folder)} if folder else {}
+            for target, folder in (shadow or {}).items()}
+        twins.update(extra or {})
+        for target, changes in twins.items():
+            trial_env = clean_env(**{**relay_env, **changes,
                                      "RELAY_STATE_DIR": str(self.workdir / f"{target}-state")})
             service, port = start_relay(trial_env, self.workdir / f"relay-{target}.log",
                                         self.workdir / f"relay-{target}.err")
             self.stack.callback(service.stop, signal.SIGTERM, 30)
             self.trials[target] = (port, Meter(service.pid))
-            self.say(f"relay for {target}, shadow trial {folder or 'off'} (pid "
-                     f"{service.pid}) on {HOST}:{port}")
+            differs = ", ".join(f"{k}={v}" for k, v in changes.items()) or "as the main relay"
+            self.say(f"relay for {target} ({differs}; pid {service.pid}) on {HOST}:{port}")
 
         if with_postfix:
             try:

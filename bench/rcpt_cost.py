@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -65,6 +66,8 @@ async def _measure(port: int, count: int) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=5000)
+    parser.add_argument("--json", action="store_true",
+                        help="print the figures as JSON (python -m bench reads them)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         service, port = start_redis(Path(work))
@@ -73,6 +76,10 @@ def main() -> int:
         finally:
             service.stop()
     base = rows["reserve"]
+    if args.json:
+        print(json.dumps({"count": args.count,
+                          "us_per_recipient": {k: v * 1e6 for k, v in rows.items()}}))
+        return 0
     for name, seconds in rows.items():
         print(f"{name:<22} {seconds * 1e6:8.1f} us per recipient  ({seconds / base:.2f}x)")
     print(f"added by the suppression check: {(rows['suppression+reserve'] - base) * 1e6:.1f} us "

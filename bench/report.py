@@ -146,6 +146,10 @@ def render(result: dict[str, Any], markdown: bool) -> str:
     if result.get("shadow"):
         parts.append(("**Shadow trial** " if markdown else "Shadow trial: ")
                      + result["shadow"]["text"])
+    if result.get("features"):
+        parts.append("**What the features cost**" if markdown else "What the features cost:")
+        parts.append("\n".join(("- " if markdown else "  ") + t
+                               for t in result["features"]["lines"]))
     if result.get("memory"):
         m = result["memory"]
         parts.append(("**Memory** " if markdown else "Memory: ") + m["text"])

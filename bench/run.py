@@ -29,12 +29,13 @@ from typing import Any
 
 import psutil
 
-from bench import latency_profile, loadgen, report, shadow
+from bench import features, latency_profile, loadgen, report, shadow
 from bench.harness import APP, APP_PASSWORD, KB, MB, Bench, Scenario, plan
 from bench.idle import measure_idle
 from bench.procs import (
     REPO,
     BenchError,
+    clean_env,
 )
 from bench.tls import KEY_KINDS
 
@@ -308,6 +309,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-postfix", action="store_true", help="skip Postfix")
     parser.add_argument("--no-shadow", action="store_true",
                         help="skip the shadow trial's scenarios (two more relays, trial on)")
+    parser.add_argument("--no-features", action="store_true",
+                        help="skip the feature-cost rows (suppression lists, a relay with "
+                             "deduplication off; bench/features.py)")
     parser.add_argument("--python-sink", action="store_true",
                         help="use the Python asyncio sink instead of smtp-sink")
     parser.add_argument("--workers", type=int,
@@ -390,13 +394,17 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     clock = time.perf_counter()
-    scenarios = plan(args) + ([] if args.no_shadow else shadow.scenarios(args))
+    scenarios = plan(args) + ([] if args.no_shadow else shadow.scenarios(args)) \
+        + ([] if args.no_features else features.scenarios(args))
     try:
         with _signals(), Bench(args) as bench:
             _check_quiet(bench, "before the run")
             bench.start(with_postfix=not args.no_postfix,
                         shadow=None if args.no_shadow else
-                        shadow.write_candidates(bench.workdir / "shadow"))
+                        shadow.write_candidates(bench.workdir / "shadow"),
+                        extra=None if args.no_features else features.RELAYS)
+            seeded = None if args.no_features else features.seed_suppressions(
+                bench.workdir, clean_env(**bench.relay_env), bench.senders)
             if bench.postfix is None:
                 scenarios = [s for s in scenarios if s.target not in ("postfix", "submission")]
             bench.warm_up()
@@ -467,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = _targets(result, args.per_connection)
     result["shadow"] = None if args.no_shadow else \
         shadow.cost(result, args.per_connection, shadow.hooks())
+    result["features"] = None if args.no_features else features.cost(
+        result, args.per_connection, seeded, features.rcpt_cost())
     rt = round_trips
     result["redis_round_trips"] = rt
     result["redis_breakdown"] = (
