@@ -52,6 +52,7 @@ from relay.smtp.listeners import listen, make_factory
 from relay.smtp.proxy import ProxyPolicy
 from relay.smtp.resubmission import Resubmissions
 from relay.smtp.screening import RecipientScreen
+from relay.smtp import tickets
 from relay.smtp.services import Services
 from relay.smtp.shutdown import SessionTracker
 from relay.smtp.tls import ensure_dev_certificate, server_context
@@ -212,6 +213,8 @@ class RelayApp:
             tls = server_context(cert, key)
         except (OSError, ValueError) as exc:
             raise StartupError(f"cannot load TLS certificate {cert}: {exc}") from None
+        # A worker of several: the supervisor's ticket key, so that tickets resume on any.
+        tickets.share(tls, tickets.take_key(), functools.partial(server_context, cert, key))
         if s.allow_plaintext_auth:
             log.warning("dev.plaintext_auth", listen=str(s.listen),
                         note="AUTH offered without TLS on a loopback listener")
