@@ -16,11 +16,12 @@ The price is that the kernel does not spread new connections evenly (the first w
 wake takes one); SMTP sessions are long next to an accept, so the load still evens out.
 
 The supervisor also owns what must exist once per host: the embedded development Redis, the
-self-signed development certificate, the development credentials key and the TLS
-session-ticket key (relay/smtp/tickets.py), handed to the workers in their environment. It forwards SIGTERM/SIGINT (drain) and SIGHUP (reload) to the
-workers, restarts a worker that dies unexpectedly (with exponential backoff, logged), and
-exits 0 once every worker has drained. A socket pair links each worker to it: the worker
-says when it is serving, and sees the supervisor vanish (EOF) if it is killed, then drains.
+self-signed development certificate, the development credentials key and the TLS session-
+ticket key (relay/smtp/tickets.py), handed to the workers in their environment. It forwards
+SIGTERM/SIGINT (drain) and SIGHUP (reload) to the workers, restarts a worker that dies
+unexpectedly (with exponential backoff, logged), and exits 0 once every worker has drained.
+A socket pair links each worker to it: the worker says when it is serving, and sees the
+supervisor vanish (EOF) if it is killed, then drains.
 
 The metrics listener (``RELAY_METRICS_LISTEN``) is the supervisor's own: it answers for every
 worker (relay/observe/supervisor_metrics.py). Each worker serves its own registry on a

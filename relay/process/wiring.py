@@ -46,13 +46,13 @@ from relay.identity.signed_links import LinkSigner, load_link_secret
 from relay.identity.throttle import AuthThrottle
 from relay.observe.health import MetricsServer, RelayReadiness
 from relay.observe.metrics import RelayMetrics, UpstreamMetrics
+from relay.smtp import tickets
 from relay.smtp.admission import ConnectionLimiter
 from relay.smtp.hooks import RelayHandler
 from relay.smtp.listeners import listen, make_factory
 from relay.smtp.proxy import ProxyPolicy
 from relay.smtp.resubmission import Resubmissions
 from relay.smtp.screening import RecipientScreen
-from relay.smtp import tickets
 from relay.smtp.services import Services
 from relay.smtp.shutdown import SessionTracker
 from relay.smtp.tls import ensure_dev_certificate, server_context

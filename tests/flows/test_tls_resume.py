@@ -8,6 +8,8 @@ test requires some of those."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import re
 import socket
 import ssl
@@ -58,7 +60,7 @@ def starttls_session(port: int, context: ssl.SSLContext, session: ssl.SSLSession
             _reply(tls)  # TLS 1.3: the ticket came before this reply
             tls.sendall(b"QUIT\r\n")
             _reply(tls)
-            return tls.session_reused, tls.session, str(tls.version())
+            return bool(tls.session_reused), tls.session, str(tls.version())
 
 
 def _worker_key(pid: int) -> str:
@@ -70,7 +72,6 @@ def _worker_key(pid: int) -> str:
 
 async def _resume_many(relay: ServeProcess, port: int) -> list[tuple[int, bool]]:
     """(worker, resumed) of each connection after the first, in order."""
-    import asyncio  # noqa: PLC0415 (only the client threads need it)
     context = client_context()
     reused, session, version = await asyncio.to_thread(starttls_session, port, context, None)
     assert not reused and version == "TLSv1.3"
@@ -82,7 +83,7 @@ async def _resume_many(relay: ServeProcess, port: int) -> list[tuple[int, bool]]
         lines = await relay.wait_event("session.starttls", count=number)
         seen.append((lines[number - 1]["worker"], reused))
         workers = [w for w, _ in seen]
-        changed = any(a != b for a, b in zip(workers, workers[1:], strict=False))
+        changed = any(a != b for a, b in itertools.pairwise(workers))
         if number >= MIN_CONNECTIONS and changed:
             break
     return seen
@@ -105,7 +106,7 @@ async def test_returning_clients_resume_on_either_worker(
     seen = await _resume_many(relay, port)
     workers = [w for w, _ in seen]
     assert set(workers) == {1, 2}
-    crossed = sum(a != b for a, b in zip(workers, workers[1:], strict=False))
+    crossed = sum(a != b for a, b in itertools.pairwise(workers))
     assert crossed >= 1, "every connection went to one worker: nothing was tested"
     assert [r for _, r in seen] == [True] * len(seen)
     no_traceback(relay)
