@@ -60,6 +60,7 @@ class Scenario:
     tls: bool
     auth: bool
     messages: int
+    resume: bool = False  # with tls: every session resumes its previous TLS session
 
 
 def plan(args: argparse.Namespace) -> list[Scenario]:
@@ -84,6 +85,10 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
                 out.append(Scenario(f"relay-{kb}-c{conc}-pc{pc}-{'tls' if tls else 'plain'}",
                                     f"relay -> sink, {mode} + AUTH",
                                     "relay", size, conc, pc, tls, True, n))
+        # Returning clients: a new connection per message, each resuming its TLS session.
+        out.append(Scenario(f"relay-{kb}-c20-pc1-tls-resume",
+                            "relay -> sink, STARTTLS resumed + AUTH",
+                            "relay", size, 20, 1, True, True, count, resume=True))
     if not args.no_postfix:
         for size, count in counts.items():
             kb = f"{size // KB}k"
@@ -99,6 +104,9 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
                         f"postfix-{kb}-c20-pc{pc}-{'tls' if tls else 'plain'}-auth",
                         f"Postfix submission -> sink, {mode} + AUTH (Cyrus SASL)",
                         "submission", size, 20, pc, tls, True, count))
+            out.append(Scenario(f"postfix-{kb}-c20-pc1-tls-auth-resume",
+                                "Postfix submission -> sink, STARTTLS resumed + AUTH",
+                                "submission", size, 20, 1, True, True, count, resume=True))
     return out
 
 
@@ -300,6 +308,7 @@ class Bench:
                 **{t: port for t, (port, _) in self.trials.items()}}[sc.target]
         load = Load(HOST, port, sc.messages, sc.concurrency, sc.per_connection, sc.size,
                     auth=(APP, APP_PASSWORD) if sc.auth else None, starttls=sc.tls,
+                    resume=sc.resume,
                     time_cap=self.args.time_cap, senders=self.senders)
         return replace(load, **changes)
 
@@ -340,6 +349,8 @@ class Bench:
             "failed": out.failed,
             "errors": dict(out.errors),
             "connections": out.connections,
+            "tls_offered": out.offered,
+            "tls_resumed": out.resumed,
             "delivered": delivered,
             "submit_s": out.elapsed,
             "e2e_s": e2e if e2e is not None else out.elapsed,

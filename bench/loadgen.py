@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from bench.resume import ResumingContext, resuming_context
+
 # Sent in EHLO. Given explicitly: aiosmtplib's default is socket.getfqdn(), a DNS lookup.
 LOCAL_HOSTNAME = "loadgen.bench.invalid"
 RECIPIENT = "rcpt@example.com"
@@ -47,6 +49,8 @@ class Load:
     size: int
     auth: tuple[str, str] | None = None
     starttls: bool = False
+    # With starttls: each session offers its previous connection's TLS session (bench/resume.py)
+    resume: bool = False
     time_cap: float = 10.0
     rate: float | None = None
     senders: tuple[str, ...] = ("sender@bench.example",)
@@ -62,6 +66,9 @@ class Outcome:
     failed: int = 0
     started: float = 0.0  # perf_counter when the first session began
     connections: int = 0
+    # With Load.resume: connections that offered a previous session, and those that resumed it.
+    offered: int = 0
+    resumed: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     elapsed: float = 0.0
     # MAIL FROM sent .. the reply to the end of DATA received: one transaction.
@@ -166,6 +173,11 @@ async def _open(load: Load, out: Outcome, tls: ssl.SSLContext) -> aiosmtplib.SMT
             await client.starttls(tls_context=tls)
             await client.ehlo()
             marks.append(time.perf_counter())
+            if isinstance(tls, ResumingContext):
+                assert client.transport is not None
+                offered, resumed = tls.keep(client.transport.get_extra_info("ssl_object"))
+                out.offered += offered
+                out.resumed += resumed
         if load.auth is not None:
             await client.auth_plain(*load.auth)
             marks.append(time.perf_counter())
@@ -191,6 +203,8 @@ async def _session_worker(load: Load, schedule: _Schedule, out: Outcome,
                           messages: Callable[[int], bytes], tls: ssl.SSLContext,
                           first_connection: int) -> None:
     client: aiosmtplib.SMTP | None = None
+    if load.resume:
+        tls = resuming_context()  # this session's own: its sessions are offered back to it
     sent_here = 0
     quota = first_connection
     try:
@@ -385,18 +399,23 @@ def _main() -> int:
     parser.add_argument("--password", default="")
     parser.add_argument("--sender", action="append", help="MAIL FROM (repeatable)")
     parser.add_argument("--starttls", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --starttls: each session resumes its previous TLS session")
     parser.add_argument("--time-cap", type=float, default=30.0)
     parser.add_argument("--rate", type=float, help="pace at this many messages/s")
     args = parser.parse_args()
     load = Load(args.host, args.port, args.messages, args.concurrency, args.per_connection,
                 args.size, (args.user, args.password) if args.user else None, args.starttls,
-                args.time_cap, args.rate, tuple(args.sender or ["sender@bench.example"]))
+                args.resume, args.time_cap, args.rate,
+                tuple(args.sender or ["sender@bench.example"]))
     out = run(load)
     lat = sorted(out.txn_latencies)
     p = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000) if lat else (lambda q: 0)
     print(f"{out.accepted} accepted, {out.failed} failed in {out.elapsed:.2f}s: "
           f"{out.rate:.0f} msg/s; p50 {p(0.5):.2f} ms, p99 {p(0.99):.2f} ms; "
-          f"{out.connections} connections; errors {dict(out.errors)}")
+          f"{out.connections} connections"
+          + (f" ({out.resumed} of {out.offered} returning resumed TLS)" if load.resume else "")
+          + f"; errors {dict(out.errors)}")
     return 0 if out.failed == 0 else 1
 
 

@@ -53,7 +53,41 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                   if r.get("relay_peak_rss")), default=0) / MB or None,
         "txn_ms": {f"p{q}": 1000 * percentile(latencies, q / 100) for q in (50, 95, 99)},
         "setup_ms": {f"p{q}": 1000 * percentile(setups, q / 100) for q in (50, 99)},
+        "resumed_fraction": resumed_fraction(runs),
     }
+
+
+def resumed_fraction(runs: list[dict[str, Any]]) -> float | None:
+    """Of the connections that offered a previous TLS session, the share that resumed it
+    (None for runs that offer none)."""
+    offered = sum(r.get("tls_offered", 0) for r in runs)
+    return sum(r.get("tls_resumed", 0) for r in runs) / offered if offered else None
+
+
+def resumption_lines(by_key: dict[str, dict[str, Any]]) -> list[str]:
+    """The resumed-TLS rows against Postfix's, like for like (a new connection per message,
+    STARTTLS + AUTH, every returning client offering its previous session), and against the
+    same shape without resumption."""
+    lines = []
+    for kb in ("2k", "100k"):
+        relay = by_key.get(f"relay-{kb}-c20-pc1-tls-resume")
+        if relay is None:
+            continue
+        m = relay["summary"]
+        fraction = m.get("resumed_fraction") or 0.0
+        line = (f"{kb.upper()}B, 20 sessions, 1 msg/conn, STARTTLS resumed + AUTH: relay "
+                f"{m['rate_median']:,.0f} msg/s ({100 * fraction:.0f}% resumed)")
+        full = by_key.get(f"relay-{kb}-c20-pc1-tls")
+        if full and full["summary"]["rate_median"]:
+            line += f", {m['rate_median'] / full['summary']['rate_median']:.2f}x full handshakes"
+        twin = by_key.get(f"postfix-{kb}-c20-pc1-tls-auth-resume")
+        if twin and twin["summary"]["rate_median"]:
+            t = twin["summary"]
+            line += (f"; vs Postfix submission {t['rate_median']:,.0f} msg/s "
+                     f"({100 * (t.get('resumed_fraction') or 0.0):.0f}% resumed) = "
+                     f"{m['rate_median'] / t['rate_median']:.2f}x")
+        lines.append(line)
+    return lines
 
 
 def _size(size: int) -> str:
@@ -74,6 +108,8 @@ def rows(scenarios: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     for s in scenarios:
         m = s["summary"]
         flag = f" ! {m['failed']} failed" if m["failed"] else ""
+        if m.get("resumed_fraction") is not None:
+            flag += f" ({100 * m['resumed_fraction']:.0f}% resumed)"
         out.append((
             s["label"] + flag, _size(s["size"]), str(s["concurrency"]),
             str(s["per_connection"]),

@@ -120,6 +120,7 @@ def _targets(result: dict[str, Any], per_connection: int) -> list[str]:
         if base1 and relay1:
             lines.append(f"{kb.upper()}B, a new connection per message: relay {relay1:,.0f} "
                          f"connections/s with AUTH vs bare sink {base1:,.0f}/s")
+    lines += report.resumption_lines(s)
     for item in result.get("latency", []):
         p99 = item["added_ms"]["p99"]
         lines.append(f"{item['label']}: p99 added latency {p99:.2f} ms at {item['rate']:,.0f} "

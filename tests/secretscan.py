@@ -1,7 +1,8 @@
 """A pytest plugin: no secret the test run uses may appear in any log the run wrote.
 
 The relay promises that no log line, at any level and under any failure, carries a password,
-an AUTH payload, an API key, a webhook secret, the admin token or the credentials key. This
+an AUTH payload, an API key, a webhook secret, the admin token, the credentials key or the
+workers' TLS ticket key. This
 plugin holds the whole test run to it:
 
 * **The secrets**: the fixed ones of the suite (``STATIC_SECRETS``, a test checks the table
@@ -43,6 +44,7 @@ import structlog.testing
 
 from relay.config.declare import Declared
 from relay.config.settings import SETTINGS
+from relay.smtp.tickets import TICKET_KEY_VAR
 
 # Secrets written into the suite (module, name -> value). tests/test_secretscan.py checks that
 # every string constant named like a secret in tests/ is listed here.
@@ -164,6 +166,9 @@ class SecretScanner:
     def register_env(self, env: Mapping[str, str]) -> None:
         """The secrets among a subprocess's RELAY_* variables."""
         for var, value in env.items():
+            if var == TICKET_KEY_VAR:  # the workers' TLS ticket key (relay/smtp/tickets.py)
+                self.register(value, var)
+                continue
             declared = _secret_named_by(var)
             if declared is None or not value:
                 continue

@@ -16,11 +16,12 @@ The price is that the kernel does not spread new connections evenly (the first w
 wake takes one); SMTP sessions are long next to an accept, so the load still evens out.
 
 The supervisor also owns what must exist once per host: the embedded development Redis, the
-self-signed development certificate and the development credentials key, handed to the
-workers in their environment. It forwards SIGTERM/SIGINT (drain) and SIGHUP (reload) to the
-workers, restarts a worker that dies unexpectedly (with exponential backoff, logged), and
-exits 0 once every worker has drained. A socket pair links each worker to it: the worker
-says when it is serving, and sees the supervisor vanish (EOF) if it is killed, then drains.
+self-signed development certificate, the development credentials key and the TLS session-
+ticket key (relay/smtp/tickets.py), handed to the workers in their environment. It forwards
+SIGTERM/SIGINT (drain) and SIGHUP (reload) to the workers, restarts a worker that dies
+unexpectedly (with exponential backoff, logged), and exits 0 once every worker has drained.
+A socket pair links each worker to it: the worker says when it is serving, and sees the
+supervisor vanish (EOF) if it is killed, then drains.
 
 The metrics listener (``RELAY_METRICS_LISTEN``) is the supervisor's own: it answers for every
 worker (relay/observe/supervisor_metrics.py). Each worker serves its own registry on a
@@ -50,6 +51,7 @@ from relay.observe.metrics import SupervisorMetrics
 from relay.observe.supervisor_metrics import SlotState, SupervisorMetricsServer, WorkerSlot
 from relay.process.link import READY, WorkerLink
 from relay.process.redis import redis_url_for
+from relay.smtp import tickets
 from relay.smtp.tls import ensure_dev_certificate
 
 log = structlog.get_logger()
@@ -173,6 +175,9 @@ class Supervisor:
         if not s.link_secret:
             secret = await asyncio.to_thread(load_link_secret, None, s.state_dir)
             env["RELAY_LINK_SECRET"] = secret.decode()
+        # One TLS ticket key for all workers (memory only, new at every start): a returning
+        # client resumes its session whichever worker takes its next connection.
+        tickets.export_key(tickets.new_key(), env)
         return env
 
     async def _start_metrics(self) -> None:

@@ -47,6 +47,7 @@ from relay.identity.throttle import AuthThrottle
 from relay.observe.health import MetricsServer, RelayReadiness
 from relay.observe.metrics import RelayMetrics, UpstreamMetrics
 from relay.observe.runtime import RuntimeMonitor
+from relay.smtp import tickets
 from relay.smtp.admission import ConnectionLimiter
 from relay.smtp.hooks import RelayHandler
 from relay.smtp.listeners import listen, make_factory
@@ -216,6 +217,8 @@ class RelayApp:
             tls = server_context(cert, key)
         except (OSError, ValueError) as exc:
             raise StartupError(f"cannot load TLS certificate {cert}: {exc}") from None
+        # A worker of several: the supervisor's ticket key, so that tickets resume on any.
+        tickets.share(tls, tickets.take_key(), functools.partial(server_context, cert, key))
         if s.allow_plaintext_auth:
             log.warning("dev.plaintext_auth", listen=str(s.listen),
                         note="AUTH offered without TLS on a loopback listener")
