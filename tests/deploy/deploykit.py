@@ -70,6 +70,7 @@ SECRET_STAND_INS = {
     "RELAY_REDIS_URL": "rediss://:a-password@redis.internal:6380/0",
     "RELAY_UPSTREAM_URL": "smtp+starttls://relay:a-password@smtp.provider.example:587",
     "RELAY_CREDENTIALS_KEY": "UBU5Ey1ZqhErT4YxI5fRttvpeJCMxb7C_i9MaC3W6UY=",
+    "RELAY_LINK_SECRET": "a-link-signing-secret-of-some-length",
     "RELAY_ADMIN_TOKEN": "an-admin-token-of-some-length",
     "RELAY_NOTIFY_WEBHOOK_SECRET": "a-notify-signing-secret",
     "RELAY_TIMELINE_WEBHOOK_SECRET": "a-timeline-signing-secret",

@@ -9,6 +9,7 @@ import copy
 import importlib.resources
 import json
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ import jsonschema
 import pytest
 import yaml
 
+from relay.admin.usage_links import usage_link
 from relay.config.endpoints import parse_upstream_url
+from relay.identity.signed_links import LinkSigner
+from relay.smtp.unsubscribe import UnsubscribeLinks
 from tests.conftest import REPO
 from tests.deploy.deploykit import (
     DEPLOY,
@@ -156,24 +160,50 @@ def test_compose_secrets_file_is_settings_and_not_a_real_secret():
     assert "LOCAL" in secrets.read_text(encoding="utf-8")
 
 
-def test_compose_relay_publishes_its_listeners_on_loopback():
-    """The published container ports are the relay's listen ports; only on 127.0.0.1."""
-    document = compose()
-    relay = document["services"]["relay"]
-    env = _process_environment(document, relay)
+def _published(service: dict[str, Any]) -> dict[int, int]:
+    """Container port -> host port, each published on 127.0.0.1 only."""
     published = {}
-    for entry in relay["ports"]:
+    for entry in service["ports"]:
         host_ip, host_port, container = entry.split(":")
         assert host_ip == "127.0.0.1", entry
         published[int(container)] = int(host_port)
+    return published
+
+
+def test_compose_relay_publishes_its_listeners_on_loopback():
+    """The published container ports are the relay's listen ports (SMTP, SMTPS, metrics,
+    admin API, public HTTP); only on 127.0.0.1."""
+    document = compose()
+    relay = document["services"]["relay"]
+    env = _process_environment(document, relay)
+    published = _published(relay)
     wanted = {port_of(setting_value(env, n)) for n in (
-        "RELAY_LISTEN", "RELAY_SMTPS_LISTEN", "RELAY_METRICS_LISTEN", "RELAY_ADMIN_LISTEN")}
+        "RELAY_LISTEN", "RELAY_SMTPS_LISTEN", "RELAY_METRICS_LISTEN", "RELAY_ADMIN_LISTEN",
+        "RELAY_PUBLIC_LISTEN")}
     assert set(published) == wanted
     # Nothing else is published from the host but Mailpit's web UI, on loopback.
     for name, service in document["services"].items():
         if name not in ("relay", "mailpit"):
             assert "ports" not in service, name
     assert all(p.startswith("127.0.0.1:") for p in document["services"]["mailpit"]["ports"])
+
+
+def test_compose_public_links_open_on_the_published_listener():
+    """The links the relay hands out (one-click unsubscribe, the usage page), made by its own
+    code from the container's RELAY_PUBLIC_URL, point at the host port that publishes the
+    public listener, which listens on every interface of the container."""
+    document = compose()
+    relay = document["services"]["relay"]
+    settings = settings_for(_process_environment(document, relay))
+    assert settings.public_listen is not None and settings.public_listen.host == "0.0.0.0"
+    host_port = _published(relay)[settings.public_listen.port]
+    secret = b"a-link-signing-secret-of-some-length"
+    links = [UnsubscribeLinks(settings.public_url, lambda: secret).url(
+                 "agent@kw.example", "client@example.com"),
+             usage_link(LinkSigner(secret), settings.public_url, "agent@kw.example")]
+    for link in links:
+        url = urllib.parse.urlsplit(link)
+        assert (url.scheme, url.hostname, url.port) == ("http", "127.0.0.1", host_port), link
 
 
 def test_compose_stop_grace_period_outlasts_the_drain():

@@ -18,6 +18,10 @@ def test_deploy_example_settings_file_loads():
     assert str(settings.listen) == "0.0.0.0:587"
     assert settings.upstream is not None and settings.upstream.tls == "starttls"
     assert "REPLACE-ME" not in repr(settings)
+    # The public HTTP listener stays on loopback for the host's HTTPS proxy, whose https://
+    # address the links carry (RFC 8058).
+    assert settings.public_listen is not None and settings.public_listen.host == "127.0.0.1"
+    assert settings.public_url.startswith("https://")
 
 
 def test_deploy_names_only_real_settings():

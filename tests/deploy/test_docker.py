@@ -102,14 +102,15 @@ def test_dockerfile_healthcheck_runs_the_shipped_script():
 
 def test_dockerfile_exposes_the_listen_ports():
     """EXPOSE lists exactly the ports of the image's SMTP, SMTPS and metrics listeners (the
-    relay's, and the notifier's for a container that runs `notifier`)."""
+    relay's, and the notifier's for a container that runs `notifier`) and of its public HTTP
+    listener (what the HTTPS reverse proxy forwards to)."""
     env = image_environment()
     exposed = {int(p.split("/")[0]) for v in values_of(final_stage(parsed()), "EXPOSE")
                for p in v.split()}
     listeners = {port_of(setting_value(env, n))
                  for n in ("RELAY_LISTEN", "RELAY_SMTPS_LISTEN", "RELAY_METRICS_LISTEN",
-                           "RELAY_NOTIFIER_METRICS_LISTEN")}
-    assert exposed == listeners == {587, 465, 9465, 9466}
+                           "RELAY_NOTIFIER_METRICS_LISTEN", "RELAY_PUBLIC_LISTEN")}
+    assert exposed == listeners == {587, 465, 9465, 9466, 8026}
 
 
 def test_dockerfile_environment_is_valid_settings():
@@ -119,6 +120,7 @@ def test_dockerfile_environment_is_valid_settings():
     settings = settings_for(env)
     assert str(settings.listen) == "0.0.0.0:587"
     assert settings.smtps_listen is not None and settings.smtps_listen.port == 465
+    assert settings.public_listen is not None and settings.public_listen.port == 8026
     assert settings.log_format == "json"
     assert str(settings.policies_dir) == "/etc/command-relay/policies"
     # The image copies the repository's policies exactly there.
@@ -129,11 +131,14 @@ def test_dockerfile_environment_is_valid_settings():
                 "RELAY_CREDENTIALS_KEY"} & set(env)
 
 
-@pytest.mark.parametrize("name", ["RELAY_METRICS_LISTEN", "RELAY_NOTIFIER_METRICS_LISTEN"])
-def test_dockerfile_metrics_listener_is_reachable_from_outside_the_container(name: str):
-    """Probes come from outside the container's loopback: the image listens on 0.0.0.0, for
-    the relay and for the notifier."""
+@pytest.mark.parametrize("name", ["RELAY_METRICS_LISTEN", "RELAY_NOTIFIER_METRICS_LISTEN",
+                                  "RELAY_PUBLIC_LISTEN"])
+def test_dockerfile_http_listener_is_reachable_from_outside_the_container(name: str):
+    """Probes, Prometheus and the reverse proxy in front of the public listener come from
+    outside the container's loopback (the settings' default): the image listens on 0.0.0.0,
+    for the relay's metrics and public listeners and for the notifier's."""
     assert image_environment()[name].startswith("0.0.0.0:")
+    assert not setting_value({}, name).startswith("0.0.0.0:")
 
 
 def test_dockerfile_build_stage_has_what_pip_install_needs():

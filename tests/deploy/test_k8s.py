@@ -9,6 +9,7 @@ import copy
 import importlib.util
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from relay.admin import command_events, mandrill
+from relay.admin.usage_links import usage_link
 from relay.config.parsers import SettingsError
+from relay.identity.signed_links import LinkSigner
 from relay.observe.supervisor_metrics import READY_TIMEOUT
+from relay.smtp.unsubscribe import UnsubscribeLinks
 from tests.conftest import REPO
 from tests.deploy.deploykit import (
     DEPLOY,
@@ -57,6 +62,7 @@ def one(kind: str, name: str) -> dict[str, Any]:
 
 RELAY = "command-relay"
 NOTIFIER = "command-relay-notifier"
+PUBLIC = "command-relay-public"
 
 
 def container(deployment: str) -> dict[str, Any]:
@@ -91,7 +97,7 @@ def test_k8s_manifests_match_the_kubernetes_schemas(version: str):
     found = objects()
     assert {o["kind"] for o in found} == {
         "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-        "ConfigMap", "Secret", "ServiceAccount"}
+        "ConfigMap", "Secret", "ServiceAccount", "Ingress"}
     for document in found:
         _validate(document, version)
 
@@ -118,6 +124,7 @@ def test_k8s_kustomization_lists_every_manifest():
     applied = [o["kind"] for name in top_level for o in manifests()[name]]
     assert "Secret" not in applied
     assert [o["kind"] for o in manifests()["examples/secret.yaml"]] == ["Secret"]
+    assert [o["kind"] for o in manifests()["examples/ingress.yaml"]] == ["Ingress"]
 
 
 # -- the policies ConfigMap ------------------------------------------------------------------
@@ -242,7 +249,19 @@ def test_k8s_container_ports_are_the_listen_ports():
         "smtps": port_of(setting_value(env, "RELAY_SMTPS_LISTEN")),
         "metrics": port_of(setting_value(env, "RELAY_METRICS_LISTEN")),
         "admin": port_of(setting_value(env, "RELAY_ADMIN_LISTEN")),
+        "public": port_of(setting_value(env, "RELAY_PUBLIC_LISTEN")),
     }
+
+
+def test_k8s_relay_serves_its_public_listener_for_the_ingress():
+    """The public HTTP listener listens on every interface of the pod (its default, loopback,
+    is unreachable from the Ingress controller), and the links it answers are under an https
+    RELAY_PUBLIC_URL (RFC 8058 one-click needs an https URI)."""
+    env = pod_environment(RELAY)
+    settings = settings_for(env)
+    assert settings.public_listen is not None and settings.public_listen.host == "0.0.0.0"
+    assert settings.public_url.startswith("https://")
+    assert settings.link_secret is not None  # one key for every replica the Ingress picks
 
 
 @pytest.mark.parametrize("deployment", [RELAY, NOTIFIER])
@@ -332,8 +351,9 @@ def _pod_labels(deployment: str) -> dict[str, str]:
 
 
 def test_k8s_services_select_the_relay_and_expose_smtp_and_metrics():
-    """The SMTP Service has 587 and 465, the internal one metrics and admin; each targets a
-    named container port of the relay pods, whose labels it selects (not the notifier's)."""
+    """The SMTP Service has 587 and 465, the public one (the Ingress's backend) the public
+    HTTP listener, the internal one metrics and admin; each targets a named container port of
+    the relay pods, whose labels it selects (not the notifier's)."""
     services = [o for o in objects() if o["kind"] == "Service"]
     relay_labels, notifier_labels = _pod_labels(RELAY), _pod_labels(NOTIFIER)
     named = _named_ports(RELAY)
@@ -345,8 +365,71 @@ def test_k8s_services_select_the_relay_and_expose_smtp_and_metrics():
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in named and port.get("protocol", "TCP") == "TCP"
             exposed[port["port"]] = service["metadata"]["name"]
-    assert exposed == {587: RELAY, 465: RELAY, 9465: "command-relay-internal",
+    assert exposed == {587: RELAY, 465: RELAY, 8026: PUBLIC, 9465: "command-relay-internal",
                        8025: "command-relay-internal"}
+    # Plain HTTP: only through the Ingress's TLS, never a balancer of its own.
+    assert one("Service", PUBLIC)["spec"]["type"] == "ClusterIP"
+
+
+# -- the example Ingress ---------------------------------------------------------------------
+def _prefix_matches(prefix: str, path: str) -> bool:
+    """Kubernetes' pathType Prefix: the prefix's "/"-separated elements begin the path's."""
+    wanted = [e for e in prefix.split("/") if e]
+    return [e for e in path.split("/") if e][:len(wanted)] == wanted
+
+
+def _ingress_backend(host: str, path: str) -> tuple[str, str] | None:
+    """(Service, port name) the example Ingress sends ``host`` + ``path`` to, if any: the
+    longest matching Prefix path of the host's rule, as controllers choose."""
+    rules = [r for r in one("Ingress", PUBLIC)["spec"]["rules"] if r["host"] == host]
+    paths = [p for r in rules for p in r["http"]["paths"]
+             if p["pathType"] == "Prefix" and _prefix_matches(p["path"], path)]
+    if not paths:
+        return None
+    service = max(paths, key=lambda p: len(p["path"]))["backend"]["service"]
+    return service["name"], service["port"]["name"]
+
+
+def test_k8s_prefix_matcher_follows_kubernetes_rules():
+    """The matcher above: whole path elements, a trailing slash ignored, "/" matches all."""
+    assert _prefix_matches("/usage", "/usage/abc.def")
+    assert _prefix_matches("/usage/", "/usage")
+    assert not _prefix_matches("/usage", "/usages/x")
+    assert _prefix_matches("/", "/metrics")
+
+
+def test_k8s_ingress_routes_the_relays_links_to_the_public_listener():
+    """The links the relay hands out, made by its own code from the pod's RELAY_PUBLIC_URL,
+    and the provider webhooks' paths reach the public Service's port, which targets the
+    relay's public listener; the host has TLS. Nothing else is routed: not the admin API,
+    not the metrics."""
+    settings = settings_for(pod_environment(RELAY))
+    host = urllib.parse.urlsplit(settings.public_url).hostname
+    assert host is not None
+    ingress = one("Ingress", PUBLIC)
+    assert any(host in t["hosts"] and t["secretName"] for t in ingress["spec"]["tls"])
+    secret = b"a-link-signing-secret-of-some-length"
+    links = [UnsubscribeLinks(settings.public_url, lambda: secret).url(
+                 "agent@kw.example", "client@example.com"),
+             usage_link(LinkSigner(secret), settings.public_url, "agent@kw.example")]
+    paths = [urllib.parse.urlsplit(link).path for link in links]
+    paths += [mandrill.PATH, command_events.PATH]
+    ports = {p["name"]: p["targetPort"] for p in one("Service", PUBLIC)["spec"]["ports"]}
+    for path in paths:
+        backend = _ingress_backend(host, path)
+        assert backend is not None and backend[0] == PUBLIC, path
+        assert ports[backend[1]] == "public", path
+    for path in ("/", "/v1/users", "/metrics", "/readyz", "/healthz"):
+        assert _ingress_backend(host, path) is None, path
+
+
+def test_k8s_ingress_lets_a_whole_webhook_batch_through():
+    """ingress-nginx's body limit (1 MiB by default) is raised to what the Mandrill webhook
+    accepts, so a large batch reaches the relay rather than a 413 from the proxy."""
+    size = one("Ingress", PUBLIC)["metadata"]["annotations"][
+        "nginx.ingress.kubernetes.io/proxy-body-size"]
+    number, unit = int(size[:-1]), size[-1].lower()
+    assert number * {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[unit] >= mandrill.MAX_BODY
 
 
 def test_k8s_disruption_budget_covers_the_relay():
