@@ -66,6 +66,7 @@ STATIC_SECRETS: dict[str, str] = {
     "deploy.deploykit.notify secret": "a-notify-signing-secret",
     "deploy.deploykit.timeline secret": "a-timeline-signing-secret",
     "deploy.deploykit.upstream password": "a-password",
+    "deploy.deploykit.RELAY_LINK_SECRET": "a-link-signing-secret-of-some-length",
     "admin.test_api.new user password": "a-long-password",
     "flows.test_cluster.user password": "pw-one-long-enough",
     "cli.test_commands.APP_PASSWORD": "an app secret of 30 characters",
