@@ -351,6 +351,7 @@ class Bench:
             after = meter.usage()
             run["relay_cpu_s"] = after.cpu - before_target.cpu
             run["relay_peak_rss"] = meter.peak_rss() or after.rss
+            run["relay_rss_before"] = before_target.rss
         return run, out
 
     def redis_commands(self) -> Counter[str]:
