@@ -179,6 +179,10 @@ class Bench:
             "RELAY_WORKERS": str(1 if args.profile else args.workers or psutil.cpu_count()),
             # Metrics on, as in production, on a port of its own (9465 may be taken).
             "RELAY_METRICS_LISTEN": f"{HOST}:0",
+            # The public listener (one-click unsubscribe, webhooks) too: its default,
+            # 127.0.0.1:8026, would collide between the bench's own relays (shadow trial,
+            # users scale) and with any other relay on the machine.
+            "RELAY_PUBLIC_LISTEN": f"{HOST}:0",
         }
         if needed > DEFAULT_MAX_MESSAGE_SIZE:
             relay_env["RELAY_MAX_MESSAGE_SIZE"] = str(needed)

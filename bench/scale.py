@@ -20,11 +20,15 @@ imported so far, so Redis reads keys spread over all of it:
 2. ``--reps`` timed runs of ``--messages-2k`` messages from the same senders: the step's
    msg/s is their median.
 
-Memory, from Redis ``used_memory`` (INFO memory):
+Memory:
 
-- **per user**: the growth over the step's import / the users it added (the user hash, the
+- **per user**: the growth of ``used_memory`` (INFO memory: everything, the key tables'
+  buckets included) over the step's import / the users it added (the user hash, the
   senders set, one sender-index string per address, the member of the users index);
   ``MEMORY USAGE`` of a few new users' own keys is reported beside it;
+- **per message** and **per user-month**, over a few thousand keys only, from
+  ``dataset.bytes`` (MEMORY STATS: the keys and values; the relay's pool connections opening
+  and a key table doubling would swamp the difference in ``used_memory``);
 - **per message**: the growth over the timed runs / their messages: the only keys a repeat
   send creates are the resubmission claims (``relay:dedup:{id}:<digest>``, one per
   Message-ID, kept ``RELAY_DEDUP_WINDOW``, 24 h);
@@ -66,6 +70,7 @@ SAMPLE = 2000  # senders per step (all the users when fewer)
 KEY_SAMPLE = 100  # users whose keys MEMORY USAGE reads, per step
 FLAT = 1.10  # the target: max / min msg/s across the steps within 10 %
 DOMAIN = "scale.example"
+WARM = f"warm-up@{DOMAIN}"  # the warm-up's sender, created before the first step
 
 
 def user_id(n: int) -> str:
@@ -93,6 +98,21 @@ def _memory_usage(client: redis_client.Redis, names: list[str]) -> list[int]:
     for name in names:
         pipe.memory_usage(name, samples=0)
     return [int(v) for v in pipe.execute() if v is not None]
+
+
+def dataset(client: redis_client.Redis) -> tuple[int, int]:
+    """Redis's ``dataset.bytes`` and ``keys.count`` (MEMORY STATS): the keys and values,
+    without the client buffers, the Lua caches and the key tables' buckets, which move in
+    steps (a table doubles) and would swamp a difference over a few thousand keys."""
+    stats = client.memory_stats()
+    return int(stats["dataset.bytes"]), int(stats["keys.count"])
+
+
+def _existing(client: redis_client.Redis, names: list[str]) -> list[bool]:
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.exists(name)
+    return [bool(found) for found in pipe.execute()]
 
 
 def import_step(env: dict[str, str], client: redis_client.Redis, workdir: Path,
@@ -136,6 +156,7 @@ def _own_relay(bench: Bench) -> Iterator[tuple[redis_client.Redis, dict[str, str
             bench.trials[TARGET] = (relay_port, Meter(relay.pid))
             bench.say(f"scale: redis-server on {HOST}:{port}, relay (pid {relay.pid}) on "
                       f"{HOST}:{relay_port}")
+            _warm_up(bench, env)
             yield client, env, workdir
         finally:
             bench.redis, bench.redis_meter = saved
@@ -144,6 +165,16 @@ def _own_relay(bench: Bench) -> Iterator[tuple[redis_client.Redis, dict[str, str
             client.close()
     finally:
         redis.stop()
+
+
+def _warm_up(bench: Bench, env: dict[str, str]) -> None:
+    """A few hundred messages from a user of its own first, so that the first step's
+    first-touch run does not also pay each worker's first AUTH (the slow hash) and its
+    Redis and upstream connections."""
+    run_cli(["users", "add", WARM, "--password-stdin", "--limit", str(LIMIT)], env,
+            "scale-warm-up-password\n")
+    sc = Scenario("scale-warm", "warm", TARGET, 2 * KB, 20, 20, False, True, 400)
+    bench.measure(sc, bench.load_for(sc, senders=(WARM,)))
 
 
 def measure_scale(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
@@ -169,16 +200,18 @@ def _load(bench: Bench, args: argparse.Namespace, client: redis_client.Redis,
     picks = random.Random(population).sample(range(population), min(SAMPLE, population))
     senders = tuple(email(n) for n in picks)
     usage_keys = [f"relay:usage:{{{user_id(n)}}}:{period}" for n in picks]
-    pipe = client.pipeline(transaction=False)
-    for name in usage_keys:
-        pipe.exists(name)
-    fresh = sum(1 for found in pipe.execute() if not found)
+    had = _existing(client, usage_keys)
     pc = args.per_connection
     first = Scenario(f"scale-{population}-first", "first touch", TARGET, 2 * KB, 20, pc,
                      False, True, len(senders))
-    before = used_memory(client)
-    first_run, _ = bench.measure(first, bench.load_for(first, senders=senders))
-    touched = used_memory(client)
+    before = dataset(client)
+    # Not cut short by the time cap: every sender is to send its one message.
+    first_run, _ = bench.measure(first, bench.load_for(first, senders=senders,
+                                                       time_cap=max(60.0, args.time_cap)))
+    touched = dataset(client)
+    # The senders whose month began in this run (not the ones a previous step's sample had).
+    fresh = sum(1 for old, new in zip(had, _existing(client, usage_keys), strict=True)
+                if new and not old)
     sc = Scenario(f"scale-{population}", f"{population:,} users", TARGET, 2 * KB, 20, pc,
                   False, True, args.messages_2k)
     runs = []
@@ -186,10 +219,10 @@ def _load(bench: Bench, args: argparse.Namespace, client: redis_client.Redis,
         bench.say(f"scale: {population:,} users, rep {rep + 1}/{args.reps}")
         run, _ = bench.measure(sc, bench.load_for(sc, senders=senders))
         runs.append(run)
-    after = used_memory(client)
+    after = dataset(client)
     delivered = sum(r["delivered"] for r in runs)
-    per_message = (after - touched) / delivered if delivered else 0.0
-    month = ((touched - before - first_run["delivered"] * per_message) / fresh
+    per_message = (after[0] - touched[0]) / delivered if delivered else 0.0
+    month = ((touched[0] - before[0] - first_run["delivered"] * per_message) / fresh
              if fresh else None)
     hashes = _memory_usage(client, usage_keys[:KEY_SAMPLE])
     summary = report.summarise(runs)
@@ -199,7 +232,8 @@ def _load(bench: Bench, args: argparse.Namespace, client: redis_client.Redis,
             "first_touch_failed": first_summary["failed"],
             "bytes_per_message": per_message, "bytes_per_user_month": month,
             "usage_hash_bytes": statistics.mean(hashes) if hashes else None,
-            "used_end": after,
+            "dataset_end": after[0], "keys_end": after[1],
+            "keys_per_message": (after[1] - touched[1]) / delivered if delivered else None,
             "errors": {k: v for r in [first_run, *runs] for k, v in r["errors"].items()}}
 
 
@@ -243,11 +277,13 @@ def _summary(steps: list[dict[str, Any]], args: argparse.Namespace,
             "senders drawn at random from every user imported so far: one first-touch run "
             f"(each sender once: the month's usage hash created), then {args.reps} timed runs "
             "(msg/s: their median). bytes/user = used_memory growth over the import / users "
-            f"added (MEMORY USAGE of one user's keys: {keys:,.0f}); bytes/user-month = growth "
-            "over the first-touch run, less its claims, / senders new to the month (MEMORY "
+            f"added (MEMORY USAGE of one user's keys: {keys:,.0f}); bytes/user-month = "
+            "dataset.bytes (MEMORY STATS) growth over the first-touch run, less its claims, / "
+            "senders new to the month (MEMORY "
             "USAGE of the usage hash: "
             + (f"{statistics.median(hashes):,.0f}" if hashes else "-")
-            + "); bytes/msg = growth over the timed runs / their messages (the resubmission "
+            + "); bytes/msg = dataset.bytes growth over the timed runs / their messages "
+              "(the resubmission "
               "claims, kept RELAY_DEDUP_WINDOW, 24 h).")
     targets = [
         f"users {steps[0]['users']:,} -> {steps[-1]['users']:,}: msg/s {rates[0]:,.0f} -> "
