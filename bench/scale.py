@@ -3,7 +3,7 @@ users, and what a user and a month of a user's history cost in Redis memory.
 
 The scenario has a redis-server and a relay of its own (configured as the bench's main
 relay, the same sink): the million users it leaves behind would otherwise sit under every
-other scenario, and a fresh Redis makes ``used_memory`` differences about these users only.
+other scenario, and a fresh Redis makes memory differences about these users only.
 It grows the population in steps (``--scale-users``) through the real bulk import, as an
 operator onboards agents: one CSV per step holding only the new users (``email,id,limit``,
 a custom limit of a billion, so the load never meets the quota), imported with
@@ -22,8 +22,8 @@ imported so far, so Redis reads keys spread over all of it:
 
 Memory:
 
-- **per user**: the growth of ``used_memory`` (INFO memory: everything, the key tables'
-  buckets included) over the step's import / the users it added (the user hash, the
+- **per user**: the growth of ``used_memory`` less the client buffers (everything else,
+  the key tables' buckets included) over the step's import / the users it added (the user hash, the
   senders set, one sender-index string per address, the member of the users index);
   ``MEMORY USAGE`` of a few new users' own keys is reported beside it;
 - **per message** and **per user-month**, over a few thousand keys only, from
@@ -35,7 +35,8 @@ Memory:
 - **per user-month**: the growth over the first-touch run, less its messages' claims, / the
   senders that had no usage hash for the month: the month's ``relay:usage:{id}:YYYY-MM``
   hash (used, delivered, the month's plan and limits, a count per route, the threshold
-  marks), the only per-month key. ``MEMORY USAGE`` of the senders' hashes is beside it. A
+  marks), the only per-month key. ``MEMORY USAGE`` of the senders' hashes is beside it.
+  The summary pools both over the steps (a few thousand keys each). A
   past month's hash is the same hash, no longer written; every write sets its TTL to
   ``USAGE_TTL_SECONDS`` (400 days), so a user sending every month holds up to 14.
 
@@ -89,8 +90,12 @@ def write_users(path: Path, first: int, stop: int) -> None:
         out.writelines(f"{email(n)},{user_id(n)},{LIMIT}\n" for n in range(first, stop))
 
 
-def used_memory(client: redis_client.Redis) -> int:
-    return int(client.info("memory")["used_memory"])
+def held(client: redis_client.Redis) -> int:
+    """Redis's ``used_memory`` less its client buffers (MEMORY STATS ``clients.normal``): the
+    relay's idle pool connections shrinking their buffers during an import would otherwise
+    come off the users' figure."""
+    stats = client.memory_stats()
+    return int(stats["total.allocated"]) - int(stats["clients.normal"])
 
 
 def _memory_usage(client: redis_client.Redis, names: list[str]) -> list[int]:
@@ -120,10 +125,10 @@ def import_step(env: dict[str, str], client: redis_client.Redis, workdir: Path,
     """Import users ``have``..``target - 1`` with the CLI; its figures and the memory."""
     path = workdir / f"users-{target}.csv"
     write_users(path, have, target)
-    before = used_memory(client)
+    before = held(client)
     found = run_import(env, path)
     path.unlink()
-    after = used_memory(client)
+    after = held(client)
     new = target - have
     picks = random.Random(target).sample(range(have, target), min(KEY_SAMPLE, new))
     names = [k for n in picks for k in (f"relay:user:{{{user_id(n)}}}",
@@ -225,6 +230,11 @@ def _load(bench: Bench, args: argparse.Namespace, client: redis_client.Redis,
     month = ((touched[0] - before[0] - first_run["delivered"] * per_message) / fresh
              if fresh else None)
     hashes = _memory_usage(client, usage_keys[:KEY_SAMPLE])
+    claims = []
+    for name in client.scan_iter(match="relay:dedup:*", count=1000):
+        claims.append(name)
+        if len(claims) >= KEY_SAMPLE:
+            break
     summary = report.summarise(runs)
     first_summary = report.summarise([first_run])
     return {"senders": len(senders), "fresh_senders": fresh, "summary": summary,
@@ -232,6 +242,10 @@ def _load(bench: Bench, args: argparse.Namespace, client: redis_client.Redis,
             "first_touch_failed": first_summary["failed"],
             "bytes_per_message": per_message, "bytes_per_user_month": month,
             "usage_hash_bytes": statistics.mean(hashes) if hashes else None,
+            "claim_bytes": statistics.mean(_memory_usage(client, claims)) if claims else None,
+            # The raw differences, pooled over the steps in the summary.
+            "first_growth": touched[0] - before[0], "first_delivered": first_run["delivered"],
+            "timed_growth": after[0] - touched[0], "timed_delivered": delivered,
             "dataset_end": after[0], "keys_end": after[1],
             "keys_per_message": (after[1] - touched[1]) / delivered if delivered else None,
             "errors": {k: v for r in [first_run, *runs] for k, v in r["errors"].items()}}
@@ -264,10 +278,16 @@ def _summary(steps: list[dict[str, Any]], args: argparse.Namespace,
     rates = [s["summary"]["rate_median"] for s in steps]
     ratio = max(rates) / min(rates) if rates and min(rates) > 0 else None
     per_user = statistics.median(s["bytes_per_user"] for s in steps)
-    months = [s["bytes_per_user_month"] for s in steps if s["bytes_per_user_month"]]
-    month = statistics.median(months) if months else None
+    # Pooled over every step: a few thousand keys a step, so the differences are small.
+    timed = sum(s["timed_delivered"] for s in steps)
+    per_msg = sum(s["timed_growth"] for s in steps) / timed if timed else 0.0
+    fresh = sum(s["fresh_senders"] for s in steps)
+    month = (sum(s["first_growth"] - s["first_delivered"] * per_msg for s in steps) / fresh
+             if fresh else None)
     hashes = [s["usage_hash_bytes"] for s in steps if s["usage_hash_bytes"]]
-    per_msg = statistics.median(s["bytes_per_message"] for s in steps)
+    hash_bytes = statistics.median(hashes) if hashes else None
+    claims = [s["claim_bytes"] for s in steps if s["claim_bytes"]]
+    claim_bytes = statistics.median(claims) if claims else None
     keys = statistics.median(s["key_bytes_per_user"] for s in steps)
     imports = sum(s["import_s"] for s in steps)
     text = (f"{len(steps)} steps to {steps[-1]['users']:,} users, imported with `command-relay "
@@ -276,15 +296,18 @@ def _summary(steps: list[dict[str, Any]], args: argparse.Namespace,
             f"{args.per_connection} msg/conn, plaintext AUTH as the app, from {SAMPLE:,} "
             "senders drawn at random from every user imported so far: one first-touch run "
             f"(each sender once: the month's usage hash created), then {args.reps} timed runs "
-            "(msg/s: their median). bytes/user = used_memory growth over the import / users "
-            f"added (MEMORY USAGE of one user's keys: {keys:,.0f}); bytes/user-month = "
-            "dataset.bytes (MEMORY STATS) growth over the first-touch run, less its claims, / "
-            "senders new to the month (MEMORY "
-            "USAGE of the usage hash: "
-            + (f"{statistics.median(hashes):,.0f}" if hashes else "-")
-            + "); bytes/msg = dataset.bytes growth over the timed runs / their messages "
-              "(the resubmission "
-              "claims, kept RELAY_DEDUP_WINDOW, 24 h).")
+            "(msg/s: their median). bytes/user = growth of used_memory less client buffers "
+            "over the import / users added (MEMORY USAGE of one user's keys: "
+            f"{keys:,.0f}); bytes/user-month = dataset.bytes (MEMORY STATS) growth over the "
+            "first-touch run, less its claims, / senders new to the month; bytes/msg = "
+            "dataset.bytes growth over the timed runs / their messages (the resubmission "
+            "claims, kept RELAY_DEDUP_WINDOW, 24 h); both pooled over the steps in the "
+            "summary: "
+            + (f"{month:,.0f}" if month is not None else "-")
+            + f" per user-month, {per_msg:,.0f} per message. MEMORY USAGE of a usage hash "
+            + (f"{hash_bytes:,.0f}" if hash_bytes else "-") + ", of a claim "
+            + (f"{claim_bytes:,.0f}" if claim_bytes else "-")
+            + " (each also has an entry in the expiry table).")
     targets = [
         f"users {steps[0]['users']:,} -> {steps[-1]['users']:,}: msg/s {rates[0]:,.0f} -> "
         f"{rates[-1]:,.0f} (max/min "
@@ -292,13 +315,16 @@ def _summary(steps: list[dict[str, Any]], args: argparse.Namespace,
            if ratio else "-)"),
         f"bytes per user: {per_user:,.0f} (Redis used_memory over the import; {keys:,.0f} by "
         "MEMORY USAGE of the user's own keys)",
-        "bytes per user-month: " + (f"{month:,.0f}" if month else "-")
-        + " (the month's usage hash, kept 400 days: up to 14 per user sending every month); "
-          f"plus {per_msg:,.0f} per message while its claim is kept (24 h)",
+        "bytes per user-month: " + (f"{month:,.0f}" if month is not None else "-")
+        + " measured, " + (f"{hash_bytes:,.0f}" if hash_bytes else "-")
+        + " by MEMORY USAGE (the month's usage hash, kept 400 days: up to 14 per user "
+          f"sending every month); plus {per_msg:,.0f} per message while its claim is kept "
+          "(24 h)",
     ]
     return {"steps": steps, "duration_s": duration, "import_s": imports, "sample": SAMPLE,
             "flat_ratio": ratio, "bytes_per_user": per_user, "bytes_per_user_month": month,
-            "bytes_per_message": per_msg, "header": HEADER, "rows": [_row(s) for s in steps],
+            "bytes_per_message": per_msg, "usage_hash_bytes": hash_bytes,
+            "claim_bytes": claim_bytes, "header": HEADER, "rows": [_row(s) for s in steps],
             "text": text, "targets": targets}
 
 
@@ -324,7 +350,7 @@ def _main() -> int:
     print(f"{args.users:,} users: {step['users_per_second']:,} users/s, import "
           f"{step['import_s']:.1f} s (CLI CPU {step['cli_cpu_s']:.1f} s), with writing the "
           f"file {took:.1f} s; "
-          f"Redis used_memory {step['used_before'] / MB:.1f} -> {step['used_after'] / MB:.1f} MB"
+          f"Redis {step['used_before'] / MB:.1f} -> {step['used_after'] / MB:.1f} MB"
           f" = {step['bytes_per_user']:,.0f} bytes per user (MEMORY USAGE of the user's keys "
           f"{step['key_bytes_per_user']:,.0f})", file=sys.stderr)
     return 0
