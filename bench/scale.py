@@ -90,11 +90,28 @@ def write_users(path: Path, first: int, stop: int) -> None:
         out.writelines(f"{email(n)},{user_id(n)},{LIMIT}\n" for n in range(first, stop))
 
 
-def held(client: redis_client.Redis) -> int:
-    """Redis's ``used_memory`` less its client buffers (MEMORY STATS ``clients.normal``): the
-    relay's idle pool connections shrinking their buffers during an import would otherwise
-    come off the users' figure."""
+SETTLE_S = 10.0
+
+
+def settled(client: redis_client.Redis) -> dict[str, Any]:
+    """MEMORY STATS once ``used_memory`` has stopped moving: right after a load Redis still
+    holds several hundred KB (buffers of the commands just run) that it frees within a
+    second or two, which would otherwise land in the difference of a few thousand keys."""
     stats = client.memory_stats()
+    deadline = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        again = client.memory_stats()
+        if again["total.allocated"] == stats["total.allocated"]:
+            break
+        stats = again
+    return dict(stats)
+
+
+def held(client: redis_client.Redis) -> int:
+    """Redis's ``used_memory`` less its client buffers (MEMORY STATS ``clients.normal``), once
+    settled: the relay's pool connections come and go with the load, not with the users."""
+    stats = settled(client)
     return int(stats["total.allocated"]) - int(stats["clients.normal"])
 
 
@@ -109,7 +126,7 @@ def dataset(client: redis_client.Redis) -> tuple[int, int]:
     """Redis's ``dataset.bytes`` and ``keys.count`` (MEMORY STATS): the keys and values,
     without the client buffers, the Lua caches and the key tables' buckets, which move in
     steps (a table doubles) and would swamp a difference over a few thousand keys."""
-    stats = client.memory_stats()
+    stats = settled(client)
     return int(stats["dataset.bytes"]), int(stats["keys.count"])
 
 
