@@ -330,7 +330,8 @@ def _summary(steps: list[dict[str, Any]], args: argparse.Namespace,
         f"{rates[-1]:,.0f} (max/min "
         + (f"{ratio:.2f}, target within 10 %: {'meets' if ratio <= FLAT else 'misses'})"
            if ratio else "-)"),
-        f"bytes per user: {per_user:,.0f} (Redis used_memory over the import; {keys:,.0f} by "
+        f"bytes per user: {per_user:,.0f} (Redis used_memory less client buffers over the "
+        f"import; {keys:,.0f} by "
         "MEMORY USAGE of the user's own keys)",
         "bytes per user-month: " + (f"{month:,.0f}" if month is not None else "-")
         + " measured, " + (f"{hash_bytes:,.0f}" if hash_bytes else "-")
