@@ -190,9 +190,10 @@ class Bench:
             "RELAY_WORKERS": str(1 if args.profile else args.workers or psutil.cpu_count()),
             # Metrics on, as in production, on a port of its own (9465 may be taken).
             "RELAY_METRICS_LISTEN": f"{HOST}:0",
-            # The public HTTP listener (one-click unsubscribe, webhooks) is not exercised, and
-            # its fixed default port would collide between the run's relays: off.
-            "RELAY_PUBLIC_LISTEN": "",
+            # The public listener (one-click unsubscribe, webhooks) too: its default,
+            # 127.0.0.1:8026, would collide between the bench's own relays (shadow trial,
+            # users scale) and with any other relay on the machine.
+            "RELAY_PUBLIC_LISTEN": f"{HOST}:0",
         }
         if needed > DEFAULT_MAX_MESSAGE_SIZE:
             relay_env["RELAY_MAX_MESSAGE_SIZE"] = str(needed)
@@ -371,6 +372,7 @@ class Bench:
             after = meter.usage()
             run["relay_cpu_s"] = after.cpu - before_target.cpu
             run["relay_peak_rss"] = meter.peak_rss() or after.rss
+            run["relay_rss_before"] = before_target.rss
         return run, out
 
     def redis_commands(self) -> Counter[str]:

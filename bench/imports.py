@@ -58,7 +58,7 @@ def write_agents(path: Path, count: int, *, variant: int = 0) -> None:
                       f"team{n:06d}@brokerage.example;{second}@brokerage.example,{status}\n")
 
 
-def _import(env: dict[str, str], path: Path, *extra: str) -> dict[str, Any]:
+def run_import(env: dict[str, str], path: Path, *extra: str) -> dict[str, Any]:
     """Run ``command-relay users import PATH --json`` to completion; its summary, wall time
     and peak RSS."""
     started = time.perf_counter()
@@ -105,20 +105,20 @@ def import_benchmark(args: argparse.Namespace) -> int:
             files[name] = workdir / f"{name}.csv"
             write_agents(files[name], size, variant=variant)
         # In a database of its own, so that the create run below starts from nothing.
-        small = _import({**env, "RELAY_REDIS_URL": f"redis://127.0.0.1:{port}/1"},
+        small = run_import({**env, "RELAY_REDIS_URL": f"redis://127.0.0.1:{port}/1"},
                         files["small"])
         runs: list[tuple[str, dict[str, Any]]] = []
         for label, name, extra in (("create", "create", ()), ("unchanged", "create", ()),
                                    ("update", "update", ()), ("plan change", "plan", ())):
             cpu = sum(redis_proc.cpu_times()[:2])
-            result = _import(env, files[name], *extra)
+            result = run_import(env, files[name], *extra)
             result["redis_cpu_s"] = sum(redis_proc.cpu_times()[:2]) - cpu
             runs.append((label, result))
             print(f"[bench] {label}: {result['users_per_second']:,} users/s", file=sys.stderr)
         redis.stop()
         redis, port = start_redis(workdir)
         env["RELAY_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-        runs.append(("dry run", _import(env, files["create"], "--dry-run")))
+        runs.append(("dry run", run_import(env, files["create"], "--dry-run")))
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130

@@ -56,6 +56,21 @@ class Load:
     senders: tuple[str, ...] = ("sender@bench.example",)
     recipient: str = RECIPIENT
     timeout: float = 60.0
+    # Local addresses the sessions connect from, session k from sources[k % len]: the relay
+    # limits connections per client address (RELAY_MAX_CONNECTIONS_PER_IP), so a load of
+    # more sessions than one address may hold comes from several (127.0.1.x, see spread).
+    # Empty: the kernel's choice (127.0.0.1).
+    sources: tuple[str, ...] = ()
+
+
+PER_SOURCE = 100  # sessions per local address in ``spread`` (as bench/idle.py)
+
+
+def spread(sessions: int, per_source: int = PER_SOURCE) -> tuple[str, ...]:
+    """Loopback addresses 127.0.1.1, 127.0.1.2, ... enough for ``sessions`` at
+    ``per_source`` each (Linux routes all of 127.0.0.0/8 to the loopback interface)."""
+    count = max(1, -(-sessions // per_source))
+    return tuple(f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(count))
 
 
 @dataclass(slots=True)
@@ -159,9 +174,11 @@ def _client_tls() -> ssl.SSLContext:
     return context
 
 
-async def _open(load: Load, out: Outcome, tls: ssl.SSLContext) -> aiosmtplib.SMTP:
+async def _open(load: Load, out: Outcome, tls: ssl.SSLContext,
+                source: str | None) -> aiosmtplib.SMTP:
     client = aiosmtplib.SMTP(hostname=load.host, port=load.port, local_hostname=LOCAL_HOSTNAME,
-                             start_tls=False, timeout=load.timeout)
+                             start_tls=False, timeout=load.timeout,
+                             source_address=(source, 0) if source else None)
     began = time.perf_counter()
     marks = [began]
     try:
@@ -201,7 +218,7 @@ def _error_name(exc: BaseException) -> str:
 
 async def _session_worker(load: Load, schedule: _Schedule, out: Outcome,
                           messages: Callable[[int], bytes], tls: ssl.SSLContext,
-                          first_connection: int) -> None:
+                          first_connection: int, source: str | None) -> None:
     client: aiosmtplib.SMTP | None = None
     if load.resume:
         tls = resuming_context()  # this session's own: its sessions are offered back to it
@@ -215,7 +232,7 @@ async def _session_worker(load: Load, schedule: _Schedule, out: Outcome,
                 await asyncio.sleep(delay)
             if client is None:
                 try:
-                    client = await _open(load, out, tls)
+                    client = await _open(load, out, tls, source)
                 except (aiosmtplib.SMTPException, OSError) as exc:
                     out.failed += 1
                     out.errors[f"connect: {_error_name(exc)}"] += 1
@@ -313,8 +330,10 @@ async def drive(load: Load) -> Outcome:
     # Session k's first connection carries fewer messages, so that the sessions do not all
     # reconnect at the same moment every ``per_connection`` messages.
     pc, n = load.per_connection, load.concurrency
-    workers = [asyncio.create_task(_session_worker(load, schedule, out, message, tls,
-                                                   1 + (k * pc // n) % pc))
+    sources = load.sources
+    workers = [asyncio.create_task(_session_worker(
+                   load, schedule, out, message, tls, 1 + (k * pc // n) % pc,
+                   sources[k % len(sources)] if sources else None))
                for k in range(n)]
     try:
         await asyncio.gather(*workers)

@@ -192,6 +192,10 @@ def render(result: dict[str, Any], markdown: bool) -> str:
     if result.get("idle_connections"):
         parts.append(("**Idle connections** " if markdown else "Idle connections: ")
                      + result["idle_connections"]["text"])
+    for name, title in (("sessions", "Concurrent sessions"), ("scale", "Users in Redis")):
+        if result.get(name):
+            parts.append((f"**{title}** " if markdown else f"{title}: ") + result[name]["text"])
+            parts.append(table(result[name]["header"], [tuple(r) for r in result[name]["rows"]]))
     if result.get("targets"):
         parts.append("**Against the targets**" if markdown
                       else "Against the targets:")

@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from bench import features, latency_profile, loadgen, report, shadow
+from bench import features, latency_profile, loadgen, report, scale, sessions, shadow
 from bench.harness import APP, APP_PASSWORD, KB, MB, Bench, Scenario, plan
 from bench.idle import measure_idle
 from bench.procs import (
@@ -125,6 +125,8 @@ def _targets(result: dict[str, Any], per_connection: int) -> list[str]:
         p99 = item["added_ms"]["p99"]
         lines.append(f"{item['label']}: p99 added latency {p99:.2f} ms at {item['rate']:,.0f} "
                      f"msg/s (target <= 5 ms: {'meets' if p99 <= 5 else 'misses'})")
+    for section in ("sessions", "scale"):
+        lines += (result.get(section) or {}).get("targets", [])
     return lines
 
 
@@ -308,6 +310,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="idle sessions in the memory-per-connection scenario "
                              "(default 1000)")
     parser.add_argument("--no-postfix", action="store_true", help="skip Postfix")
+    parser.add_argument("--sessions", type=int, nargs="+", help="concurrent sessions of the "
+                        "sessions scenario (default 20 100 1000; quick 20 100; bench/sessions.py)")
+    parser.add_argument("--no-sessions", action="store_true", help="skip the sessions scenario")
+    parser.add_argument("--scale-users", type=int, nargs="+", help="population steps of the "
+                        "users scale scenario (default 1000 10000 100000 1000000; quick 1000 "
+                        "10000; bench/scale.py)")
+    parser.add_argument("--no-scale", action="store_true", help="skip the users scale scenario")
     parser.add_argument("--no-shadow", action="store_true",
                         help="skip the shadow trial's scenarios (two more relays, trial on)")
     parser.add_argument("--no-features", action="store_true",
@@ -341,7 +350,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 "concurrency": [20] if quick else [1, 20, 100],
                 "time_cap": 3.0 if quick else 8.0, "latency_seconds": 2.0 if quick else 5.0,
                 "memory_sessions": 5 if quick else 100,
-                "idle_connections": 100 if quick else 1000}
+                "idle_connections": 100 if quick else 1000,
+                "sessions": [20, 100] if quick else [20, 100, 1000],
+                "scale_users": [1000, 10000] if quick else [1000, 10000, 100000, 1000000]}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -422,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
             round_trips = _round_trips(bench, args)
             memory = None if args.no_memory else _memory(bench, args)
             idle = None if args.no_memory else _idle_connections(bench, args)
+            many = None if args.no_sessions else sessions.measure_sessions(bench, args, results)
+            users = None if args.no_scale else scale.measure_scale(bench, args)
             _check_quiet(bench, "after the run", exclude=bench.own_pids())
             relay_log_mb = bench.relay_log.stat().st_size / MB
             with bench.relay_log.open("rb") as log:
@@ -472,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "relay_rss": rss,
         "header_lines": header, "scenarios": results, "latency": latency,
         "memory": memory, "idle_connections": idle, "notes": notes,
+        "sessions": many, "scale": users,
     }
     result["targets"] = _targets(result, args.per_connection)
     result["shadow"] = None if args.no_shadow else \
