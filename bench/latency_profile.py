@@ -1,6 +1,6 @@
 """Where the latency tail comes from: a per-step profile of the paced latency runs.
 
-The latency scenario (bench/run.py ``_latency``) drives the relay at half of its peak with
+The latency scenario (bench/probes.py ``latency``) drives the relay at half of its peak with
 Poisson arrivals. Around each paced relay run this module takes three views and sets them
 side by side, so that a p99 can be split into its parts:
 

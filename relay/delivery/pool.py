@@ -13,6 +13,7 @@ import aiosmtplib
 import structlog
 
 from relay.config.endpoints import UpstreamTarget
+from relay.delivery import envelope
 from relay.delivery.data import send_data
 from relay.delivery.upstream import reply_class, translate_error
 from relay.errors import (
@@ -183,7 +184,7 @@ class SmtpUpstream:
         forwarded = [opt for opt in options
                      if client.supports_extension(_FORWARDED_MAIL_PARAMS.get(
                          opt.partition("=")[0], "-"))]
-        await client.mail(sender, options=forwarded, encoding="utf-8" if smtputf8 else "ascii")
+        await envelope.mail(client, sender, forwarded, "utf-8" if smtputf8 else "ascii")
 
     def _give_back(self, client: aiosmtplib.SMTP | None) -> None:
         if client is not None:
@@ -226,8 +227,8 @@ class SmtpSession:
         self._busy = True
         started = time.perf_counter()
         try:
-            await self._client.rcpt(address, options=options,
-                                    encoding="utf-8" if not address.isascii() else "ascii")
+            await envelope.rcpt(self._client, address, options,
+                                "utf-8" if not address.isascii() else "ascii")
         except Exception as exc:
             self._pool._observe("rcpt", started, exc)
             raise translate_error(exc) from exc

@@ -26,17 +26,15 @@ from relay.errors import (
     ControlCharacterError,
     InvalidUtf8Error,
 )
+from relay.message.paths import SIMPLE_PATH
 
 # surrogateescape maps each undecodable byte to U+DC80..U+DCFF.
 _SURROGATE = re.compile("[\udc80-\udcff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _CONTROL_BYTES = re.compile(b"[\x00-\x1f\x7f]")
-# The common shape of a MAIL FROM / RCPT TO argument: <dot-atom@hostname> and parameters.
-# For it, aiosmtpd's parser (email._header_value_parser, a class created per call) gives the
-# address unchanged; anything else still goes through that parser.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>")
+# The common shape of a MAIL FROM / RCPT TO argument, <dot-atom@hostname> and parameters
+# (relay/message/paths.py): for it, aiosmtpd's parser (email._header_value_parser, a class
+# created per call) gives the address unchanged; anything else still goes through that parser.
 
 Parser = Callable[[str], tuple[str | None, str | None]]
 
