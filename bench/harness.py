@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -278,6 +278,16 @@ class Bench:
         if proc.wait(120) != 0:
             raise BenchError(f"command-relay {' '.join(argv)} failed: "
                              f"{err.decode(errors='replace').strip()}")
+
+    def scheduled(self) -> dict[str, Callable[[], list[int]]]:
+        """The processes whose scheduling the latency profile reads, by name: the relay's
+        workers (its supervisor too, nearly idle), the generator (this process), Redis, the
+        sink."""
+        def relay() -> list[int]:
+            return [p.pid for p in self.relay_meter.processes()]
+        return {"relay (every worker)": relay, "generator": lambda: [os.getpid()],
+                "redis-server": lambda: [self.redis_meter.pid],
+                "sink": lambda: [self.sink.service.proc.pid]}
 
     def own_pids(self) -> frozenset[int]:
         """The benchmark's children and their descendants (Postfix daemonises itself)."""

@@ -18,7 +18,12 @@ side by side, so that a p99 can be split into its parts:
   the loop) and the GC's pauses (``relay_gc_pause_seconds``), per worker, and how the
   workers shared the connections and the messages. Percentiles of a histogram are
   interpolated inside its buckets (a bucket's width is its error); ``>5 ms`` is the exact
-  share of observations above the 5 ms bucket boundary.
+  share of observations above the 5 ms bucket boundary;
+* **the kernel's view** (``/proc/PID/task/*/schedstat``, every thread): for the relay's
+  workers, the generator, Redis and the sink, the CPU each used and the time each spent
+  runnable but waiting for a core (the run queue), per message. On a machine where the
+  generator, Redis and the sink share the relay's cores, a reply ready in a worker waits
+  there for the scheduler, and no change inside the relay shortens that.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import math
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,28 +145,51 @@ def _above(series: _Series, bound: float) -> float:
     return 1.0 - series.buckets.get(bound, series.count) / series.count
 
 
+def schedstat(pids: Iterable[int]) -> tuple[int, int, int]:
+    """Nanoseconds on a CPU, nanoseconds runnable but waiting for one, and time slices, summed
+    over every thread of ``pids`` (processes gone are left out)."""
+    cpu = wait = slices = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                fields = task.read_text().split()
+            except OSError:
+                continue
+            cpu, wait, slices = cpu + int(fields[0]), wait + int(fields[1]), \
+                slices + int(fields[2])
+    return cpu, wait, slices
+
+
 @dataclass(slots=True)
 class RunProfile:
-    """What one paced relay run left in the metrics and the log."""
+    """What one paced relay run left in the metrics, the log and the kernel's counters."""
 
     messages: int
     series: dict[tuple[str, tuple[tuple[str, str], ...]], _Series]
     counters: dict[tuple[str, tuple[tuple[str, str], ...]], float]
     server_txn_ms: list[float]
+    # process group -> (CPU ns, run-queue wait ns, slices) over the run
+    scheduled: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 class Watch:
-    """Around one run: ``begin()`` before it, ``end(delivered)`` after."""
+    """Around one run: ``begin()`` before it, ``end(delivered)`` after. ``processes``: a
+    name for each group of processes whose scheduling is read (the relay's workers, the
+    generator, Redis, the sink), and a callable giving its pids now."""
 
-    def __init__(self, port: int, log: Path) -> None:
+    def __init__(self, port: int, log: Path,
+                 processes: Mapping[str, Callable[[], list[int]]] | None = None) -> None:
         self.port = port
         self.log = log
+        self.processes = dict(processes or {})
         self._before: Snapshot | None = None
+        self._sched: dict[str, tuple[int, int, int]] = {}
         self._offset = 0
 
     def begin(self) -> None:
         self._offset = self.log.stat().st_size
         self._before = snapshot(self.port)
+        self._sched = {name: schedstat(pids()) for name, pids in self.processes.items()}
 
     def end(self, delivered: int) -> RunProfile:
         assert self._before is not None
@@ -175,7 +204,13 @@ class Watch:
                 if b'"delivery.finished"' in line and b'"delivered"' in line:
                     entry = json.loads(line)
                     durations.append(float(entry["duration_ms"]))
-        return RunProfile(delivered, diff, counted, durations)
+        scheduled = {}
+        for name, pids in self.processes.items():
+            after = schedstat(pids())
+            before = self._sched.get(name, (0, 0, 0))
+            scheduled[name] = (after[0] - before[0], after[1] - before[1],
+                               after[2] - before[2])
+        return RunProfile(delivered, diff, counted, durations, scheduled)
 
 
 def _family(runs: list[RunProfile], name: str, **want: str) -> dict[str, _Series]:
@@ -249,6 +284,16 @@ def summarise(runs: list[RunProfile], relay_steps: list[dict[str, list[float]]],
                          if family == "relay_event_loop_lag_seconds"
                          and dict(labels).get("worker", "1") == worker])
         lag_by_worker[worker] = 1000 * quantile(merged, 0.99)
+    sched: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for run in runs:
+        for name, figures in run.scheduled.items():
+            for i, value in enumerate(figures):
+                sched[name][i] += value
+    scheduling = {name: {"cpu_ms_per_msg": cpu / 1e6 / max(1, messages),
+                         "wait_ms_per_msg": wait / 1e6 / max(1, messages),
+                         "wait_us_per_slice": wait / 1e3 / slices if slices else 0.0,
+                         "slices_per_msg": slices / max(1, messages)}
+                  for name, (cpu, wait, slices) in sched.items()}
     total_msgs = sum(w["messages"] for w in workers.values()) or 1
     share = {w: {"messages_pct": 100 * v["messages"] / total_msgs,
                  "connections": v["connections"], "lag_p99_ms": lag_by_worker.get(w, math.nan)}
@@ -260,6 +305,7 @@ def summarise(runs: list[RunProfile], relay_steps: list[dict[str, list[float]]],
                           for q in (0.5, 0.99)} if server_txn else {},
         "steps": steps,
         "workers": share,
+        "scheduling": scheduling,
     }
 
 
@@ -283,4 +329,11 @@ def render(profile: dict[str, Any], markdown: bool) -> str:
     parts.append(table(("worker", "messages", "connections", "loop lag p99 ms"),
                        [(w, f"{v['messages_pct']:.0f}%", f"{v['connections']:.0f}",
                          f"{v['lag_p99_ms']:.2f}") for w, v in profile["workers"].items()]))
+    if profile.get("scheduling"):
+        parts.append(table(
+            ("process (schedstat)", "CPU ms/msg", "run-queue wait ms/msg", "wait per slice us",
+             "slices/msg"),
+            [(name, f"{v['cpu_ms_per_msg']:.3f}", f"{v['wait_ms_per_msg']:.3f}",
+              f"{v['wait_us_per_slice']:.0f}", f"{v['slices_per_msg']:.2f}")
+             for name, v in profile["scheduling"].items()]))
     return "\n\n".join(parts)

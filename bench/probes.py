@@ -89,7 +89,7 @@ def latency(bench: Bench, scenarios: list[dict[str, Any]], args: argparse.Namesp
     found = _by_key(scenarios)
     items = []
     port = latency_profile.metrics_port(bench.relay_log)
-    watch = latency_profile.Watch(port, bench.relay_log) if port else None
+    watch = latency_profile.Watch(port, bench.relay_log, bench.scheduled()) if port else None
     for kb, size in (("2k", 2 * KB), ("100k", 100 * KB)):
         key = f"relay-{kb}-c20-pc{args.per_connection}-plain"
         if key not in found:

@@ -268,6 +268,10 @@ class Meter:
         self.proc = psutil.Process(pid)
         self.children = children
 
+    def processes(self) -> list[psutil.Process]:
+        """The process and, with ``children``, its descendants now."""
+        return self._procs()
+
     def _procs(self) -> list[psutil.Process]:
         try:
             if not self.children:
