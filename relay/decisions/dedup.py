@@ -23,11 +23,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Literal
 
-from redis.commands.core import AsyncScript
-
 from relay.errors import StoreUnavailableError
 from relay.observe.metrics import RelayMetrics, detached
-from relay.store import keys
+from relay.store import hot, keys
 from relay.store.client import RedisClient, store_errors
 from relay.store.scripts import lua_source
 
@@ -96,9 +94,9 @@ def _earlier(detail: str) -> tuple[EarlierUnit, ...]:
 
 class DedupStore:
     def __init__(self, redis: RedisClient, metrics: RelayMetrics | None = None) -> None:
-        self._claim: AsyncScript = redis.register_script(
+        self._claim = hot.register_script(redis,
             lua_source("relay.decisions", "claim.lua", prologues=["claims.lua"]))
-        self._conclude: AsyncScript = redis.register_script(
+        self._conclude = hot.register_script(redis,
             lua_source("relay.decisions", "conclude.lua", prologues=["claims.lua"]))
         m = metrics or detached()
         self._seconds = {step: m.redis_seconds(step) for step in ("claim", "conclude")}

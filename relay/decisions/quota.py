@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import structlog
-from redis.commands.core import AsyncScript
 
 from relay.decisions.dedup import ClaimSettlement
 from relay.decisions.suppression import SuppressionReason, reason_of
@@ -34,7 +33,7 @@ from relay.errors import (
     UserDisabledError,
 )
 from relay.observe.metrics import RelayMetrics, detached
-from relay.store import keys
+from relay.store import hot, keys
 from relay.store.client import RedisClient, durability, eval_replicated, store_errors
 from relay.store.scripts import lua_source
 
@@ -140,12 +139,12 @@ class Usage:
 class QuotaStore:
     def __init__(self, redis: RedisClient, metrics: RelayMetrics | None = None) -> None:
         self._redis = redis
-        self._reserve: AsyncScript = redis.register_script(
+        self._reserve = hot.register_script(redis,
             lua_source("relay.decisions", "reserve.lua", prologues=["terms.lua"]))
-        self._commit: AsyncScript = redis.register_script(
+        self._commit = hot.register_script(redis,
             lua_source("relay.decisions", "commit.lua",
                        prologues=["terms.lua", "units.lua", "claims.lua"]))
-        self._refund: AsyncScript = redis.register_script(
+        self._refund = hot.register_script(redis,
             lua_source("relay.decisions", "refund.lua", prologues=["units.lua"]))
         m = self._metrics = metrics or detached()
         self._reserved = {status: m.reservations(status.name.lower()) for status in ReserveStatus}

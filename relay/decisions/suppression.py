@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from relay.identity.accounts import normalize_address
-from relay.store import keys
+from relay.store import hot, keys
 from relay.store.client import RedisClient, store_errors
 
 # The one scope that is not a user id, as the CLI, the API and the CSV files write it.
@@ -112,7 +112,7 @@ class SuppressionStore:
     async def get(self, address: str, *, user_id: str | None) -> Suppression | None:
         normalized = normalize_address(address)
         with store_errors():
-            value = await self._redis.hget(scope_key(user_id), normalized)
+            value = await hot.hget(self._redis, scope_key(user_id), normalized)
         return None if value is None else decode(normalized, user_id, str(value))
 
     async def check_global(self, address: str) -> Suppression | None:

@@ -16,14 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.commands.core import AsyncScript
-
 from relay.errors import (
     SenderNotAllowedError,
     UnknownSenderError,
     UserDisabledError,
 )
-from relay.store import keys
+from relay.store import hot, keys
 from relay.store.client import RedisClient, store_errors
 from relay.store.scripts import lua_source
 
@@ -175,7 +173,7 @@ class AccountStore:
 
     def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
-        self._read_user: AsyncScript = redis.register_script(
+        self._read_user = hot.register_script(redis,
             lua_source("relay.identity", "user.lua"))
         # Which user owned a sender address when last looked up. Only a hint, to save the
         # index lookup on an app's MAIL FROM: it is used only if the user record, read fresh

@@ -31,6 +31,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 
 from relay.errors import StoreUnavailableError
+from relay.store.hot import HotPathPool, HotScript
 from relay.store.urls import CLUSTER, SENTINEL, RedisTarget, parse_redis_url
 
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
@@ -101,7 +102,7 @@ def connect_redis(url: str, *, timeout: float, wait_replicas: int = 0) -> RedisC
         # to the timeout) for one to come free, where redis-py's default pool raises
         # MaxConnectionsError past 100 and 150 simultaneous logins would get 454.
         # from_pool: the client owns the pool, so aclose() closes its connections too.
-        client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+        client = aioredis.Redis.from_pool(HotPathPool.from_url(
             url, max_connections=MAX_CONNECTIONS, timeout=timeout, **common))
     if wait_replicas:
         _DURABILITY[client] = Durability(wait_replicas, max(1, int(timeout * 500)))
@@ -150,7 +151,8 @@ async def close_redis(client: RedisClient) -> None:
         await pool.sentinel_manager.aclose()
 
 
-async def eval_replicated(client: RedisClient, script: AsyncScript, keys: Sequence[str],
+async def eval_replicated(client: RedisClient, script: AsyncScript | HotScript,
+                          keys: Sequence[str],
                           args: Sequence[str | int], wanted: Durability) -> tuple[Any, bool]:
     """Run ``script``, then WAIT for ``wanted.replicas`` replicas on the same connection (a
     pipeline is one connection), so the acknowledgement covers this script's writes and

@@ -1,0 +1,170 @@
+"""The SMTP path's Redis calls (a script or an HGET per step) without redis-py's per-command
+machinery.
+
+redis-py 8 spends about 130 µs of CPU on one command through ``Redis.execute_command`` on
+this machine: the retry wrapper, the blocking pool's condition and timeout, its
+observability records and event dispatch, a task for the write timeout. The socket work
+itself is about 45 µs. A message takes five such calls (the sender, the global suppression
+list, the reservation, the claim, the commit), so that machinery was a fifth of the relay's
+CPU per message (bench/README.md). Here a call takes a connection straight from the pool's
+idle list, writes the packed command and reads the reply with the connection's own parser,
+then puts the connection back: about 65 µs.
+
+What stays as redis-py does it, because it is redis-py doing it: connecting (AUTH, SELECT,
+TLS), packing, parsing, the reply's errors (``NoScriptError``, ``BusyLoadingError``…), the
+read timeout (``socket_timeout``: a ``TimeoutError``, and the connection is dropped), and
+closing (the connections are the pool's, so ``aclose()`` closes them). What is kept of its
+policy: a ``ConnectionError`` (a connection a Redis restart or failover broke) is tried once
+more at once on the same connection object, which reconnects; a timeout is not (settings:
+``redis_timeout``). A connection is put back only after a whole reply was read, or after it
+was disconnected, so no reply is ever left for the next command to read.
+
+Only for a plain pool (one server, or through a TLS connection to it): Sentinel's and
+Cluster's pools pick their server per connection, and a pipeline (``client=`` of a script
+call, used by the WAIT of ``eval_replicated``) goes through redis-py. When the pool has no
+idle connection and is at its size, or under maintenance, a call also goes through redis-py
+(whose pool waits for one, up to the timeout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import redis.exceptions
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.commands.core import AsyncScript
+
+Arg = str | int | float | bytes
+
+
+class HotPathPool(BlockingConnectionPool):
+    """redis-py's blocking pool, with ``take`` and ``give_back`` for the hot path's calls.
+
+    They use the pool's own lists (``_available_connections``, ``_in_use_connections``), so a
+    connection is always either idle, in use by one caller, or disconnected and idle: the same
+    states redis-py's ``get_connection`` and ``release`` keep. ``usable`` says whether this
+    version of redis-py still has them (checked once; if not, every call takes redis-py's way).
+    """
+
+    def usable(self) -> bool:
+        return all(hasattr(self, name) for name in (
+            "_available_connections", "_in_use_connections", "_condition", "_in_maintenance"))
+
+    def take(self) -> AbstractConnection | None:
+        """An idle connection (or a new one under the size), marked in use; None when the
+        caller must wait through ``get_connection``."""
+        if self._in_maintenance or not self.can_get_connection():
+            return None
+        found: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
+        return found
+
+    async def give_back(self, connection: AbstractConnection) -> None:
+        if self._condition._waiters:
+            # Someone waits in get_connection: release() wakes them.
+            await self.release(connection)
+            return
+        self._in_use_connections.remove(connection)
+        self._available_connections.append(connection)
+
+
+class HotPath:
+    """One per client: its calls on the hot path."""
+
+    def __init__(self, client: Redis, pool: HotPathPool) -> None:
+        self.client = client
+        self.pool = pool
+
+    async def execute(self, *args: Arg) -> Any:
+        """One command, its reply as the connection parsed it (no response callback: only
+        for commands redis-py has none for, EVALSHA and HGET here). Raises redis-py's
+        errors."""
+        connection = self.pool.take()
+        if connection is None:
+            return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+        try:
+            packed = connection.pack_command(*args)
+            for attempt in (1, 2):
+                try:
+                    if not connection.is_connected:
+                        await connection.connect()  # type: ignore[no-untyped-call]
+                    writer = connection._writer
+                    if writer is None:
+                        raise redis.exceptions.ConnectionError("not connected")
+                    # One command is a few hundred bytes: it fits the transport's buffer, so
+                    # there is nothing to drain; a dead socket shows in the read below.
+                    writer.writelines(packed)
+                    return await connection.read_response()
+                except redis.exceptions.ConnectionError:
+                    await connection.disconnect(nowait=True)
+                    if attempt == 2:
+                        raise
+                except redis.exceptions.ResponseError:
+                    raise  # a whole error reply was read: the connection is fine
+                except BaseException:
+                    # A timeout, a cancellation, anything: the reply may still come, so the
+                    # connection cannot carry another command.
+                    await connection.disconnect(nowait=True)
+                    raise
+            raise AssertionError("unreachable")
+        finally:
+            await self.pool.give_back(connection)
+
+
+_PATHS: weakref.WeakKeyDictionary[Any, HotPath | None] = weakref.WeakKeyDictionary()
+
+
+def hot_path(client: Any) -> HotPath | None:
+    """The hot path of ``client`` (made once), or None when its calls must take redis-py's
+    way."""
+    try:
+        return _PATHS[client]
+    except (KeyError, TypeError):
+        pass
+    pool = getattr(client, "connection_pool", None)
+    found = HotPath(client, pool) if (isinstance(client, Redis) and type(pool) is HotPathPool
+                                      and pool.usable()) else None
+    try:
+        _PATHS[client] = found
+    except TypeError:  # not weakly referenceable: not a redis-py client anyway
+        pass
+    return found
+
+
+class HotScript:
+    """A Lua script called as redis-py's ``AsyncScript`` (``await script(keys=…, args=…)``,
+    ``client=`` a pipeline), through the hot path when the client has one."""
+
+    def __init__(self, client: Any, source: str) -> None:
+        self._script: AsyncScript = client.register_script(source)
+        self._hot = hot_path(client)
+        self.script = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[str] = (), args: Sequence[Arg] = (),
+                       client: Any = None) -> Any:
+        if client is not None or self._hot is None:
+            return await self._script(keys=keys, args=args, client=client)
+        call = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        try:
+            return await self._hot.execute(*call)
+        except redis.exceptions.NoScriptError:
+            # A new or flushed server: load it, as redis-py's script object does.
+            await self._hot.execute("SCRIPT", "LOAD", self.script)
+            return await self._hot.execute(*call)
+
+
+def register_script(client: Any, source: str) -> HotScript:
+    """``client.register_script(source)``, through the hot path where there is one."""
+    return HotScript(client, source)
+
+
+async def hget(client: Any, key: str, field: str) -> Any:
+    """``await client.hget(key, field)``, through the hot path where there is one."""
+    hot = hot_path(client)
+    if hot is None:
+        return await client.hget(key, field)
+    return await hot.execute("HGET", key, field)
