@@ -29,6 +29,7 @@ from relay.identity.accounts import (
 )
 from relay.identity.passwords import DUMMY_HASH, verify_password
 from relay.identity.throttle import AuthThrottle
+from relay.store import hot
 from relay.store.client import store_errors
 
 CACHE_SIZE = 10_000
@@ -96,11 +97,10 @@ class Authenticator:
         earlier = 0
         if name and "@" not in name:
             with store_errors():
-                async with self._accounts.redis.pipeline(transaction=False) as pipe:
-                    throttled = throttle is not None and throttle.queue_check(pipe, client,
-                                                                              login)
-                    asked = self._accounts.queue_app(pipe, name)
-                    results = await pipe.execute() if throttled or asked else []
+                reads = hot.HotReads(self._accounts.redis)
+                throttled = throttle is not None and throttle.queue_check(reads, client, login)
+                asked = self._accounts.queue_app(reads, name)
+                results = await reads.execute() if throttled or asked else []
             if throttled:
                 assert throttle is not None
                 earlier = throttle.judge(results[0], results[1])

@@ -86,32 +86,53 @@ class HotPath:
         if connection is None:
             return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
         try:
-            packed = connection.pack_command(*args)
-            for attempt in (1, 2):
-                try:
-                    if not connection.is_connected:
-                        await connection.connect()  # type: ignore[no-untyped-call]
-                    writer = connection._writer
-                    if writer is None:
-                        raise redis.exceptions.ConnectionError("not connected")
-                    # One command is a few hundred bytes: it fits the transport's buffer, so
-                    # there is nothing to drain; a dead socket shows in the read below.
-                    writer.writelines(packed)
-                    return await connection.read_response()
-                except redis.exceptions.ConnectionError:
-                    await connection.disconnect(nowait=True)
-                    if attempt == 2:
-                        raise
-                except redis.exceptions.ResponseError:
-                    raise  # a whole error reply was read: the connection is fine
-                except BaseException:
-                    # A timeout, a cancellation, anything: the reply may still come, so the
-                    # connection cannot carry another command.
-                    await connection.disconnect(nowait=True)
-                    raise
-            raise AssertionError("unreachable")
+            return (await self._exchange(connection, [args]))[0]
         finally:
             await self.pool.give_back(connection)
+
+    async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list[Any] | None:
+        """Several commands in one write, their replies in order (as ``execute``); None when
+        the pool has no connection to spare (the caller then takes redis-py's way)."""
+        connection = self.pool.take()
+        if connection is None:
+            return None
+        try:
+            return await self._exchange(connection, commands)
+        finally:
+            await self.pool.give_back(connection)
+
+    async def _exchange(self, connection: AbstractConnection,
+                        commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        packed = [chunk for command in commands for chunk in connection.pack_command(*command)]
+        for attempt in (1, 2):
+            replies: list[Any] = []
+            try:
+                if not connection.is_connected:
+                    await connection.connect()  # type: ignore[no-untyped-call]
+                writer = connection._writer
+                if writer is None:
+                    raise redis.exceptions.ConnectionError("not connected")
+                # A few commands are a few hundred bytes: they fit the transport's buffer, so
+                # there is nothing to drain; a dead socket shows in the read below.
+                writer.writelines(packed)
+                for _ in commands:
+                    replies.append(await connection.read_response())
+                return replies
+            except redis.exceptions.ConnectionError:
+                await connection.disconnect(nowait=True)
+                if attempt == 2:
+                    raise
+            except redis.exceptions.ResponseError:
+                if len(replies) + 1 < len(commands):
+                    # Replies of later commands are still to come: out of step now.
+                    await connection.disconnect(nowait=True)
+                raise  # a whole error reply was read: the connection is fine otherwise
+            except BaseException:
+                # A timeout, a cancellation, anything: a reply may still come, so the
+                # connection cannot carry another command.
+                await connection.disconnect(nowait=True)
+                raise
+        raise AssertionError("unreachable")
 
 
 _PATHS: weakref.WeakKeyDictionary[Any, HotPath | None] = weakref.WeakKeyDictionary()
@@ -168,3 +189,45 @@ async def hget(client: Any, key: str, field: str) -> Any:
     if hot is None:
         return await client.hget(key, field)
     return await hot.execute("HGET", key, field)
+
+
+def _pairs(reply: Any) -> dict[Any, Any]:
+    """HGETALL's reply as redis-py's callback makes it: a dict (a RESP3 map already is one;
+    RESP2's is a flat list of fields and values)."""
+    if isinstance(reply, dict):
+        return reply
+    items = list(reply or [])
+    return dict(zip(items[0::2], items[1::2], strict=True))
+
+
+class HotReads:
+    """The AUTH path's reads (GET, HGETALL) queued, then sent in one write, as a
+    non-transactional redis-py pipeline would send them (``get``, ``hgetall``,
+    ``execute``); through redis-py's pipeline where there is no hot path."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._hot = hot_path(client)
+        self._commands: list[tuple[Arg, ...]] = []
+        self._parsers: list[Any] = []
+
+    def get(self, key: str) -> None:
+        self._commands.append(("GET", key))
+        self._parsers.append(None)
+
+    def hgetall(self, key: str) -> None:
+        self._commands.append(("HGETALL", key))
+        self._parsers.append(_pairs)
+
+    async def execute(self) -> list[Any]:
+        replies = None
+        if self._hot is not None:
+            replies = await self._hot.execute_many(self._commands)
+        if replies is None:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for command in self._commands:
+                    pipe.execute_command(*command)
+                found: list[Any] = await pipe.execute()
+                return found
+        return [parse(reply) if parse else reply
+                for parse, reply in zip(self._parsers, replies, strict=True)]

@@ -164,3 +164,48 @@ async def test_other_clients_and_pipelines_take_redis_pys_way(server: RedisServe
     async with client.pipeline(transaction=False) as pipe:
         await script(keys=["q"], args=["y"], client=pipe)
         assert await pipe.execute() == [["q", "y", 1]]
+
+
+async def _reads(client: aioredis.Redis) -> list[object]:
+    reads = hot.HotReads(client)
+    reads.get("count:a")
+    reads.get("count:none")
+    reads.hgetall("app:crm")
+    reads.hgetall("app:none")
+    return await reads.execute()
+
+
+async def test_the_auth_reads_in_one_write_as_a_pipeline_gives_them(
+        server: RedisServer, client: aioredis.Redis) -> None:
+    await client.set("count:a", "3")
+    await client.hset("app:crm", mapping={"password": "hash", "status": "active"})
+    want = ["3", None, {"password": "hash", "status": "active"}, {}]
+    assert await _reads(client) == want
+    _settled(client)
+    plain = aioredis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        assert await _reads(plain) == want  # redis-py's pipeline, for a client without one
+    finally:
+        await plain.aclose()
+    resp2 = aioredis.Redis.from_pool(hot.HotPathPool.from_url(
+        server.url, max_connections=4, timeout=2, decode_responses=True, protocol=2))
+    try:
+        assert hot.hot_path(resp2) is not None
+        assert await _reads(resp2) == want  # HGETALL as RESP2's flat list, made a dict
+    finally:
+        await resp2.aclose()
+
+
+async def test_an_error_reply_mid_way_leaves_no_reply_behind(client: aioredis.Redis) -> None:
+    await client.hset("app:crm", mapping={"password": "hash"})
+    await client.set("count:a", "7")
+    reads = hot.HotReads(client)
+    reads.get("app:crm")  # WRONGTYPE: a hash read as a string, replies still to come after it
+    reads.get("count:a")
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        await reads.execute()
+    _settled(client)
+    assert await hot.hget(client, "app:crm", "password") == "hash"
+    again = hot.HotReads(client)
+    again.get("count:a")
+    assert await again.execute() == ["7"]
