@@ -206,7 +206,6 @@ class RelayApp:
 
     async def start(self) -> None:
         s = self.settings
-        self.runtime.start()
         if s.tls_cert and s.tls_key:
             cert, key = s.tls_cert, s.tls_key
         else:
@@ -272,6 +271,9 @@ class RelayApp:
                 await self.stop()
                 raise StartupError(f"cannot listen for metrics (metrics_listen): "
                                    f"{exc.strerror or exc}") from None
+        # Started once everything else is up: a start-up that fails leaves no timer and no
+        # GC callback behind (``stop`` stops it, and is a no-op for it before this).
+        self.runtime.start()
         loop = asyncio.get_running_loop()
         log.info("relay.started", listen=[str(a) for a in self.addresses],
                  upstream=self.upstream.name, policies=str(s.policies_dir),

@@ -22,14 +22,12 @@ was disconnected, so no reply is ever left for the next command to read.
 Only for a plain pool (one server, or through a TLS connection to it): Sentinel's and
 Cluster's pools pick their server per connection, and a pipeline (``client=`` of a script
 call, used by the WAIT of ``eval_replicated``) goes through redis-py. When the pool has no
-idle connection and is at its size, or under maintenance, a call also goes through redis-py
-(whose pool waits for one, up to the timeout).
+idle connection and is at its size, or under maintenance, a call waits for one through the
+pool's own ``get_connection`` (up to the timeout).
 """
 
 from __future__ import annotations
 
-import hashlib
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,31 +36,36 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 
-Arg = str | int | float | bytes
+# What redis-py packs as a command argument.
+Arg = str | int | float | bytes | memoryview
 
 
 class HotPathPool(BlockingConnectionPool):
-    """redis-py's blocking pool, with ``take`` and ``give_back`` for the hot path's calls.
+    """redis-py's blocking pool, with the hot path's calls (``execute``, ``execute_many``).
 
-    They use the pool's own lists (``_available_connections``, ``_in_use_connections``), so a
-    connection is always either idle, in use by one caller, or disconnected and idle: the same
-    states redis-py's ``get_connection`` and ``release`` keep. ``usable`` says whether this
-    version of redis-py still has them (checked once; if not, every call takes redis-py's way).
+    A call takes an idle connection straight from the pool's own lists
+    (``_available_connections``, ``_in_use_connections``) and puts it back there, so a
+    connection is always idle, in use by one caller, or disconnected and idle: the states
+    redis-py's ``get_connection`` and ``release`` keep, and theirs are used whenever a caller
+    must wait (none idle and the pool at its size, or under maintenance) or someone waits.
+    ``usable`` says whether this version of redis-py still has those lists (if not, every
+    call takes redis-py's own way).
     """
 
     def usable(self) -> bool:
         return all(hasattr(self, name) for name in (
             "_available_connections", "_in_use_connections", "_condition", "_in_maintenance"))
 
-    def take(self) -> AbstractConnection | None:
-        """An idle connection (or a new one under the size), marked in use; None when the
-        caller must wait through ``get_connection``."""
+    async def _take(self) -> AbstractConnection:
+        """A connection marked in use: an idle one (or a new one under the size) at once,
+        else through ``get_connection``, which waits up to the timeout."""
         if self._in_maintenance or not self.can_get_connection():
-            return None
+            waited: AbstractConnection = await self.get_connection()  # type: ignore[no-untyped-call]
+            return waited
         found: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
         return found
 
-    async def give_back(self, connection: AbstractConnection) -> None:
+    async def _give_back(self, connection: AbstractConnection) -> None:
         if self._condition._waiters:
             # Someone waits in get_connection: release() wakes them.
             await self.release(connection)
@@ -70,89 +73,62 @@ class HotPathPool(BlockingConnectionPool):
         self._in_use_connections.remove(connection)
         self._available_connections.append(connection)
 
-
-class HotPath:
-    """One per client: its calls on the hot path."""
-
-    def __init__(self, client: Redis, pool: HotPathPool) -> None:
-        self.client = client
-        self.pool = pool
-
     async def execute(self, *args: Arg) -> Any:
         """One command, its reply as the connection parsed it (no response callback: only
         for commands redis-py has none for, EVALSHA and HGET here). Raises redis-py's
         errors."""
-        connection = self.pool.take()
-        if connection is None:
-            return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
-        try:
-            return (await self._exchange(connection, [args]))[0]
-        finally:
-            await self.pool.give_back(connection)
+        return (await self.execute_many([args]))[0]
 
-    async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list[Any] | None:
-        """Several commands in one write, their replies in order (as ``execute``); None when
-        the pool has no connection to spare (the caller then takes redis-py's way)."""
-        connection = self.pool.take()
-        if connection is None:
-            return None
+    async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Several commands in one write, their replies in order (as ``execute``)."""
+        connection = await self._take()
         try:
-            return await self._exchange(connection, commands)
+            return await _exchange(connection, commands)
         finally:
-            await self.pool.give_back(connection)
+            await self._give_back(connection)
 
-    async def _exchange(self, connection: AbstractConnection,
-                        commands: Sequence[Sequence[Arg]]) -> list[Any]:
-        packed = [chunk for command in commands for chunk in connection.pack_command(*command)]
-        for attempt in (1, 2):
-            replies: list[Any] = []
-            try:
-                if not connection.is_connected:
-                    await connection.connect()  # type: ignore[no-untyped-call]
-                writer = connection._writer
-                if writer is None:
-                    raise redis.exceptions.ConnectionError("not connected")
-                # A few commands are a few hundred bytes: they fit the transport's buffer, so
-                # there is nothing to drain; a dead socket shows in the read below.
-                writer.writelines(packed)
-                for _ in commands:
-                    replies.append(await connection.read_response())
-                return replies
-            except redis.exceptions.ConnectionError:
-                await connection.disconnect(nowait=True)
-                if attempt == 2:
-                    raise
-            except redis.exceptions.ResponseError:
-                if len(replies) + 1 < len(commands):
-                    # Replies of later commands are still to come: out of step now.
-                    await connection.disconnect(nowait=True)
-                raise  # a whole error reply was read: the connection is fine otherwise
-            except BaseException:
-                # A timeout, a cancellation, anything: a reply may still come, so the
-                # connection cannot carry another command.
-                await connection.disconnect(nowait=True)
+
+async def _exchange(connection: AbstractConnection,
+                    commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    packed = [chunk for command in commands for chunk in connection.pack_command(*command)]
+    for attempt in (1, 2):
+        replies: list[Any] = []
+        try:
+            if not connection.is_connected:
+                await connection.connect()  # type: ignore[no-untyped-call]
+            writer = connection._writer
+            if writer is None:
+                raise redis.exceptions.ConnectionError("not connected")
+            # A few commands are a few hundred bytes: they fit the transport's buffer, so
+            # there is nothing to drain; a dead socket shows in the read below.
+            writer.writelines(packed)
+            for _ in commands:
+                replies.append(await connection.read_response())
+            return replies
+        except redis.exceptions.ConnectionError:
+            await connection.disconnect(nowait=True)
+            if attempt == 2:
                 raise
-        raise AssertionError("unreachable")
+        except redis.exceptions.ResponseError:
+            if len(replies) + 1 < len(commands):
+                # Replies of later commands are still to come: out of step now.
+                await connection.disconnect(nowait=True)
+            raise  # a whole error reply was read: the connection is fine otherwise
+        except BaseException:
+            # A timeout, a cancellation, anything: a reply may still come, so the
+            # connection cannot carry another command.
+            await connection.disconnect(nowait=True)
+            raise
+    raise AssertionError("unreachable")
 
 
-_PATHS: weakref.WeakKeyDictionary[Any, HotPath | None] = weakref.WeakKeyDictionary()
-
-
-def hot_path(client: Any) -> HotPath | None:
-    """The hot path of ``client`` (made once), or None when its calls must take redis-py's
-    way."""
-    try:
-        return _PATHS[client]
-    except (KeyError, TypeError):
-        pass
+def hot_path(client: Any) -> HotPathPool | None:
+    """The pool whose hot path ``client``'s calls take, or None when they must take
+    redis-py's way."""
     pool = getattr(client, "connection_pool", None)
-    found = HotPath(client, pool) if (isinstance(client, Redis) and type(pool) is HotPathPool
-                                      and pool.usable()) else None
-    try:
-        _PATHS[client] = found
-    except TypeError:  # not weakly referenceable: not a redis-py client anyway
-        pass
-    return found
+    if isinstance(client, Redis) and type(pool) is HotPathPool and pool.usable():
+        return pool
+    return None
 
 
 class HotScript:
@@ -162,19 +138,18 @@ class HotScript:
     def __init__(self, client: Any, source: str) -> None:
         self._script: AsyncScript = client.register_script(source)
         self._hot = hot_path(client)
-        self.script = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     async def __call__(self, keys: Sequence[str] = (), args: Sequence[Arg] = (),
                        client: Any = None) -> Any:
         if client is not None or self._hot is None:
             return await self._script(keys=keys, args=args, client=client)
-        call = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        # redis-py's script object holds the source and its SHA1 (Redis's script id).
+        call = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
         try:
             return await self._hot.execute(*call)
         except redis.exceptions.NoScriptError:
             # A new or flushed server: load it, as redis-py's script object does.
-            await self._hot.execute("SCRIPT", "LOAD", self.script)
+            await self._hot.execute("SCRIPT", "LOAD", self._script.script)
             return await self._hot.execute(*call)
 
 
@@ -220,14 +195,12 @@ class HotReads:
         self._parsers.append(_pairs)
 
     async def execute(self) -> list[Any]:
-        replies = None
-        if self._hot is not None:
-            replies = await self._hot.execute_many(self._commands)
-        if replies is None:
+        if self._hot is None:
             async with self._client.pipeline(transaction=False) as pipe:
                 for command in self._commands:
                     pipe.execute_command(*command)
                 found: list[Any] = await pipe.execute()
                 return found
+        replies = await self._hot.execute_many(self._commands)
         return [parse(reply) if parse else reply
                 for parse, reply in zip(self._parsers, replies, strict=True)]

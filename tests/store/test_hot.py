@@ -138,7 +138,7 @@ async def test_a_restarted_server_is_reached_again_at_once(
     _settled(client)
 
 
-async def test_a_full_pool_falls_back_to_redis_py(server: RedisServer) -> None:
+async def test_a_full_pool_waits_for_a_connection(server: RedisServer) -> None:
     small = aioredis.Redis.from_pool(hot.HotPathPool.from_url(
         server.url, max_connections=3, timeout=2, decode_responses=True, socket_timeout=2))
     try:
