@@ -7,10 +7,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
+from relay.errors import StartupError
 from relay.observe.runtime import RuntimeMonitor
+from tests.conftest import RelayFactory
 
 
 def _count(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -63,3 +67,16 @@ async def test_stop_without_start_and_twice() -> None:
     monitor.start()
     await monitor.stop()
     await monitor.stop()
+
+
+async def test_a_refused_start_up_leaves_no_timer_and_no_gc_callback(
+        make_relay: RelayFactory, tmp_path: Path) -> None:
+    """A relay whose certificate cannot be loaded stops at start-up: the runtime monitor is
+    started only once everything else is up, so nothing of it outlives the refusal."""
+    callbacks = list(gc.callbacks)
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(StartupError, match="cannot load TLS certificate"):
+        await make_relay(tls_cert=bad, tls_key=bad)
+    assert gc.callbacks == callbacks
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "loop-lag"] == []
