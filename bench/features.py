@@ -31,6 +31,7 @@ from typing import Any
 
 from bench.harness import KB, Scenario
 from bench.procs import REPO, run_cli
+from bench.shadow import figures
 
 GLOBAL_ENTRIES = 100_000
 USER_ENTRIES = 1_000
@@ -96,7 +97,7 @@ def cost(result: dict[str, Any], per_connection: int, seeded: dict[str, Any] | N
         added = 1000 * (base["relay_cpu_s_per_1000"] - off["relay_cpu_s_per_1000"])
         cmds = (base["redis_commands_per_msg"] or 0) - (off["redis_commands_per_msg"] or 0)
         out["dedup"] = {
-            "on": _figures(base), "off": _figures(off), "added_relay_cpu_us_per_msg": added,
+            "on": figures(base), "off": figures(off), "added_relay_cpu_us_per_msg": added,
             "added_redis_commands_per_msg": cmds,
             "rate_ratio": base["rate_median"] / off["rate_median"] if off["rate_median"] else None,
         }
@@ -122,9 +123,3 @@ def cost(result: dict[str, Any], per_connection: int, seeded: dict[str, Any] | N
     out["lines"] = lines
     return out
 
-
-def _figures(summary: dict[str, Any]) -> dict[str, Any]:
-    return {"rate": summary["rate_median"],
-            "relay_cpu_ms_per_msg": summary["relay_cpu_s_per_1000"],
-            "txn_ms": (summary["txn_ms"]["p50"], summary["txn_ms"]["p99"]),
-            "redis_cmds_per_msg": summary["redis_commands_per_msg"] or 0.0}

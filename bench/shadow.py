@@ -83,22 +83,22 @@ def cost(result: dict[str, Any], per_connection: int,
     off = found.get(_KEY.format(pc=per_connection, variant="off"))
     if off is None or not off["rate_median"] or off["relay_cpu_s_per_1000"] is None:
         return None
-    summary: dict[str, Any] = {"off": _figures(off), "hooks": hooks}
+    summary: dict[str, Any] = {"off": figures(off), "hooks": hooks}
     texts = []
     for variant in VARIANTS:
         on = found.get(_KEY.format(pc=per_connection, variant=variant))
         if on is None or on["relay_cpu_s_per_1000"] is None:
             continue
-        figures = summary[variant] = _figures(on)
-        added = figures["added_relay_cpu_us_per_msg"] = \
+        trial = summary[variant] = figures(on)
+        added = trial["added_relay_cpu_us_per_msg"] = \
             1000 * (on["relay_cpu_s_per_1000"] - off["relay_cpu_s_per_1000"])
-        figures["added_relay_cpu_pct"] = 100 * added / (1000 * off["relay_cpu_s_per_1000"])
-        figures["rate_ratio"] = on["rate_median"] / off["rate_median"]
+        trial["added_relay_cpu_pct"] = 100 * added / (1000 * off["relay_cpu_s_per_1000"])
+        trial["rate_ratio"] = on["rate_median"] / off["rate_median"]
         texts.append(
             f"{variant}: relay CPU {added:+.0f} us per message "
-            f"({figures['added_relay_cpu_pct']:+.1f}%), {figures['rate_ratio']:.2f}x the "
-            f"msg/s, txn p50/p99 {figures['txn_ms'][0]:.1f}/{figures['txn_ms'][1]:.1f} ms, "
-            f"{figures['redis_cmds_per_msg']:.2f} Redis commands per message")
+            f"({trial['added_relay_cpu_pct']:+.1f}%), {trial['rate_ratio']:.2f}x the "
+            f"msg/s, txn p50/p99 {trial['txn_ms'][0]:.1f}/{trial['txn_ms'][1]:.1f} ms, "
+            f"{trial['redis_cmds_per_msg']:.2f} Redis commands per message")
     if not texts:
         return None
     o = summary["off"]
@@ -115,7 +115,9 @@ def cost(result: dict[str, Any], per_connection: int,
     return summary
 
 
-def _figures(summary: dict[str, Any]) -> dict[str, Any]:
+def figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """A scenario's summary reduced to what a comparison of twin relays quotes (also
+    bench/features.py)."""
     return {"rate": summary["rate_median"],
             "relay_cpu_ms_per_msg": summary["relay_cpu_s_per_1000"],
             "txn_ms": (summary["txn_ms"]["p50"], summary["txn_ms"]["p99"]),
