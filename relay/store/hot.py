@@ -52,9 +52,14 @@ class HotPathPool(BlockingConnectionPool):
     call takes redis-py's own way).
     """
 
-    def usable(self) -> bool:
-        return all(hasattr(self, name) for name in (
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Checked once: every call of the SMTP path asks.
+        self._usable = all(hasattr(self, name) for name in (
             "_available_connections", "_in_use_connections", "_condition", "_in_maintenance"))
+
+    def usable(self) -> bool:
+        return self._usable
 
     async def _take(self) -> AbstractConnection:
         """A connection marked in use: an idle one (or a new one under the size) at once,
