@@ -121,8 +121,8 @@ def _fail_fast() -> Retry:
 def _sentinel_master(target: RedisTarget, common: dict[str, Any]) -> aioredis.Redis:
     assert target.service is not None
     tls = _tls(target)
-    # redis-py leaves Sentinel's constructor unannotated.
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # redis-py before 8.2 leaves Sentinel's constructor unannotated (the ignore serves both).
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(target.nodes),
         # The sentinels fail as fast as the master: redis-py's default retry would spend
         # seconds on each unreachable sentinel while an SMTP client waits.

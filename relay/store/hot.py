@@ -65,9 +65,9 @@ class HotPathPool(BlockingConnectionPool):
         """A connection marked in use: an idle one (or a new one under the size) at once,
         else through ``get_connection``, which waits up to the timeout."""
         if self._in_maintenance or not self.can_get_connection():
-            waited: AbstractConnection = await self.get_connection()  # type: ignore[no-untyped-call]
+            waited: AbstractConnection = await self.get_connection()  # type: ignore[no-untyped-call, unused-ignore]
             return waited
-        found: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
+        found: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call, unused-ignore]
         return found
 
     async def _give_back(self, connection: AbstractConnection) -> None:
@@ -100,7 +100,7 @@ async def _exchange(connection: AbstractConnection,
         replies: list[Any] = []
         try:
             if not connection.is_connected:
-                await connection.connect()  # type: ignore[no-untyped-call]
+                await connection.connect()  # type: ignore[no-untyped-call, unused-ignore]
             writer = connection._writer
             if writer is None:
                 raise redis.exceptions.ConnectionError("not connected")
